@@ -1,0 +1,40 @@
+"""The one exception hierarchy of lorakit.
+
+Every error lorakit raises on purpose is a :class:`LorakitError`, so callers can catch one
+type. Messages name the file, key or module at fault and say what to do about it.
+"""
+
+
+class LorakitError(Exception):
+    """Base class of every error lorakit raises on purpose."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """A LoRA or training configuration is invalid (bad value, unknown target, wrong type)."""
+
+
+class TargetNotFoundError(ConfigError):
+    """A configuration's target modules match nothing in the model."""
+
+
+class AdapterFileError(LorakitError):
+    """An adapter or checkpoint file is missing, malformed, corrupt or unsafe to read."""
+
+
+class ShapeMismatchError(LorakitError):
+    """An adapter or checkpoint does not fit the model it is loaded onto."""
+
+
+class AdapterStateError(LorakitError, KeyError):
+    """An adapter name is unknown, duplicated, or used in a state that forbids the call."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class QuantizationError(LorakitError, ValueError):
+    """A quantization input or state is invalid (shape, dtype, block size, corrupt state)."""
+
+
+class DataError(LorakitError, ValueError):
+    """A dataset file or record is malformed, empty, or missing a needed column."""
