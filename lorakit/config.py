@@ -75,7 +75,9 @@ class LoraConfig:
             raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
+                raise ConfigError(
+                    f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}"
+                )
         if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
             raise ConfigError(f"LoraConfig.lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
@@ -87,7 +89,9 @@ class LoraConfig:
                 f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
         if self.use_dora:
-            raise ConfigError("use_dora=True is not supported by lorakit yet; use plain LoRA (use_dora=False)")
+            raise ConfigError(
+                "use_dora=True is not supported by lorakit yet; use plain LoRA (use_dora=False)"
+            )
         if self.target_modules is None:
             raise ConfigError(
                 "LoraConfig.target_modules is required: a list of module names (e.g. ['q_proj', 'v_proj']), "
@@ -132,9 +136,13 @@ class LoraConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known and k != "peft_type"}
-        ignored = sorted(k for k, v in extra.items() if v not in (None, False, {}, [], "") and not k.startswith("lorakit"))
+        ignored = sorted(
+            k for k, v in extra.items() if v not in (None, False, {}, [], "") and not k.startswith("lorakit")
+        )
         if ignored:
-            log.warning("%s: keys not interpreted by lorakit (kept as they are): %s", source, ", ".join(ignored))
+            log.warning(
+                "%s: keys not interpreted by lorakit (kept as they are): %s", source, ", ".join(ignored)
+            )
         if kwargs.get("rank_pattern") is None:
             kwargs["rank_pattern"] = {}
         if kwargs.get("alpha_pattern") is None:
@@ -166,7 +174,9 @@ class LoraConfig:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdapterFileError(f"{path}: not valid JSON ({e}); re-save the adapter or fix the file") from None
+            raise AdapterFileError(
+                f"{path}: not valid JSON ({e}); re-save the adapter or fix the file"
+            ) from None
         return cls.from_dict(data, source=str(path))
 
 

@@ -1,0 +1,73 @@
+"""LoRA for `nn.Conv1d` / `nn.Conv2d`, in PEFT's layout.
+
+A is a convolution with the base's kernel, stride, padding and dilation from `in` to `r` channels,
+B a 1x1 convolution from `r` to `out`. Since B is 1x1, B∘A is one convolution whose kernel is
+`B @ A` taken per kernel position, which gives the merged delta in one matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .base import LoraLayer, kaiming_uniform_
+
+
+def conv_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`scaling * B∘A` as a kernel of A's shape with B's output channels: `[out, in, *kernel]`."""
+    out = lora_b.shape[0]
+    return (lora_b.flatten(1) @ lora_a.flatten(1)).view(out, *lora_a.shape[1:]) * scaling
+
+
+class LoraConv(LoraLayer):
+    """Wraps an `nn.Conv1d` or `nn.Conv2d` (groups=1); see the module docstring."""
+
+    adapter_containers = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
+        if base_layer.groups != 1:
+            raise ConfigError(
+                f"LoRA on grouped convolutions is not supported (groups={base_layer.groups}); "
+                "exclude this module from target_modules"
+            )
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create_adapter(self, adapter: str, r: int) -> None:
+        base = self.base_layer
+        conv = type(base)
+        dtype = self._adapter_dtype()
+        self.lora_A[adapter] = conv(
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            dtype=dtype,
+        )
+        self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, bias=False, dtype=dtype)
+
+    def _reset_adapter(self, adapter: str, init: bool | str) -> None:
+        if init is False:
+            return
+        a = self.lora_A[adapter].weight
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[adapter])
+        else:
+            kaiming_uniform_(a)
+        nn.init.zeros_(self.lora_B[adapter].weight)
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        return conv_delta(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._lora_active():
+            a = self.lora_A[name]
+            h = self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))))
+            result = result + h.to(result.dtype) * self.scaling[name]
+        return result

@@ -1,0 +1,60 @@
+"""LoRA for `nn.Embedding`, in PEFT's layout.
+
+    y = embed(ids) + scaling * (A.T[ids] @ B.T)      A: [r, num_embeddings], B: [dim, r]
+
+As in loralib and PEFT, A starts at zero and B random, so a fresh adapter changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LoraLayer
+
+
+def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`scaling * (B @ A).T`, shaped like the embedding table `[num_embeddings, dim]`."""
+    return (lora_b @ lora_a).T * scaling
+
+
+class LoraEmbedding(LoraLayer):
+    """Wraps an `nn.Embedding`; see the module docstring for the math."""
+
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create_adapter(self, adapter: str, r: int) -> None:
+        dtype = self._adapter_dtype()
+        n, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[adapter] = nn.Parameter(torch.randn(r, n, dtype=dtype))
+        self.lora_embedding_B[adapter] = nn.Parameter(torch.randn(dim, r, dtype=dtype))
+
+    def _reset_adapter(self, adapter: str, init: bool | str) -> None:
+        if init is False:
+            return
+        nn.init.zeros_(self.lora_embedding_A[adapter])
+        nn.init.normal_(self.lora_embedding_B[adapter])
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        return embedding_delta(
+            self.lora_embedding_A[adapter], self.lora_embedding_B[adapter], self.scaling[adapter]
+        )
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        for name in self._lora_active():
+            a = self.lora_embedding_A[name]
+            b = self.lora_embedding_B[name]
+            # dropout does not apply to token ids (PEFT ignores it here as well)
+            after_a = F.embedding(
+                x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )
+            result = result + (after_a @ b.T).to(result.dtype) * self.scaling[name]
+        return result

@@ -1,0 +1,55 @@
+"""Full trainable copies of whole modules (`modules_to_save`), one per adapter, as PEFT keeps them.
+
+A classifier's new head, for example, is not low-rank: it is trained in full. The wrapper keeps the
+original module untouched and a copy per adapter; the forward runs the active adapter's copy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+
+class ModulesToSave(nn.Module):
+    """Holds `original_module` and `modules_to_save[adapter]` copies (PEFT's names and layout)."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def add_adapter(self, adapter: str) -> None:
+        """Give `adapter` its own trainable copy of the original module."""
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[adapter] = clone
+
+    def delete_adapter(self, adapter: str) -> None:
+        self.modules_to_save.pop(adapter, None)
+        if self.active_adapter == adapter:
+            self.active_adapter = None
+
+    def set_active(self, adapters: list[str]) -> None:
+        mine = [a for a in adapters if a in self.modules_to_save]
+        # a module can only be replaced by one copy at a time: the first active adapter that has one
+        self.active_adapter = mine[0] if mine else None
+        for name, module in self.modules_to_save.items():
+            for p in module.parameters():
+                p.requires_grad_(name == self.active_adapter)
+
+    def current(self) -> nn.Module:
+        """The module the forward runs now."""
+        if self.disabled or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
