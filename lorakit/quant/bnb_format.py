@@ -41,12 +41,18 @@ def state_to_bnb_dict(packed: torch.Tensor, state: NF4State, name: str = "weight
         "dtype": _dtype_name(state.dtype),
         "shape": list(state.shape),
     }
-    out = {name: packed, f"{name}.absmax": state.absmax, f"{name}.quant_map": state.code.clone().to(packed.device)}
+    out = {
+        name: packed,
+        f"{name}.absmax": state.absmax,
+        f"{name}.quant_map": state.code.clone().to(packed.device),
+    }
     if state.nested:
         out[f"{name}.nested_absmax"] = state.nested_absmax
         nested_code = DYNAMIC_MAP if state.nested_code is None else state.nested_code
         out[f"{name}.nested_quant_map"] = nested_code.clone().to(packed.device)
-        meta.update(nested_blocksize=state.nested_blocksize, nested_dtype="float32", nested_offset=state.offset)
+        meta.update(
+            nested_blocksize=state.nested_blocksize, nested_dtype="float32", nested_offset=state.offset
+        )
     out[f"{name}.{QUANT_STATE_SUFFIX}"] = torch.tensor(
         list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8, device=packed.device
     )
@@ -60,7 +66,9 @@ def has_bnb_state(keys: object, name: str = "weight") -> bool:
 
 def _need(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in tensors:
-        raise QuantizationError(f"4-bit checkpoint is missing {key!r}; the quant state is incomplete or corrupt")
+        raise QuantizationError(
+            f"4-bit checkpoint is missing {key!r}; the quant state is incomplete or corrupt"
+        )
     return tensors[key]
 
 
@@ -108,7 +116,9 @@ def state_from_bnb_dict(
     if code.numel() != 16 or not torch.allclose(code.float().cpu(), NF4_CODE, atol=1e-6):
         raise QuantizationError(f"{name}.quant_map is not the NF4 code book; the checkpoint is corrupt")
     if not isinstance(meta["blocksize"], int):
-        raise QuantizationError(f"{name}.{QUANT_STATE_SUFFIX}: blocksize must be an integer, got {meta['blocksize']!r}")
+        raise QuantizationError(
+            f"{name}.{QUANT_STATE_SUFFIX}: blocksize must be an integer, got {meta['blocksize']!r}"
+        )
     state = NF4State(
         absmax=_need(tensors, f"{name}.absmax"),
         shape=shape,
@@ -119,7 +129,9 @@ def state_from_bnb_dict(
         state.nested_absmax = _need(tensors, f"{name}.nested_absmax").float()
         state.nested_code = _need(tensors, f"{name}.nested_quant_map").float()
         if "nested_offset" not in meta:
-            raise QuantizationError(f"{name}.{QUANT_STATE_SUFFIX} has no nested_offset; the quant state is corrupt")
+            raise QuantizationError(
+                f"{name}.{QUANT_STATE_SUFFIX} has no nested_offset; the quant state is corrupt"
+            )
         state.offset = float(meta["nested_offset"])
         state.nested_blocksize = int(meta.get("nested_blocksize", 256))
         if state.nested_blocksize != 256:

@@ -86,7 +86,11 @@ class Linear4bit(nn.Module):
             empty.nested_absmax = torch.zeros(-(-blocks // NESTED_BLOCKSIZE), device=device)
             empty.offset = 0.0
         self._set_state(torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device), empty)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
 
     # construction ---------------------------------------------------------------------------
 
@@ -101,7 +105,9 @@ class Linear4bit(nn.Module):
         """Quantize an `nn.Linear` (its weight must be on a real device). `compute_dtype` defaults
         to the weight's dtype (fp16 weights compute in fp16). The bias is kept as it is."""
         if isinstance(linear, Linear4bit):
-            raise QuantizationError("layer is already a 4-bit Linear4bit; quantize the original nn.Linear instead")
+            raise QuantizationError(
+                "layer is already a 4-bit Linear4bit; quantize the original nn.Linear instead"
+            )
         if not isinstance(linear, nn.Linear):
             raise QuantizationError(f"Linear4bit.from_linear needs an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
@@ -124,8 +130,16 @@ class Linear4bit(nn.Module):
             raise QuantizationError(f"a linear weight must be 2-D, the quant state says {tuple(state.shape)}")
         state.validate(packed)
         out_f, in_f = state.shape
-        layer = cls(in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype, blocksize=state.blocksize,
-                    double_quant=state.nested, weight_dtype=state.dtype, device="meta")  # fmt: skip
+        layer = cls(
+            in_f,
+            out_f,
+            bias=bias is not None,
+            compute_dtype=compute_dtype,
+            blocksize=state.blocksize,
+            double_quant=state.nested,
+            weight_dtype=state.dtype,
+            device="meta",
+        )
         layer._set_state(packed, state)
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -171,16 +185,19 @@ class Linear4bit(nn.Module):
 
         Lossy (the sum is re-quantized); `lorakit.quant.merge_to_dense` merges exactly instead.
         """
-        log.warning("merging into a 4-bit layer re-quantizes its weight (lossy); "
-                    "lorakit.quant.merge_to_dense gives an exact full-precision merge")  # fmt: skip
+        log.warning(
+            "merging into a 4-bit layer re-quantizes its weight (lossy); "
+            "lorakit.quant.merge_to_dense gives an exact full-precision merge"
+        )
         w = self.dequantize(torch.float32) + delta.to(device=self.weight.device, dtype=torch.float32)
         self._set_state(*quantize_nf4(w.to(self.weight_dtype), self.blocksize, self.double_quant))
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain `nn.Linear` holding the dequantized weight (and the bias) in `dtype`."""
         dtype = dtype or self.weight_dtype
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta", dtype=dtype)  # fmt: skip
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=dtype
+        )
         linear.weight = nn.Parameter(self.dequantize(dtype), requires_grad=False)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach().to(dtype).clone(), requires_grad=False)
@@ -192,7 +209,9 @@ class Linear4bit(nn.Module):
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (bias is not None and bias.requires_grad)
+        )
         if needs_grad:
             y = _DequantLinear.apply(x, bias, self)
         else:  # no autograd graph: plain dequantize + matmul, the weight is freed right after
@@ -207,7 +226,9 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         name = prefix + "weight"
         shape = (self.out_features, self.in_features)
         device = None if self.weight.device.type == "meta" else self.weight.device
@@ -218,27 +239,35 @@ class Linear4bit(nn.Module):
         elif name in state_dict:
             w = state_dict[name]
             if tuple(w.shape) != shape:
-                raise QuantizationError(f"{name!r} has shape {tuple(w.shape)}, the 4-bit layer expects {shape}")
+                raise QuantizationError(
+                    f"{name!r} has shape {tuple(w.shape)}, the 4-bit layer expects {shape}"
+                )
             if not w.is_floating_point():
-                raise QuantizationError(f"{name!r} is {w.dtype} without a 4-bit quant state; expected a float weight "
-                                        f"or the bitsandbytes keys ({name}.absmax, ...)")  # fmt: skip
+                raise QuantizationError(
+                    f"{name!r} is {w.dtype} without a 4-bit quant state; expected a float weight "
+                    f"or the bitsandbytes keys ({name}.absmax, ...)"
+                )
             self._set_state(*quantize_nf4(w.to(device) if device else w, self.blocksize, self.double_quant))
         else:
             missing_keys.append(name)
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 b = state_dict[prefix + "bias"]
-                self.bias = nn.Parameter(b.detach().to(device or b.device, self.bias.dtype).clone(), requires_grad=False)
+                self.bias = nn.Parameter(
+                    b.detach().to(device or b.device, self.bias.dtype).clone(), requires_grad=False
+                )
             else:
                 missing_keys.append(prefix + "bias")
         if strict:
             for key in state_dict:
-                if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] not in ("weight", "bias"):
+                if key.startswith(prefix) and key[len(prefix) :].split(".", 1)[0] not in ("weight", "bias"):
                     unexpected_keys.append(key)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"nf4 blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")  # fmt: skip
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"nf4 blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
 
 
 def _default_compute(dtype: torch.dtype) -> torch.dtype:

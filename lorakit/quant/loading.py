@@ -47,13 +47,17 @@ _TASKS = {"causal-lm": "AutoModelForCausalLM", "classification": "AutoModelForSe
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:
     """A module is skipped if a skip entry is its full name, its last dotted part(s), or a parent."""
-    return any(name == s or name.endswith("." + s) or name.startswith(s + ".") or f".{s}." in name for s in skip)
+    return any(
+        name == s or name.endswith("." + s) or name.startswith(s + ".") or f".{s}." in name for s in skip
+    )
 
 
 def _tied_heads(model: nn.Module) -> set[str]:
     """Names of linear layers whose weight is an embedding's weight (tied output heads)."""
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in embedding_weights}
+    return {
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in embedding_weights
+    }
 
 
 def _check_quantizable(model: nn.Module) -> None:
@@ -70,9 +74,10 @@ def _check_quantizable(model: nn.Module) -> None:
 def _targets(model: nn.Module, skip: Iterable[str]) -> list[str]:
     tied = _tied_heads(model)
     return [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and n and n not in tied and not _skipped(n, skip)
-    ]  # fmt: skip
+    ]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -120,7 +125,9 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.dt
     if attr in owner._parameters:
         old = owner._parameters[attr]
         if tuple(old.shape) != tuple(value.shape):
-            raise QuantizationError(f"{key!r}: checkpoint shape {tuple(value.shape)} != model shape {tuple(old.shape)}")
+            raise QuantizationError(
+                f"{key!r}: checkpoint shape {tuple(value.shape)} != model shape {tuple(old.shape)}"
+            )
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
@@ -167,9 +174,16 @@ def load_quantized(
         has_4bit = f"{name}.weight.quant_state.bitsandbytes__nf4" in keys.values()
         fresh = f"{name}.weight" in missing  # a new head: trained, so never quantized
         if has_4bit or (not prequantized and not fresh and not _skipped(name, skip_modules)):
-            layer = Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                               compute_dtype=compute_dtype, blocksize=blocksize, double_quant=double_quant,
-                               weight_dtype=dtype or torch.float32, device="meta")  # fmt: skip
+            layer = Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                compute_dtype=compute_dtype,
+                blocksize=blocksize,
+                double_quant=double_quant,
+                weight_dtype=dtype or torch.float32,
+                device="meta",
+            )
             _replace(model, name, layer)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     by_module: dict[str, dict[str, str]] = {}
@@ -180,8 +194,10 @@ def load_quantized(
         else:
             _set_tensor(model, key, reader.get(file_key), dtype)
     for name, layer in quantized.items():
-        tensors = {k: _cast(reader.get(fk), dtype) if k in ("weight", "bias") else reader.get(fk)
-                   for k, fk in by_module.get(name, {}).items()}  # fmt: skip
+        tensors = {
+            k: _cast(reader.get(fk), dtype) if k in ("weight", "bias") else reader.get(fk)
+            for k, fk in by_module.get(name, {}).items()
+        }
         if not tensors:
             raise QuantizationError(f"checkpoint in {path} has no weight for {name!r}")
         layer.load_state_dict(tensors)  # quantizes a full-precision weight here, then drops it
@@ -225,8 +241,11 @@ def _finish(model: nn.Module, missing: set[str]) -> None:
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for name, module in model.named_modules():
-        meta = [n for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-                if t is not None and t.device.type == "meta"]  # fmt: skip
+        meta = [
+            n
+            for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+            if t is not None and t.device.type == "meta"
+        ]
         if not meta:
             continue
         for attr in meta:
@@ -240,7 +259,9 @@ def _finish(model: nn.Module, missing: set[str]) -> None:
         if params:
             log.warning("weights not in the checkpoint, newly initialized: %s", params)
         if not hasattr(model, "_init_weights"):
-            raise QuantizationError(f"checkpoint misses {params or meta} of {name!r} and the model cannot init them")
+            raise QuantizationError(
+                f"checkpoint misses {params or meta} of {name!r} and the model cannot init them"
+            )
         model._init_weights(module)
 
 
@@ -265,9 +286,12 @@ def save_quantized(model: nn.Module, folder: str | Path) -> None:
         "load_in_8bit": False,
         "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": bool(layers and layers[0].double_quant),
-        "bnb_4bit_compute_dtype": str(layers[0].compute_dtype if layers else torch.float32).removeprefix("torch."),
+        "bnb_4bit_compute_dtype": str(layers[0].compute_dtype if layers else torch.float32).removeprefix(
+            "torch."
+        ),
         "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                                         if isinstance(m, nn.Linear)}),  # fmt: skip
+        "llm_int8_skip_modules": sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        ),
     }
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str), encoding="utf-8")

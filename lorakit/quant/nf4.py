@@ -32,13 +32,25 @@ from ..errors import QuantizationError
 
 NF4_CODE = torch.tensor(
     [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
     ],
     dtype=torch.float32,
-)  # fmt: skip
+)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -143,7 +155,9 @@ class NF4State:
         the part that is wrong."""
         check_blocksize(self.blocksize)
         if self.dtype not in SUPPORTED_DTYPES:
-            raise QuantizationError(f"{name}: quant state dtype {self.dtype} is not one of {SUPPORTED_DTYPES}")
+            raise QuantizationError(
+                f"{name}: quant state dtype {self.dtype} is not one of {SUPPORTED_DTYPES}"
+            )
         want = self.num_blocks
         if self.absmax.dim() != 1 or self.absmax.numel() != want:
             raise QuantizationError(
@@ -152,7 +166,9 @@ class NF4State:
             )
         if self.nested:
             if self.absmax.dtype != torch.uint8:
-                raise QuantizationError(f"{name}.absmax must be uint8 with double quantization, got {self.absmax.dtype}")
+                raise QuantizationError(
+                    f"{name}.absmax must be uint8 with double quantization, got {self.absmax.dtype}"
+                )
             want2 = -(-want // self.nested_blocksize)
             if self.nested_absmax.numel() != want2:
                 raise QuantizationError(
@@ -160,11 +176,15 @@ class NF4State:
                     f"({want} block scales in blocks of {self.nested_blocksize})"
                 )
             if self.nested_code is not None and self.nested_code.numel() != 256:
-                raise QuantizationError(f"{name}.nested_quant_map must have 256 values, got {self.nested_code.numel()}")
+                raise QuantizationError(
+                    f"{name}.nested_quant_map must have 256 values, got {self.nested_code.numel()}"
+                )
             if self.offset is None:
                 raise QuantizationError(f"{name}: double-quantized state has no offset (nested_offset)")
         elif not self.absmax.is_floating_point():
-            raise QuantizationError(f"{name}.absmax must be float without double quantization, got {self.absmax.dtype}")
+            raise QuantizationError(
+                f"{name}.absmax must be float without double quantization, got {self.absmax.dtype}"
+            )
         if self.code.numel() != 16:
             raise QuantizationError(f"{name}.quant_map must have 16 values (NF4), got {self.code.numel()}")
         if packed is not None and packed.numel() != (self.numel + 1) // 2:
@@ -177,7 +197,9 @@ class NF4State:
 def check_blocksize(blocksize: int) -> None:
     """Raise `QuantizationError` unless `blocksize` is one bitsandbytes supports."""
     if blocksize not in BLOCKSIZES:
-        raise QuantizationError(f"blocksize must be one of {BLOCKSIZES} (bitsandbytes' set), got {blocksize!r}")
+        raise QuantizationError(
+            f"blocksize must be one of {BLOCKSIZES} (bitsandbytes' set), got {blocksize!r}"
+        )
 
 
 def _block_absmax(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,9 +287,7 @@ def quantize_nf4(
     return packed, state
 
 
-def dequantize_nf4(
-    packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None
-) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Undo `quantize_nf4`: a tensor of `state.shape` in `dtype` (default: the original dtype).
 
     Values are computed in fp32 (code * scale) and then cast, as bitsandbytes does, so results are

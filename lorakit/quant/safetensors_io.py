@@ -19,10 +19,17 @@ from safetensors.torch import save_file as _save_file
 from ..errors import QuantizationError
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
-}  # fmt: skip
+}
 
 
 class SafetensorsReader:
@@ -32,7 +39,9 @@ class SafetensorsReader:
         path = Path(path)
         files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
-            raise QuantizationError(f"{path}: no .safetensors weights found (only safetensors checkpoints load in 4-bit)")
+            raise QuantizationError(
+                f"{path}: no .safetensors weights found (only safetensors checkpoints load in 4-bit)"
+            )
         self._index: dict[str, tuple[Path, int, dict]] = {}
         for f in files:
             with open(f, "rb") as fh:
