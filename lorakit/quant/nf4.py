@@ -287,6 +287,21 @@ def quantize_nf4(
     return packed, state
 
 
+def _decode(flat: torch.Tensor) -> torch.Tensor:
+    """The fp32 code values of packed bytes (two per byte, high nibble first)."""
+    if flat.device.type == "cpu":
+        # numpy's fancy indexing with uint8 indices needs no index conversion: the fastest gather on CPU
+        pairs = torch.from_numpy(_PAIR_LUT64.numpy()[flat.contiguous().numpy()])
+    else:
+        pairs = _PAIR_LUT64.to(flat.device)[flat.long()]
+    return pairs.view(torch.float32)
+
+
+# Elements decoded per step when the output is not fp32: the fp32 intermediate then stays in
+# cache instead of a full-size temporary (a multiple of every allowed blocksize).
+_CHUNK = 32768
+
+
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Undo `quantize_nf4`: a tensor of `state.shape` in `dtype` (default: the original dtype).
 
@@ -294,21 +309,25 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     identical to `bitsandbytes.functional.dequantize_4bit`.
     """
     dtype = state.dtype if dtype is None else dtype
-    n = state.numel
+    n, bs = state.numel, state.blocksize
     flat = packed.reshape(-1)
     if flat.dtype != torch.uint8:
         raise QuantizationError(f"packed NF4 weight must be uint8, got {flat.dtype}")
-    if flat.device.type == "cpu":
-        # numpy's fancy indexing with uint8 indices needs no index conversion: the fastest gather on CPU
-        pairs = torch.from_numpy(_PAIR_LUT64.numpy()[flat.contiguous().numpy()])
-    else:
-        pairs = _PAIR_LUT64.to(flat.device)[flat.long()]
-    values = pairs.view(torch.float32)[:n]
     scales = state.scales()
-    full = n - n % state.blocksize
-    nfull = full // state.blocksize
-    values[:full].view(nfull, state.blocksize).mul_(scales[:nfull].unsqueeze(1))
+    full = n - n % bs
+    nfull = full // bs
+    if dtype == torch.float32:  # decode everything, scale in place
+        out = _decode(flat)[:n]
+        out[:full].view(nfull, bs).mul_(scales[:nfull].unsqueeze(1))
+    else:  # code * scale in fp32 written straight into the output dtype: one rounding, like bnb
+        out = torch.empty(n, dtype=dtype, device=flat.device)
+        for start in range(0, full, _CHUNK):
+            end = min(start + _CHUNK, full)
+            torch.mul(
+                _decode(flat[start // 2 : end // 2]).view(-1, bs),
+                scales[start // bs : end // bs].unsqueeze(1),
+                out=out[start:end].view(-1, bs),
+            )
     if full < n:
-        values[full:].mul_(scales[nfull])
-    out = values.view(state.shape)
-    return out if dtype == torch.float32 else out.to(dtype)
+        torch.mul(_decode(flat[full // 2 :])[: n - full], scales[nfull], out=out[full:])
+    return out.view(state.shape)

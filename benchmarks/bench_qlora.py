@@ -1,0 +1,311 @@
+"""QLoRA on CPU: lorakit's NF4 beside bitsandbytes (and PEFT + bitsandbytes), in one run.
+
+Sections (each printed as a table; everything also goes to the JSON file):
+  storage     bits per parameter of the stored 4-bit base and bytes of the model's tensors, NF4 vs
+              fp32 / bf16, for a SmolLM2-135M-shaped random model and one 4096x4096 linear
+  kernels     dequantize throughput and 4-bit matmul latency, 4096x4096, lorakit vs bitsandbytes
+              (same bytes; variants timed interleaved, median of --rounds)
+  train_step  one QLoRA step (forward + backward + AdamW, r=16 on all linear layers, batch 2 x 64)
+              on SmolLM2-135M, lorakit vs PEFT + bitsandbytes; each in its own process for peak RSS
+  load        peak RSS loading the real SmolLM2-135M: lorakit 4-bit (streaming) vs transformers
+              fp32 vs transformers + bitsandbytes 4-bit; each in its own process
+
+    python benchmarks/bench_qlora.py [--rounds 9] [--json benchmarks/results/qlora.json]
+
+The machine is shared, so timings drift: read the ratios, and the recorded load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+)
+LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _median_ms(fns: dict, rounds: int) -> dict[str, float]:
+    """Median wall time of each callable, calling them interleaved (one of each per round)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def _tensor_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+# storage ----------------------------------------------------------------------------------------
+
+
+def storage() -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.quant.linear4bit import Linear4bit
+    from lorakit.quant.loading import quantize_model
+    from lorakit.quant.nf4 import quantize_nf4
+
+    out = {}
+    w = torch.randn(4096, 4096)
+    for dq in (True, False):
+        packed, state = quantize_nf4(w, double_quant=dq)
+        out[f"linear4096_bits_per_param_dq={dq}"] = 8 * (packed.numel() + state.nbytes()) / w.numel()
+    packed, state = quantize_nf4(w)
+    out["linear4096_bytes"] = {
+        "fp32": w.numel() * 4,
+        "bf16": w.numel() * 2,
+        "nf4": packed.numel() + state.nbytes(),
+    }
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval()
+    fp32 = _tensor_bytes(model)
+    bf16 = fp32 // 2
+    quantize_model(model)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    params = sum(m.num_quantized_params() for m in layers)
+    stored = sum(m.weight.numel() + m.quant_state.nbytes() for m in layers)
+    out["smollm2_linear_bits_per_param"] = 8 * stored / params
+    out["smollm2_quantized_params"] = params
+    out["smollm2_model_bytes"] = {"fp32": fp32, "bf16": bf16, "nf4 (embeddings fp32)": _tensor_bytes(model)}
+    return out
+
+
+# kernels ----------------------------------------------------------------------------------------
+
+
+def kernels(rounds: int) -> dict:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    from lorakit.quant.linear4bit import Linear4bit
+    from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 4096, bias=False)
+    w = lin.weight.detach()
+    packed, state = quantize_nf4(w)
+    ref, ref_state = bnbF.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    assert torch.equal(packed, ref)
+    out: dict = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        ref_state.dtype = dtype
+        ms = _median_ms(
+            {
+                "lorakit": lambda d=dtype: dequantize_nf4(packed, state, d),
+                "bitsandbytes": lambda: bnbF.dequantize_4bit(ref, ref_state),
+            },
+            rounds,
+        )
+        name = str(dtype).removeprefix("torch.")
+        out[f"dequantize_{name}_ms"] = ms
+        out[f"dequantize_{name}_Gparams_per_s"] = {k: w.numel() / v / 1e6 for k, v in ms.items()}
+    for compute in (torch.float32, torch.bfloat16):
+        ours = Linear4bit.from_linear(lin, compute_dtype=compute)
+        theirs = bnb.nn.Linear4bit(4096, 4096, bias=False, compute_dtype=compute, quant_type="nf4")
+        sd = ours.state_dict()
+        stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
+        theirs.weight = bnb.nn.Params4bit.from_prequantized(
+            sd["weight"], stats, requires_grad=False, device="cpu"
+        )
+        for batch in (1, 64):
+            x = torch.randn(batch, 4096)
+            fns = {
+                "lorakit": lambda x=x, m=ours: m(x),
+                "bitsandbytes": lambda x=x, m=theirs: m(x),
+                "dense fp32 (no dequant)": lambda x=x: lin(x),
+            }
+            with torch.no_grad():
+                out[f"matmul_{str(compute).removeprefix('torch.')}_batch{batch}_ms"] = _median_ms(fns, rounds)
+    return out
+
+
+# train step and load (subprocess workers) ------------------------------------------------------
+
+
+def _smollm2_folder() -> Path:
+    from lorakit.hf import resolve
+
+    return resolve("smollm2-135m")
+
+
+def worker_train(impl: str, steps: int) -> dict:
+    torch.manual_seed(0)
+    folder = _smollm2_folder()
+    base_rss = _rss_mb()
+    if impl == "lorakit":
+        import lorakit
+        from lorakit.quant.loading import load_quantized
+
+        model = lorakit.inject(load_quantized(folder), lorakit.LoraConfig(**LORA))
+    else:
+        import peft
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, device_map="cpu")
+        model = peft.get_peft_model(model, peft.LoraConfig(**LORA))
+    model.train()
+    loaded_rss = _rss_mb()
+    ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (2, 64))
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up (allocations, AdamW state)
+        t = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return {
+        "step_s_median": statistics.median(times[1:]),
+        "rss_after_imports_mb": base_rss,
+        "rss_after_load_mb": loaded_rss,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def worker_load(impl: str) -> dict:
+    import transformers  # imported before the baseline in every variant
+
+    folder = _smollm2_folder()
+    gc.collect()
+    base_rss = _rss_mb()
+    t = time.perf_counter()
+    if impl == "lorakit nf4":
+        from lorakit.quant.loading import load_quantized
+
+        model = load_quantized(folder)
+    elif impl == "transformers fp32":
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        q = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=q, device_map="cpu"
+        )
+    seconds = time.perf_counter() - t
+    gc.collect()
+    return {
+        "load_s": seconds,
+        "rss_before_load_mb": base_rss,
+        "rss_after_load_mb": _rss_mb(),
+        "peak_rss_mb": _peak_rss_mb(),
+        "model_tensor_mb": _tensor_bytes(model) / 2**20,
+    }
+
+
+def _in_subprocess(*args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# report -----------------------------------------------------------------------------------------
+
+
+def _print_table(title: str, rows: dict) -> None:
+    print(f"\n## {title}")
+    for key, value in rows.items():
+        if isinstance(value, dict):
+            cells = ", ".join(
+                f"{k}: {v:,.3f}" if isinstance(v, float) else f"{k}: {v:,}" for k, v in value.items()
+            )
+            print(f"  {key:<42} {cells}")
+        else:
+            print(f"  {key:<42} {value:,.4f}" if isinstance(value, float) else f"  {key:<42} {value:,}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=["storage", "kernels", "train_step", "load"])
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "qlora.json")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, impl = args.worker[0], args.worker[1]
+        result = worker_train(impl, args.steps) if kind == "train" else worker_load(impl)
+        print(json.dumps(result))
+        return
+
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "load_average_start": os.getloadavg(),
+    }
+    if "storage" in args.only:
+        results["storage"] = storage()
+        _print_table("storage", results["storage"])
+    if "kernels" in args.only:
+        results["kernels"] = kernels(args.rounds)
+        _print_table(f"kernels, 4096x4096, median of {args.rounds} (ms unless noted)", results["kernels"])
+    if "train_step" in args.only:
+        results["train_step"] = {
+            impl: _in_subprocess("train", impl) for impl in ("lorakit", "peft+bitsandbytes")
+        }
+        _print_table("QLoRA train step, SmolLM2-135M, batch 2x64, r=16 all-linear", results["train_step"])
+    if "load" in args.only:
+        impls = ("lorakit nf4", "transformers fp32", "transformers+bitsandbytes nf4")
+        results["load"] = {impl: _in_subprocess("load", impl) for impl in impls}
+        _print_table("loading SmolLM2-135M (MB of RSS)", results["load"])
+    results["load_average_end"] = os.getloadavg()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
