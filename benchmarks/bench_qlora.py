@@ -69,7 +69,13 @@ def _median_ms(fns: dict, rounds: int) -> dict[str, float]:
 
 
 def _tensor_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Bytes of the model's parameters and buffers, a tied (shared) tensor counted once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 # storage ----------------------------------------------------------------------------------------

@@ -426,12 +426,15 @@ def _qlora_pair(seed=0):
 def test_qlora_matches_peft_bitsandbytes():
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
+    import lorakit
+
     from lorakit.layers import LoraLinear
 
     ours, theirs = _qlora_pair()
     assert isinstance(ours.model.layers[0].mlp.up_proj, LoraLinear)
     assert isinstance(ours.model.layers[0].mlp.up_proj.base_layer, Linear4bit)
     assert isinstance(theirs.base_model.model.model.layers[0].mlp.up_proj, PeftLinear4bit)
+    assert lorakit.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
     a, b = ours(IDS).logits, theirs(IDS).logits
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     a.square().mean().backward()
@@ -479,3 +482,12 @@ def test_lorakit_merge_on_4bit_base_requantizes():
         lorakit.merge(ours)
         assert (ours(IDS).logits - expected).abs().max() < 0.5
         assert ours.model.layers[0].self_attn.q_proj.merged_adapters == ["default"]
+
+
+def test_core_quant_modules_do_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, lorakit.quant; assert 'transformers' not in sys.modules, 'transformers imported'"
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
