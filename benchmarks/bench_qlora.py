@@ -3,14 +3,15 @@
 Sections (each printed as a table; everything also goes to the JSON file):
   storage     bits per parameter of the stored 4-bit base and bytes of the model's tensors, NF4 vs
               fp32 / bf16, for a SmolLM2-135M-shaped random model and one 4096x4096 linear
-  kernels     dequantize throughput and 4-bit matmul latency, 4096x4096, lorakit vs bitsandbytes
-              (same bytes; variants timed interleaved, median of --rounds)
+  kernels     quantize time, dequantize throughput and 4-bit matmul latency, 4096x4096, lorakit vs
+              bitsandbytes (same bytes; variants timed interleaved, median of --rounds)
   train_step  one QLoRA step (forward + backward + AdamW, r=16 on all linear layers, batch 2 x 64)
-              on SmolLM2-135M, lorakit vs PEFT + bitsandbytes; each in its own process for peak RSS
+              on SmolLM2-135M, lorakit vs PEFT + bitsandbytes: time with both models in one process
+              (steps interleaved), peak RSS of load + one step in a fresh process per variant
   load        peak RSS loading the real SmolLM2-135M: lorakit 4-bit (streaming) vs transformers
               fp32 vs transformers + bitsandbytes 4-bit; each in its own process
 
-    python benchmarks/bench_qlora.py [--rounds 9] [--json benchmarks/results/qlora.json]
+    python benchmarks/bench_qlora.py [--rounds 9] [--train-rounds 3] [--json benchmarks/results/qlora.json]
 
 The machine is shared, so timings drift: read the ratios, and the recorded load average.
 """
@@ -21,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,7 +52,13 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the parent
+    across fork + exec, so every worker would report at least the parent's size."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def _median_ms(fns: dict, rounds: int) -> dict[str, float]:
@@ -130,7 +136,17 @@ def kernels(rounds: int) -> dict:
     packed, state = quantize_nf4(w)
     ref, ref_state = bnbF.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
     assert torch.equal(packed, ref)
-    out: dict = {}
+    out: dict = {
+        "quantize_ms": _median_ms(
+            {
+                "lorakit": lambda: quantize_nf4(w),
+                "bitsandbytes": lambda: bnbF.quantize_4bit(
+                    w, quant_type="nf4", blocksize=64, compress_statistics=True
+                ),
+            },
+            max(3, rounds // 3),
+        )
+    }
     for dtype in (torch.float32, torch.bfloat16):
         ref_state.dtype = dtype
         ms = _median_ms(
@@ -172,51 +188,84 @@ def _smollm2_folder() -> Path:
     return resolve("smollm2-135m")
 
 
-def worker_train(impl: str, steps: int) -> dict:
-    torch.manual_seed(0)
-    folder = _smollm2_folder()
-    base_rss = _rss_mb()
+def _load(impl: str, folder: Path):
+    """SmolLM2-135M in 4-bit with a LoRA adapter (r=16, all linear layers): lorakit or PEFT + bnb."""
     if impl == "lorakit":
         import lorakit
         from lorakit.quant.loading import load_quantized
 
-        model = lorakit.inject(load_quantized(folder), lorakit.LoraConfig(**LORA))
-    else:
-        import peft
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        return lorakit.inject(load_quantized(folder), lorakit.LoraConfig(**LORA))
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        q = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        )
-        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, device_map="cpu")
-        model = peft.get_peft_model(model, peft.LoraConfig(**LORA))
-    model.train()
-    loaded_rss = _rss_mb()
-    ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (2, 64))
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, device_map="cpu")
+    return peft.get_peft_model(model, peft.LoraConfig(**LORA))
+
+
+def _stepper(model):
+    ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(0))
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    times = []
-    for _ in range(steps + 1):  # the first step warms up (allocations, AdamW state)
-        t = time.perf_counter()
+    model.train()
+
+    def step():
         model(input_ids=ids, labels=ids).loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
+
+    return step
+
+
+def train_step_times(rounds: int) -> dict:
+    """Both QLoRA models in this process, steps timed interleaved (fair under drifting load)."""
+    folder = _smollm2_folder()
+    steps = {impl: _stepper(_load(impl, folder)) for impl in ("lorakit", "peft+bitsandbytes")}
+    return {k: v / 1e3 for k, v in _median_ms(steps, rounds).items()}
+
+
+def worker_train(impl: str) -> dict:
+    """Peak RSS of loading + one training step, in a fresh process."""
+    _import_model_code()
+    folder = _smollm2_folder()
+    base = _rss_mb()
+    step = _stepper(_load(impl, folder))
+    loaded = _rss_mb()
+    step()
     return {
-        "step_s_median": statistics.median(times[1:]),
-        "rss_after_imports_mb": base_rss,
-        "rss_after_load_mb": loaded_rss,
+        "rss_before_load_mb": base,
+        "rss_after_load_mb": loaded,
+        "rss_after_step_mb": _rss_mb(),
         "peak_rss_mb": _peak_rss_mb(),
     }
 
 
-def worker_load(impl: str) -> dict:
-    import transformers  # imported before the baseline in every variant
+def _import_model_code() -> None:
+    """Import what any variant imports on first use (Llama modeling code, bitsandbytes, peft), so
+    the baseline RSS is taken after the code and only tensors differ between variants."""
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import transformers
+    from transformers.models.llama import modeling_llama  # noqa: F401
 
-    folder = _smollm2_folder()
+    import lorakit.quant  # noqa: F401
+
+    with torch.device("meta"):
+        transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(_smollm2_folder())
+        )
     gc.collect()
+
+
+def worker_load(impl: str) -> dict:
+    import transformers
+
+    _import_model_code()
+    folder = _smollm2_folder()
     base_rss = _rss_mb()
     t = time.perf_counter()
     if impl == "lorakit nf4":
@@ -234,11 +283,16 @@ def worker_load(impl: str) -> dict:
         )
     seconds = time.perf_counter() - t
     gc.collect()
+    after = _rss_mb()
+    with torch.no_grad():  # touch every weight (transformers may leave fp32 tensors on a lazy mmap)
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
     return {
         "load_s": seconds,
         "rss_before_load_mb": base_rss,
-        "rss_after_load_mb": _rss_mb(),
+        "rss_after_load_mb": after,
+        "rss_after_forward_mb": _rss_mb(),
         "peak_rss_mb": _peak_rss_mb(),
+        "peak_minus_before_mb": _peak_rss_mb() - base_rss,
         "model_tensor_mb": _tensor_bytes(model) / 2**20,
     }
 
@@ -273,14 +327,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--train-rounds", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=["storage", "kernels", "train_step", "load"])
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "qlora.json")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, impl = args.worker[0], args.worker[1]
-        result = worker_train(impl, args.steps) if kind == "train" else worker_load(impl)
+        result = worker_train(impl) if kind == "train" else worker_load(impl)
         print(json.dumps(result))
         return
 

@@ -427,7 +427,6 @@ def test_qlora_matches_peft_bitsandbytes():
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     import lorakit
-
     from lorakit.layers import LoraLinear
 
     ours, theirs = _qlora_pair()

@@ -202,8 +202,32 @@ def load_quantized(
             raise QuantizationError(f"checkpoint in {path} has no weight for {name!r}")
         layer.load_state_dict(tensors)  # quantizes a full-precision weight here, then drops it
         del tensors
+        _release_freed_memory()
     _finish(model, missing)
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only; elsewhere a no-op).
+
+    glibc raises its mmap threshold after large frees, so the per-layer temporaries of streaming
+    quantization land on the heap and stay resident after being freed: measured on SmolLM2-135M,
+    peak RSS grew by ~240 MB over the live tensors. Trimming after each layer keeps the peak at
+    about the live model plus one layer.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _owner(key: str) -> tuple[str, str]:

@@ -54,6 +54,9 @@ NF4_CODE = torch.tensor(
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Elements processed per step by quantize_nf4, and by dequantize_nf4 when the output is not fp32:
+# temporaries stay small (in cache, reused) instead of full-size (a multiple of every blocksize).
+_CHUNK = 32768
 
 # Decision boundaries: bitsandbytes rounds with bucketize over the fp32 midpoints (ties go down).
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
@@ -270,14 +273,23 @@ def quantize_nf4(
     check_blocksize(blocksize)
     if w.numel() == 0:
         raise QuantizationError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
-    flat = w.detach().reshape(-1).float()
-    absmax, scaled = _block_absmax(flat, blocksize)
+    flat = w.detach().reshape(-1)
+    n = flat.numel()
+    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    bounds = _NF4_BOUNDS.to(flat.device)
+    # In chunks: the fp32 temporaries stay small and same-sized, so quantizing layer after layer
+    # (as the streaming loader does) reuses memory instead of growing the heap.
+    for start in range(0, n, _CHUNK):
+        end = min(start + _CHUNK, n)
+        part_max, scaled = _block_absmax(flat[start:end].float(), blocksize)
+        absmax[start // blocksize : start // blocksize + part_max.numel()] = part_max
+        if scaled.numel() % 2:
+            scaled = torch.cat([scaled, scaled.new_zeros(1)])
+        q = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
+        packed[start // 2 : start // 2 + q.numel() // 2, 0] = (q[0::2] << 4) | q[1::2]
     if not torch.isfinite(absmax).all():
         raise QuantizationError("weight contains NaN or inf; NF4 cannot represent it (fix the weights first)")
-    if scaled.numel() % 2:
-        scaled = torch.cat([scaled, scaled.new_zeros(1)])
-    q = torch.bucketize(scaled, _NF4_BOUNDS.to(scaled.device), out_int32=True).to(torch.uint8)
-    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
     state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
     if double_quant:
         offset = absmax.mean()
@@ -295,11 +307,6 @@ def _decode(flat: torch.Tensor) -> torch.Tensor:
     else:
         pairs = _PAIR_LUT64.to(flat.device)[flat.long()]
     return pairs.view(torch.float32)
-
-
-# Elements decoded per step when the output is not fp32: the fp32 intermediate then stays in
-# cache instead of a full-size temporary (a multiple of every allowed blocksize).
-_CHUNK = 32768
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
