@@ -63,6 +63,14 @@ def test_quantize_matches_bitsandbytes_bytes(dtype, shape, dq):
     assert torch.equal(out, bnbF.dequantize_4bit(ref, ref_state))
 
 
+def test_weight_larger_than_one_quantize_chunk_matches_bitsandbytes():
+    w = _weight((1031, 1029), torch.bfloat16, seed=7)  # > 2**20 values and an odd tail block
+    ref, ref_state = _bnb(w)
+    packed, state = quantize_nf4(w)
+    assert torch.equal(packed, ref) and torch.equal(state.absmax, ref_state.absmax)
+    assert torch.equal(state.nested_absmax, ref_state.state2.absmax)
+
+
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 4096])
 def test_other_block_sizes_match_bitsandbytes(blocksize):
     w = _weight((70, 90), torch.float32, seed=3)

@@ -54,9 +54,9 @@ NF4_CODE = torch.tensor(
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Elements processed per step by quantize_nf4, and by dequantize_nf4 when the output is not fp32:
-# temporaries stay small (in cache, reused) instead of full-size (a multiple of every blocksize).
-_CHUNK = 32768
+# Elements quantize_nf4 processes per step (a multiple of every blocksize): bounds its fp32
+# temporaries for big layers. Not smaller: per-op overhead (thread sync) dominates tiny chunks.
+_CHUNK = 1 << 20
 
 # Decision boundaries: bitsandbytes rounds with bucketize over the fp32 midpoints (ties go down).
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
@@ -323,18 +323,11 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     scales = state.scales()
     full = n - n % bs
     nfull = full // bs
-    if dtype == torch.float32:  # decode everything, scale in place
-        out = _decode(flat)[:n]
-        out[:full].view(nfull, bs).mul_(scales[:nfull].unsqueeze(1))
-    else:  # code * scale in fp32 written straight into the output dtype: one rounding, like bnb
-        out = torch.empty(n, dtype=dtype, device=flat.device)
-        for start in range(0, full, _CHUNK):
-            end = min(start + _CHUNK, full)
-            torch.mul(
-                _decode(flat[start // 2 : end // 2]).view(-1, bs),
-                scales[start // bs : end // bs].unsqueeze(1),
-                out=out[start:end].view(-1, bs),
-            )
+    values = _decode(flat)[:n]
+    # code * scale in fp32; for fp32 in place, otherwise written straight into the output dtype
+    # (one rounding, like bitsandbytes, and no separate cast pass)
+    out = values if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=flat.device)
+    torch.mul(values[:full].view(nfull, bs), scales[:nfull].unsqueeze(1), out=out[:full].view(nfull, bs))
     if full < n:
-        torch.mul(_decode(flat[full // 2 :])[: n - full], scales[nfull], out=out[full:])
+        torch.mul(values[full:], scales[nfull], out=out[full:])
     return out.view(state.shape)
