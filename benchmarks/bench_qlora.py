@@ -338,13 +338,16 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    results: dict = {
+    # sections not rerun keep their previous numbers (run with --only to refresh one section)
+    results: dict = json.loads(args.json.read_text(encoding="utf-8")) if args.json.is_file() else {}
+    results |= {
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
         "load_average_start": os.getloadavg(),
+        "sections_run": args.only,
     }
     if "storage" in args.only:
         results["storage"] = storage()
@@ -353,10 +356,17 @@ def main() -> None:
         results["kernels"] = kernels(args.rounds)
         _print_table(f"kernels, 4096x4096, median of {args.rounds} (ms unless noted)", results["kernels"])
     if "train_step" in args.only:
-        results["train_step"] = {
+        results["train_step_s"] = train_step_times(args.train_rounds)
+        _print_table(
+            f"QLoRA train step, SmolLM2-135M, batch 2x64, r=16 all-linear (s, median of {args.train_rounds})",
+            {"step_s": results["train_step_s"]},
+        )
+        results["train_memory"] = {
             impl: _in_subprocess("train", impl) for impl in ("lorakit", "peft+bitsandbytes")
         }
-        _print_table("QLoRA train step, SmolLM2-135M, batch 2x64, r=16 all-linear", results["train_step"])
+        _print_table(
+            "QLoRA load + one train step, fresh process per variant (MB of RSS)", results["train_memory"]
+        )
     if "load" in args.only:
         impls = ("lorakit nf4", "transformers fp32", "transformers+bitsandbytes nf4")
         results["load"] = {impl: _in_subprocess("load", impl) for impl in impls}
