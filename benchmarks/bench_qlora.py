@@ -8,6 +8,7 @@ Sections (each printed as a table; everything also goes to the JSON file):
   train_step  one QLoRA step (forward + backward + AdamW, r=16 on all linear layers, batch 2 x 64)
               on SmolLM2-135M, lorakit vs PEFT + bitsandbytes: time with both models in one process
               (steps interleaved), peak RSS of load + one step in a fresh process per variant
+  merge       error of merging an adapter by re-quantizing vs the exact (dequantized) merge
   load        peak RSS loading the real SmolLM2-135M: lorakit 4-bit (streaming) vs transformers
               fp32 vs transformers + bitsandbytes 4-bit; each in its own process
 
@@ -244,6 +245,25 @@ def worker_train(impl: str) -> dict:
     }
 
 
+def merge_error() -> dict:
+    """Re-quantized merge vs exact merge on SmolLM2-135M with a random (non-zero) r=16 adapter."""
+    import lorakit
+    from lorakit.quant.loading import load_quantized
+    from lorakit.quant.merging import requantization_error
+
+    torch.manual_seed(0)
+    model = lorakit.inject(load_quantized(_smollm2_folder()), lorakit.LoraConfig(**LORA)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (1, 32), generator=g) for _ in range(4)]
+    with torch.no_grad():
+        logit_scale = model(inputs[0]).logits.abs().mean().item()
+    return {**requantization_error(model, inputs), "mean_abs_logit": logit_scale}
+
+
 def _import_model_code() -> None:
     """Import what any variant imports on first use (Llama modeling code, bitsandbytes, peft), so
     the baseline RSS is taken after the code and only tensors differ between variants."""
@@ -328,7 +348,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--train-rounds", type=int, default=3)
-    parser.add_argument("--only", nargs="*", default=["storage", "kernels", "train_step", "load"])
+    parser.add_argument("--only", nargs="*", default=["storage", "kernels", "train_step", "merge", "load"])
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "qlora.json")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -366,6 +386,11 @@ def main() -> None:
         }
         _print_table(
             "QLoRA load + one train step, fresh process per variant (MB of RSS)", results["train_memory"]
+        )
+    if "merge" in args.only:
+        results["merge"] = merge_error()
+        _print_table(
+            "re-quantized merge vs exact merge, SmolLM2-135M logits (4 x 32 tokens)", results["merge"]
         )
     if "load" in args.only:
         impls = ("lorakit nf4", "transformers fp32", "transformers+bitsandbytes nf4")
