@@ -1,0 +1,177 @@
+"""Tokenize records into training examples with the loss masked to the part the model must learn.
+
+causal-lm examples are {"input_ids", "labels"}, labels = -100 where no loss is taken (prompt tokens
+of instruction data, non-assistant turns of chat data); classification examples are
+{"input_ids", "label"}. Sequences longer than `max_length` are cut and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from .formats import chat_messages, classification_as_instruction, instruction_prompt, label_key
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TASKS = ("causal-lm", "classification")
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples; `truncated` counts sequences cut to max_length, `dropped` those left with no
+    supervised token after the cut (they are not in `examples`)."""
+
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    truncated: int = 0
+    dropped: int = 0
+
+
+def encode(
+    records: Sequence[dict],
+    tokenizer: Any,
+    fmt: str,
+    *,
+    max_length: int,
+    label_map: dict[str, int] | None = None,
+    task: str = "causal-lm",
+) -> Encoded:
+    """Tokenize `records` of format `fmt` (see `detect_format`) for `task`.
+
+    causal-lm: completion data trains on all tokens; instruction data (Alpaca prompt, see
+    `instruction_prompt`) only on the output; chat data (rendered with the tokenizer's chat template)
+    only on assistant turns, including the template's end-of-turn token. EOS is appended after
+    completion text and instruction outputs so the model learns to stop. Classification records
+    with task causal-lm are first turned into instruction records whose answer is the label word
+    (`classification_as_instruction`).
+    classification: needs fmt "classification"; `label_map` defaults to `build_label_map(records)`.
+    Raises `DataError` for a label not in `label_map` or a chat the template cannot render
+    (naming the record), `ConfigError` for a bad task/format pair, max_length, or a tokenizer
+    without EOS or chat template.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {TASKS}")
+    if max_length < 2:
+        raise ConfigError(f"max_length must be at least 2, got {max_length}")
+    if task == "classification":
+        if fmt != "classification":
+            raise ConfigError(
+                f"task 'classification' needs data in the classification format (text, label), not {fmt!r}"
+            )
+        return _encode_classification(records, tokenizer, max_length, label_map)
+    if fmt == "classification":
+        records, fmt = classification_as_instruction(records), "instruction"
+    eos = tokenizer.eos_token_id
+    if eos is None and fmt != "chat":
+        raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before encoding")
+    out = Encoded()
+    for i, record in enumerate(records):
+        if fmt == "completion":
+            ids = _tokens(tokenizer, record["text"], True) + [eos]
+            labels = list(ids)
+        elif fmt == "instruction":
+            prompt = _tokens(tokenizer, instruction_prompt(record), True)
+            answer = _tokens(tokenizer, record["output"], False) + [eos]
+            ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+        elif fmt == "chat":
+            ids, labels = _encode_chat(tokenizer, chat_messages(record, i), i)
+        else:
+            raise ConfigError(f"unknown data format {fmt!r}")
+        if len(ids) > max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+            out.truncated += 1
+        if all(label == IGNORE_INDEX for label in labels[1:]):  # the first label is never predicted
+            out.dropped += 1
+            continue
+        out.examples.append({"input_ids": ids, "labels": labels})
+    _log_counts(out, max_length)
+    return out
+
+
+def _log_counts(out: Encoded, max_length: int) -> None:
+    if out.truncated:
+        log.warning(
+            "%d sequences were longer than max_length=%d and were truncated", out.truncated, max_length
+        )
+    if out.dropped:
+        log.warning("%d examples had no response token left within max_length and were dropped", out.dropped)
+
+
+def _tokens(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _encode_classification(
+    records: Sequence[dict], tokenizer: Any, max_length: int, label_map: dict[str, int] | None
+) -> Encoded:
+    if label_map is None:
+        from .formats import build_label_map
+
+        label_map = build_label_map(records)
+    out = Encoded()
+    for i, record in enumerate(records):
+        key = label_key(record.get("label"))
+        if key not in label_map:
+            raise DataError(
+                f"record {i}: label {key!r} was not seen in the training labels {sorted(label_map)}; "
+                "fix the record or train with this label"
+            )
+        ids = _tokens(tokenizer, record["text"], True)
+        if len(ids) > max_length:
+            ids = ids[:max_length]
+            out.truncated += 1
+        out.examples.append({"input_ids": ids, "label": label_map[key]})
+    _log_counts(out, max_length)
+    return out
+
+
+def _render(tokenizer: Any, messages: list[dict], i: int, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as e:  # jinja raises its own errors for conversations a template rejects
+        raise DataError(
+            f"record {i}: the tokenizer's chat template cannot render this conversation ({e})"
+        ) from e
+
+
+def _encode_chat(tokenizer: Any, messages: list[dict], i: int) -> tuple[list[int], list[int]]:
+    """Render the chat, then find each assistant turn's characters by rendering the conversation up to
+    it (with the generation prompt) and up to its end: the difference is what the model must say."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "the chat format needs a tokenizer with a chat template (tokenizer.chat_template is empty)"
+        )
+    text = _render(tokenizer, messages, i)
+    spans = []
+    for j, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:j], i, generation_prompt=True) if j else ""
+        upto = _render(tokenizer, messages[: j + 1], i)
+        if not (text.startswith(upto) and upto.startswith(before)):
+            raise DataError(
+                f"record {i}, turn {j}: the chat template does not render this conversation turn by turn "
+                "(a prefix renders differently), so assistant tokens cannot be located"
+            )
+        spans.append((len(before), len(upto.rstrip())))  # the newline after end-of-turn is not learned
+    ids, starts = _tokens_with_starts(tokenizer, text)
+    labels = [tok if any(a <= s < b for a, b in spans) else IGNORE_INDEX for tok, s in zip(ids, starts)]
+    return ids, labels
+
+
+def _tokens_with_starts(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of `text` (no added special tokens) and each token's first character index."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
+    except (NotImplementedError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(
+            "the chat format needs a fast tokenizer that reports character offsets, to find the assistant "
+            f"tokens; this one does not ({e})"
+        ) from e
