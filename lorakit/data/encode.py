@@ -47,7 +47,7 @@ def encode(
     only on assistant turns, including the template's end-of-turn token. EOS is appended after
     completion text and instruction outputs so the model learns to stop. Classification records
     with task causal-lm are first turned into instruction records whose answer is the label word
-    (`classification_as_instruction`).
+    (`classification_as_instruction`, listing the names in `label_map`, or the records' labels).
     classification: needs fmt "classification"; `label_map` defaults to `build_label_map(records)`.
     Raises `DataError` for a label not in `label_map` or a chat the template cannot render
     (naming the record), `ConfigError` for a bad task/format pair, max_length, or a tokenizer
@@ -64,7 +64,9 @@ def encode(
             )
         return _encode_classification(records, tokenizer, max_length, label_map)
     if fmt == "classification":
-        records, fmt = classification_as_instruction(records), "instruction"
+        # the prompt lists the label names: take them from label_map so train and eval prompts agree
+        names = list(label_map) if label_map is not None else None
+        records, fmt = classification_as_instruction(records, labels=names), "instruction"
     eos = tokenizer.eos_token_id
     if eos is None and fmt != "chat":
         raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before encoding")
