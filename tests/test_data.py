@@ -54,26 +54,38 @@ def test_jsonl_reads_objects_and_skips_blank_lines(tmp_path):
     assert rs.columns == ["text", "label"] and len(rs) == 2
 
 
-def test_jsonl_malformed_line_names_file_and_line(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROWS[0]), "{not json", "[1, 2]", json.dumps(ROWS[1])])
-    with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
+GOOD = json.dumps(ROWS[0]).encode()
+# (file name, content, error message, records left with on_error="skip", lines skipped)
+MALFORMED = [
+    ("d.jsonl", GOOD + b"\n{not json\n[1, 2]\n", r"d\.jsonl:2: invalid JSON", [ROWS[0]], 2),
+    ("d.jsonl", GOOD + b"\n[1, 2]\n", r"d\.jsonl:2: expected a JSON object, got list", [ROWS[0]], 1),
+    ("d.jsonl", GOOD + b'\n{"text": "\xff"}\n', r"d\.jsonl:2: not valid UTF-8", [ROWS[0]], 1),
+    ("d.json", b'[{"text": "a"}, 3]', r"d\.json: item 1: expected an object", [{"text": "a"}], 1),
+    (
+        "d.csv",
+        b'text,label\n"two\nlines",positive\nonly-one-field\n"ok",negative\n',
+        r"d\.csv:4: expected 2 fields \(text, label\), got 1",  # the line count includes the quoted newline
+        [{"text": "two\nlines", "label": "positive"}, {"text": "ok", "label": "negative"}],
+        1,
+    ),
+    (
+        "d.csv",
+        b'text,label\n"a"b,positive\n"ok",negative\n',
+        r"d\.csv:2: malformed CSV",
+        [{"text": "ok", "label": "negative"}],
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize("name,content,error,kept,skipped", MALFORMED)
+def test_malformed_line_names_file_and_line_or_is_skipped(tmp_path, name, content, error, kept, skipped):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=error):
         read_records(p)
     rs = read_records(p, on_error="skip")
-    assert rs.records == ROWS and rs.skipped == 2
-
-
-def test_jsonl_non_object_line(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROWS[0]), "[1, 2]"])
-    with pytest.raises(DataError, match=r"d\.jsonl:2: expected a JSON object, got list"):
-        read_records(p)
-
-
-def test_invalid_utf8_line_is_named(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"text": "\xff"}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8"):
-        read_records(p)
-    assert read_records(p, on_error="skip").skipped == 1
+    assert rs.records == kept and rs.skipped == skipped
 
 
 @pytest.mark.parametrize("doc", [ROWS, {"data": ROWS}])
@@ -96,10 +108,6 @@ def test_json_errors(tmp_path):
     p.write_text('{"rows": []}')
     with pytest.raises(DataError, match=r"JSON list of objects"):
         read_records(p)
-    p.write_text('[{"text": "a"}, 3]')
-    with pytest.raises(DataError, match=r"item 1: expected an object"):
-        read_records(p)
-    assert read_records(p, on_error="skip").records == [{"text": "a"}]
 
 
 def test_csv_and_tsv(tmp_path):
@@ -111,22 +119,8 @@ def test_csv_and_tsv(tmp_path):
     assert read_records(t).records == ROWS
 
 
-def test_csv_wrong_field_count_names_line_after_multiline_field(tmp_path):
+def test_csv_bad_header(tmp_path):
     p = tmp_path / "d.csv"
-    p.write_text('text,label\n"two\nlines",positive\nonly-one-field\n"ok",negative\n')
-    with pytest.raises(DataError, match=r"d\.csv:4: expected 2 fields \(text, label\), got 1"):
-        read_records(p)
-    rs = read_records(p, on_error="skip")
-    assert rs.records == [{"text": "two\nlines", "label": "positive"}, {"text": "ok", "label": "negative"}]
-    assert rs.skipped == 1
-
-
-def test_csv_bad_quoting_and_bad_header(tmp_path):
-    p = tmp_path / "d.csv"
-    p.write_text('text,label\n"a"b,positive\n"ok",negative\n')
-    with pytest.raises(DataError, match=r"d\.csv:2: malformed CSV"):
-        read_records(p)
-    assert read_records(p, on_error="skip").records == [{"text": "ok", "label": "negative"}]
     p.write_text("text,text\na,b\n")
     with pytest.raises(DataError, match="distinct, non-empty column names"):
         read_records(p)
@@ -515,27 +509,32 @@ def test_packed_mask_is_block_diagonal_causal():
     assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]]
 
 
-def _tiny_llama(attn: str, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_llama(attn: str = "sdpa", dtype=torch.float32, head: str = "LlamaForCausalLM", **config):
+    import transformers
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    dims = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=128,
-        attn_implementation=attn,
     )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    config = transformers.LlamaConfig(**dims, vocab_size=128, attn_implementation=attn, **config)
+    return getattr(transformers, head)(config).to(dtype).eval()
 
 
 @pytest.mark.parametrize(
-    "attn,mask_dtype", [("sdpa", torch.float32), ("eager", torch.float32), ("sdpa", torch.bool)]
+    "attn,dtype,mask_dtype,tol",
+    [
+        ("sdpa", torch.float32, torch.float32, 1e-5),
+        ("eager", torch.float32, torch.float32, 1e-5),
+        ("sdpa", torch.float32, torch.bool, 1e-5),
+        ("eager", torch.bfloat16, torch.bfloat16, 3e-2),  # a bf16 model takes a bf16 additive mask
+    ],
 )
-def test_packed_forward_equals_each_example_alone(attn, mask_dtype):
-    model = _tiny_llama(attn)
+def test_packed_forward_equals_each_example_alone(attn, dtype, mask_dtype, tol):
+    model = _tiny_llama(attn, dtype)
     exs = _examples()
     packed = pack(exs, 16)
     batch = collate(packed, pad_token_id=0, mask_dtype=mask_dtype)
@@ -544,7 +543,7 @@ def test_packed_forward_equals_each_example_alone(attn, mask_dtype):
         alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in exs]
     rows = [(0, 0), (0, 5), (0, 12), (1, 0), (1, 9)]  # (packed row, offset) of each example
     for (row, off), ref in zip(rows, alone):
-        torch.testing.assert_close(logits[row, off : off + len(ref)], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[row, off : off + len(ref)], ref, atol=tol, rtol=tol)
     # the packed loss sums to the same per-token losses as the examples one by one
     with torch.no_grad():
         n_packed = sum((torch.tensor(p["labels"][1:]) != IGNORE_INDEX).sum() for p in packed)
@@ -557,7 +556,7 @@ def test_packed_forward_equals_each_example_alone(attn, mask_dtype):
                     model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss
                     * n
                 )
-    torch.testing.assert_close(packed_sum, alone_sum, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(packed_sum, alone_sum, atol=tol * 10, rtol=tol)
 
 
 def test_padded_batch_matches_unpadded_forward():
@@ -572,20 +571,7 @@ def test_padded_batch_matches_unpadded_forward():
 
 
 def test_classification_batch_feeds_a_sequence_classifier():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=64,
-        num_labels=2,
-        pad_token_id=0,
-    )
-    model = LlamaForSequenceClassification(config).eval()
+    model = _tiny_llama(head="LlamaForSequenceClassification", num_labels=2, pad_token_id=0)
     batch = collate([{"input_ids": [5, 6, 7], "label": 1}, {"input_ids": [8, 9], "label": 0}], pad_token_id=0)
     with torch.no_grad():
         out = model(**batch)
