@@ -497,16 +497,17 @@ def test_collate_bad_inputs():
 
 
 def test_packed_mask_is_block_diagonal_causal():
-    batch = collate(
-        pack([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], 8)
-        + [{"input_ids": [4], "labels": [4], "position_ids": [0]}],
-        0,
-        mask_dtype=torch.bool,
-    )
+    examples = pack([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], 8)
+    examples.append({"input_ids": [4], "labels": [4], "position_ids": [0]})
+    batch = collate(examples, 0, mask_dtype=torch.bool)
     allowed = batch["attention_mask"][:, 0].int().tolist()
     assert allowed[0] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
-    assert allowed[1] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # padding attends only to itself
+    assert allowed[1] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]  # padding attends only to padding
     assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]]
+    additive = collate(examples, 0, mask_dtype=torch.float16)["attention_mask"]
+    assert additive.dtype == torch.float16
+    expected = torch.where(batch["attention_mask"], 0.0, torch.finfo(torch.float16).min).half()
+    assert torch.equal(additive, expected)
 
 
 def _tiny_llama(attn: str = "sdpa", dtype=torch.float32, head: str = "LlamaForCausalLM", **config):
