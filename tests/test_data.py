@@ -257,6 +257,9 @@ def test_build_label_map():
     assert build_label_map([{"label": "10"}, {"label": "2"}]) == {"2": 2, "10": 10}  # CSV digits stay ints
     with pytest.raises(DataError, match="record 1: missing `label`"):
         build_label_map([{"label": "a"}, {"text": "b"}])
+    with pytest.raises(DataError, match="record 0: missing `label`"):
+        build_label_map([{"label": float("nan")}, {"label": "b"}])
+    assert build_label_map([{"label": 1.0}, {"label": 0}]) == {"0": 0, "1": 1}
     with pytest.raises(DataError, match="at least two different labels"):
         build_label_map([{"label": "a"}, {"label": "a"}])
 
@@ -349,8 +352,11 @@ def test_encode_truncates_and_counts(tok):
     assert [len(e["input_ids"]) for e in enc.examples] == [10, 2]
     assert enc.examples[0]["input_ids"] == ids(tok, long["text"], True)[:10]
     # an instruction whose prompt fills max_length has nothing to learn: dropped and counted
-    enc = encode([{"instruction": "x " * 100, "output": "y"}], tok, "instruction", max_length=8)
-    assert enc.examples == [] and enc.truncated == 1 and enc.dropped == 1
+    long_prompt = {"instruction": "x " * 100, "output": "y"}
+    enc = encode([long_prompt, {"instruction": "a", "output": "b"}], tok, "instruction", max_length=64)
+    assert len(enc.examples) == 1 and enc.truncated == 1 and enc.dropped == 1
+    with pytest.raises(DataError, match="none of the 1 records has a response token within max_length=8"):
+        encode([long_prompt], tok, "instruction", max_length=8)
 
 
 def test_encode_classification(tok):
@@ -392,6 +398,17 @@ def test_encode_bad_arguments(tok):
         encode([{"text": "a"}], tok, "completion", max_length=8, task="seq2seq")
     with pytest.raises(ConfigError, match="max_length must be at least 2"):
         encode([{"text": "a"}], tok, "completion", max_length=1)
+    with pytest.raises(DataError, match="the dataset is empty"):
+        encode([], tok, "completion", max_length=8)
+    with pytest.raises(
+        DataError, match=r"record 1: null value in column 'output' needed by the instruction format"
+    ):
+        encode(
+            [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": None}],
+            tok,
+            "instruction",
+            max_length=8,
+        )
 
 
 def test_encode_chat_template_problems(tok):

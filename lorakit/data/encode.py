@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .formats import chat_messages, classification_as_instruction, instruction_prompt, label_key
+from .formats import (
+    build_label_map,
+    chat_messages,
+    classification_as_instruction,
+    detect_format,
+    instruction_prompt,
+    label_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +56,16 @@ def encode(
     with task causal-lm are first turned into instruction records whose answer is the label word
     (`classification_as_instruction`, listing the names in `label_map`, or the records' labels).
     classification: needs fmt "classification"; `label_map` defaults to `build_label_map(records)`.
-    Raises `DataError` for a label not in `label_map` or a chat the template cannot render
-    (naming the record), `ConfigError` for a bad task/format pair, max_length, or a tokenizer
+    Raises `DataError` for an empty dataset, a record missing a needed column, a label not in
+    `label_map` or a chat the template cannot render (naming the record), no example left with a
+    response token after truncation; `ConfigError` for a bad task/format pair, max_length, or a tokenizer
     without EOS or chat template.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {TASKS}")
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
+    detect_format(records, fmt)  # every record has the columns `fmt` needs, or a DataError naming it
     if task == "classification":
         if fmt != "classification":
             raise ConfigError(
@@ -91,6 +100,11 @@ def encode(
             continue
         out.examples.append({"input_ids": ids, "labels": labels})
     _log_counts(out, max_length)
+    if not out.examples:
+        raise DataError(
+            f"none of the {len(records)} records has a response token within max_length={max_length}; "
+            "raise max_length or shorten the prompts"
+        )
     return out
 
 
@@ -112,8 +126,6 @@ def _encode_classification(
     records: Sequence[dict], tokenizer: Any, max_length: int, label_map: dict[str, int] | None
 ) -> Encoded:
     if label_map is None:
-        from .formats import build_label_map
-
         label_map = build_label_map(records)
     labels = []
     for i, record in enumerate(records):

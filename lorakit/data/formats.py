@@ -86,8 +86,9 @@ def _check(record: dict, fmt: str, i: int) -> None:
         return
     for column in _REQUIRED[fmt]:
         if record.get(column) is None:
+            what = "missing column" if column not in record else "null value in column"
             raise DataError(
-                f"record {i}: missing column {column!r} needed by the {fmt} format; columns present: {sorted(record)}"
+                f"record {i}: {what} {column!r} needed by the {fmt} format; columns present: {sorted(record)}"
             )
     for column in ("text", "instruction", "input", "output"):
         if column in record and record[column] is not None and not isinstance(record[column], str):
@@ -146,7 +147,7 @@ def build_label_map(records: Iterable[dict]) -> dict[str, int]:
     keys = set()
     for i, record in enumerate(records):
         label = record.get("label")
-        if label is None or label == "":
+        if label is None or label == "" or label != label:  # label != label: NaN from pandas/Parquet
             raise DataError(f"record {i}: missing `label`; classification needs a label on every record")
         keys.add(label_key(label))
     if len(keys) < 2:
