@@ -119,6 +119,12 @@ def test_csv_and_tsv(tmp_path):
     assert read_records(t).records == ROWS
 
 
+def test_csv_with_byte_order_mark(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_bytes("text,label\ngood film,positive\n".encode("utf-8-sig"))
+    assert read_records(p).records == ROWS[:1]
+
+
 def test_csv_bad_header(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("text,text\na,b\n")
@@ -150,6 +156,10 @@ def test_parquet(tmp_path):
     p = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(ROWS), p)
     assert read_records(p).records == ROWS
+    chats = tmp_path / "chat.parquet"  # nested columns come back as lists of dicts
+    pq.write_table(pa.Table.from_pylist([{"messages": CHAT}]), chats)
+    records = read_records(chats).records
+    assert records == [{"messages": CHAT}] and detect_format(records) == "chat"
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="not a readable Parquet file"):
@@ -335,6 +345,26 @@ def test_encode_chat_learns_only_assistant_turns(tok):
     assert ex["labels"] == labels
     sharegpt = encode([{"conversations": SHAREGPT}], tok, "chat", max_length=512).examples[0]
     assert sharegpt == ex
+
+
+def test_encode_chat_accepts_sharegpt_keys_inside_messages(tok):
+    mixed = [SHAREGPT[0], CHAT[1], SHAREGPT[2], CHAT[3]]
+    assert (
+        encode([{"messages": mixed}], tok, "chat", max_length=512).examples
+        == encode([{"messages": CHAT}], tok, "chat", max_length=512).examples
+    )
+
+
+def test_encode_never_doubles_eos(tok):
+    from tokenizers.processors import TemplateProcessing
+
+    adds_eos = copy.deepcopy(tok)  # a tokenizer that appends EOS itself, like add_eos_token=True
+    adds_eos._tokenizer.post_processor = TemplateProcessing(
+        single="$A <|im_end|>", special_tokens=[("<|im_end|>", tok.eos_token_id)]
+    )
+    assert ids(adds_eos, "The cat", True)[-1] == tok.eos_token_id
+    ex = encode([{"text": "The cat"}], adds_eos, "completion", max_length=64).examples[0]
+    assert ex["input_ids"] == ids(tok, "The cat", True) + [tok.eos_token_id]
 
 
 def test_encode_chat_with_system_message(tok):

@@ -80,11 +80,11 @@ def encode(
     if eos is None and fmt != "chat":
         raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before encoding")
     if fmt == "completion":
-        texts = [ids + [eos] for ids in _tokens(tokenizer, [r["text"] for r in records], True)]
+        texts = [_with_eos(ids, eos) for ids in _tokens(tokenizer, [r["text"] for r in records], True)]
         pairs = zip(texts, texts)
     elif fmt == "instruction":
         prompts = _tokens(tokenizer, [instruction_prompt(r) for r in records], True)
-        answers = [ids + [eos] for ids in _tokens(tokenizer, [r["output"] for r in records], False)]
+        answers = [_with_eos(ids, eos) for ids in _tokens(tokenizer, [r["output"] for r in records], False)]
         pairs = ((p + a, [IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers))
     elif fmt == "chat":
         pairs = _encode_chats(tokenizer, records)
@@ -120,6 +120,11 @@ def _log_counts(out: Encoded, max_length: int) -> None:
 def _tokens(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
     """Token ids of each text; one batched call, which a fast tokenizer runs in parallel."""
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]] if texts else []
+
+
+def _with_eos(ids: list[int], eos: int) -> list[int]:
+    # some tokenizers append EOS themselves (add_eos_token); never learn two
+    return ids if ids and ids[-1] == eos else ids + [eos]
 
 
 def _encode_classification(
