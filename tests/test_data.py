@@ -579,6 +579,7 @@ def _tiny_llama(attn: str = "sdpa", dtype=torch.float32, head: str = "LlamaForCa
         ("eager", torch.float32, torch.float32, 1e-5),
         ("sdpa", torch.float32, torch.bool, 1e-5),
         ("eager", torch.bfloat16, torch.bfloat16, 3e-2),  # a bf16 model takes a bf16 additive mask
+        ("sdpa", torch.bfloat16, torch.float32, 3e-2),  # ... or the default float32 one
     ],
 )
 def test_packed_forward_equals_each_example_alone(attn, dtype, mask_dtype, tol):
@@ -605,6 +606,16 @@ def test_packed_forward_equals_each_example_alone(attn, dtype, mask_dtype, tol):
                     * n
                 )
     torch.testing.assert_close(packed_sum, alone_sum, atol=tol * 10, rtol=tol)
+
+
+def test_packed_mask_under_autocast():
+    model = _tiny_llama("sdpa")
+    exs = _examples()[:2]
+    batch = collate(pack(exs, 16), pad_token_id=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**batch).logits
+        ref = model(input_ids=torch.tensor([exs[1]["input_ids"]])).logits[0]
+    torch.testing.assert_close(logits[0, 5:12], ref, atol=3e-2, rtol=3e-2)
 
 
 def test_padded_batch_matches_unpadded_forward():

@@ -75,8 +75,8 @@ def collate(
     Gives `input_ids`, `attention_mask` and `labels` (-100 on padding; class ids [B] for
     classification examples). If any example is packed (has `position_ids`), gives `position_ids` and
     a 4D block-diagonal causal mask [B, 1, T, T]: additive (0 / dtype min) for a float `mask_dtype`
-    (use the model's dtype; works with eager and sdpa attention) or boolean (True = attend) for
-    `torch.bool` (sdpa only). Raises `ConfigError` for a missing pad id, `DataError` for an empty
+    (the float32 default works with eager and sdpa attention, bf16 models and autocast) or boolean
+    (True = attend, 4x smaller) for `torch.bool` (sdpa only). Raises `ConfigError` for a missing pad id, `DataError` for an empty
     batch or a mix of classification and causal-lm examples.
     """
     if not examples:
