@@ -306,6 +306,8 @@ def test_encode_completion_learns_every_token_and_eos(tok):
     expected = ids(tok, "The cat sat.", True) + [tok.eos_token_id]
     assert enc.examples == [{"input_ids": expected, "labels": expected}]
     assert enc.truncated == 0
+    assert enc.examples[0]["labels"] is not enc.examples[0]["input_ids"]
+    assert encode([{"text": "The cat sat."}], tok, None, max_length=64).examples == enc.examples  # detected
 
 
 def test_encode_instruction_masks_the_prompt(tok):

@@ -41,13 +41,13 @@ class Encoded:
 def encode(
     records: Sequence[dict],
     tokenizer: Any,
-    fmt: str,
+    fmt: str | None,
     *,
     max_length: int,
     label_map: dict[str, int] | None = None,
     task: str = "causal-lm",
 ) -> Encoded:
-    """Tokenize `records` of format `fmt` (see `detect_format`) for `task`.
+    """Tokenize `records` of format `fmt` (see `detect_format`; None detects it) for `task`.
 
     causal-lm: completion data trains on all tokens; instruction data (Alpaca prompt, see
     `instruction_prompt`) only on the output; chat data (rendered with the tokenizer's chat template)
@@ -65,7 +65,7 @@ def encode(
         raise ConfigError(f"unknown task {task!r}; choose one of {TASKS}")
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
-    detect_format(records, fmt)  # every record has the columns `fmt` needs, or a DataError naming it
+    fmt = detect_format(records, fmt)  # every record has the columns `fmt` needs (None: detect it)
     if task == "classification":
         if fmt != "classification":
             raise ConfigError(
@@ -81,15 +81,13 @@ def encode(
         raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before encoding")
     if fmt == "completion":
         texts = [_with_eos(ids, eos) for ids in _tokens(tokenizer, [r["text"] for r in records], True)]
-        pairs = zip(texts, texts)
+        pairs = ((ids, list(ids)) for ids in texts)  # separate lists: a caller may edit labels in place
     elif fmt == "instruction":
         prompts = _tokens(tokenizer, [instruction_prompt(r) for r in records], True)
         answers = [_with_eos(ids, eos) for ids in _tokens(tokenizer, [r["output"] for r in records], False)]
         pairs = ((p + a, [IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers))
-    elif fmt == "chat":
-        pairs = _encode_chats(tokenizer, records)
     else:
-        raise ConfigError(f"unknown data format {fmt!r}")
+        pairs = _encode_chats(tokenizer, records)
     out = Encoded()
     for ids, labels in pairs:
         if len(ids) > max_length:
