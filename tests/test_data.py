@@ -60,6 +60,13 @@ MALFORMED = [
     ("d.jsonl", GOOD + b"\n{not json\n[1, 2]\n", r"d\.jsonl:2: invalid JSON", [ROWS[0]], 2),
     ("d.jsonl", GOOD + b"\n[1, 2]\n", r"d\.jsonl:2: expected a JSON object, got list", [ROWS[0]], 1),
     ("d.jsonl", GOOD + b'\n{"text": "\xff"}\n', r"d\.jsonl:2: not valid UTF-8", [ROWS[0]], 1),
+    (
+        "d.csv",
+        b"text\ngood\nb\xffad\nok\n",
+        r"d\.csv:3: not valid UTF-8",
+        [{"text": "good"}, {"text": "ok"}],
+        1,
+    ),
     ("d.json", b'[{"text": "a"}, 3]', r"d\.json: item 1: expected an object", [{"text": "a"}], 1),
     (
         "d.csv",
