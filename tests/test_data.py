@@ -6,6 +6,7 @@ import bz2
 import copy
 import gzip
 import json
+import sys
 
 import pytest
 import torch
@@ -186,6 +187,18 @@ def test_saved_datasets_folder(tmp_path):
     assert read_records(tmp_path / "dd", split="test").records == ROWS[:1]
     with pytest.raises(DataError, match=r"splits present: \['train', 'test'\]"):
         read_records(tmp_path / "dd", split="validation")
+
+
+def test_missing_optional_packages_say_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "d.parquet").write_bytes(b"x")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "state.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ConfigError, match="reading Parquet needs pyarrow: pip install pyarrow"):
+        read_records(tmp_path / "d.parquet")
+    with pytest.raises(ConfigError, match="needs datasets: pip install datasets"):
+        read_records(tmp_path / "ds")
 
 
 def test_reader_bad_inputs(tmp_path):
