@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit import LoraConfig
@@ -77,17 +76,7 @@ def test_pickle_adapters_are_refused_unless_opted_in(tmp_path, ids):
 
 def test_fingerprint_mismatch_names_the_modules(tmp_path):
     lorakit.save_adapter(_trained(), tmp_path)
-    torch.manual_seed(0)
-    wider = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=96,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
-    )
+    wider = tiny_llama(hidden_size=96)
     before = {k: v.clone() for k, v in wider.state_dict().items()}
     with pytest.raises(
         ShapeMismatchError,
@@ -100,17 +89,7 @@ def test_fingerprint_mismatch_names_the_modules(tmp_path):
 
 def test_fingerprint_catches_a_missing_module(tmp_path):
     lorakit.save_adapter(_trained(), tmp_path)
-    torch.manual_seed(0)
-    shallow = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
-    )
+    shallow = tiny_llama(num_hidden_layers=2)
     with pytest.raises(
         ShapeMismatchError, match=r"model.layers.2.self_attn.q_proj \(missing from the model\)"
     ):
