@@ -212,7 +212,7 @@ def _release_freed_memory() -> None:
 
     glibc raises its mmap threshold after large frees, so the per-layer temporaries of streaming
     quantization land on the heap and stay resident after being freed: measured on SmolLM2-135M,
-    peak RSS grew by ~240 MB over the live tensors. Trimming after each layer keeps the peak at
+    peak RSS grew by about 230 MB over the live tensors. Trimming after each layer keeps the peak at
     about the live model plus one layer.
     """
     global _malloc_trim
