@@ -33,16 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-SMOLLM2_SHAPE = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    max_position_embeddings=2048,
-)
+from bench_lora import SMOLLM2_SHAPE  # noqa: E402  (same model shape as the LoRA benchmark)
+
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")
 
 

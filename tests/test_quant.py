@@ -8,6 +8,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
 from lorakit.errors import QuantizationError
@@ -286,19 +287,7 @@ def test_state_for_another_layer_shape_is_rejected_on_load():
 
 
 def _tiny_llama(seed=0, tie=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=tie)
 
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
