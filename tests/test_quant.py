@@ -336,6 +336,17 @@ def test_streaming_load_equals_quantizing_the_loaded_model(llama_folder):
         torch.testing.assert_close(streamed(IDS).logits, reference(IDS).logits, rtol=0, atol=0)
 
 
+def test_load_with_dtype_converts_full_precision_tensors(llama_folder):
+    from lorakit.quant.loading import load_quantized
+
+    model = load_quantized(llama_folder, dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.weight_dtype == torch.bfloat16 and q.compute_dtype == torch.float32
+    with torch.no_grad():
+        assert model(IDS).logits.dtype == torch.bfloat16
+
+
 def test_classification_head_missing_from_checkpoint_stays_full_precision(llama_folder):
     from lorakit.quant.loading import load_quantized
 
