@@ -157,6 +157,7 @@ class Linear4bit(nn.Module):
 
     @property
     def double_quant(self) -> bool:
+        """Whether the block scales are themselves quantized (QLoRA's double quantization)."""
         return self.nested_absmax is not None
 
     @property

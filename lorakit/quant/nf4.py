@@ -120,6 +120,7 @@ class NF4State:
 
     @property
     def num_blocks(self) -> int:
+        """Number of quantization blocks (the last one may be shorter)."""
         return -(-self.numel // self.blocksize)
 
     def scales(self) -> torch.Tensor:
