@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ShapeMismatchError
 from .base import LoraLayer, kaiming_uniform_
 
 
@@ -61,16 +62,75 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._add_row_adapters(x, result)
         for name in self._lora_active():
-            a = self.lora_A[name].weight
-            b = self.lora_B[name].weight
-            h = F.linear(self.lora_dropout[name](x.to(a.dtype)), a)
-            # one fused kernel for result + scaling * (h @ B.T): cheaper than matmul, scale, add
-            out = torch.addmm(
-                result.reshape(-1, self.out_features).to(a.dtype),
-                h.reshape(-1, h.shape[-1]),
-                b.T,
-                alpha=self.scaling[name],
-            )
-            result = out.view(result.shape).to(result.dtype)
+            result = self._add_adapter(name, x, result)
         return result
+
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A[name].weight
+        b = self.lora_B[name].weight
+        h = F.linear(self.lora_dropout[name](x.to(a.dtype)), a)
+        # one fused kernel for result + scaling * (h @ B.T): cheaper than matmul, scale, add
+        out = torch.addmm(
+            result.reshape(-1, self.out_features).to(a.dtype),
+            h.reshape(-1, h.shape[-1]),
+            b.T,
+            alpha=self.scaling[name],
+        )
+        return out.view(result.shape).to(result.dtype)
+
+    def _add_row_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Mixed batch: row i gets adapter `row_adapters[i]` (nothing if None or not on this layer).
+
+        BGMV-style: the adapters in use are stacked (ranks zero-padded to the largest), each row
+        gathers its own A and B by index, and two batched matmuls serve the whole batch.
+        """
+        rows = self.row_adapters
+        if x.shape[0] != len(rows):
+            raise ShapeMismatchError(
+                f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
+                "give one adapter name (or None) per batch row"
+            )
+        used = [n for n in dict.fromkeys(rows) if n in self.r]
+        if not used:
+            return result
+        if len(used) == 1 and all(n == used[0] for n in rows):  # uniform batch: the plain path
+            return self._add_adapter(used[0], x, result)
+        a_stack, b_stack, scale, p, idx = self._row_stacks(used)
+        h = x.reshape(len(rows), -1, self.in_features).to(a_stack.dtype)
+        if self.training and bool((p > 0).any()):
+            keep = (torch.rand_like(h) >= p[idx, None, None]).to(h.dtype)
+            h = h * keep / (1 - p[idx, None, None])
+        h = torch.bmm(h, a_stack[idx].transpose(1, 2)) * scale[idx, None, None]
+        out = torch.baddbmm(
+            result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype),
+            h,
+            b_stack[idx].transpose(1, 2),
+        )
+        return out.view(result.shape).to(result.dtype)
+
+    def _row_stacks(self, used: list[str]) -> tuple[torch.Tensor, ...]:
+        """Stacked A [k+1, r, in], B [k+1, out, r], scaling, dropout p, row index (slot 0 is "none")."""
+        key = tuple(self.row_adapters)
+        if key in self._row_cache:
+            return self._row_cache[key]
+        a0 = self.lora_A[used[0]].weight
+        r = max(self.r[n] for n in used)
+        a_stack = torch.stack(
+            [a0.new_zeros(r, self.in_features)]
+            + [F.pad(self.lora_A[n].weight, (0, 0, 0, r - self.r[n])) for n in used]
+        )
+        b_stack = torch.stack(
+            [a0.new_zeros(self.out_features, r)]
+            + [F.pad(self.lora_B[n].weight, (0, r - self.r[n])) for n in used]
+        )
+        scale = torch.tensor([0.0] + [self.scaling[n] for n in used], dtype=a0.dtype, device=a0.device)
+        p = torch.tensor([0.0] + [getattr(self.lora_dropout[n], "p", 0.0) for n in used], device=a0.device)
+        slot = {n: i + 1 for i, n in enumerate(used)}
+        idx = torch.tensor([slot.get(n, 0) for n in self.row_adapters], device=a0.device)
+        stacks = (a_stack, b_stack, scale, p.to(a0.dtype), idx)
+        if not torch.is_grad_enabled():  # inference: reuse across decode steps (cleared on exit)
+            self._row_cache[key] = stacks
+        return stacks
