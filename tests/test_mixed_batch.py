@@ -159,3 +159,50 @@ def test_errors():
             pass
     with adapter_rows(model, ["a", None]):  # the embedding adapter is not used: fine
         pass
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("combination", ["linear", "cat"])
+def test_add_weighted_adapter_matches_peft(tmp_path, combination):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    pm = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False),
+        "x",
+    )
+    second = {"r": 4 if combination == "linear" else 8, "lora_alpha": 3, "init_lora_weights": False}
+    pm.add_adapter("y", peft.LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], **second))
+    pm.save_pretrained(tmp_path)
+    for name in ("x", "y"):
+        lorakit.load_adapter(base, tmp_path / name, name)
+    weights = [0.7, -1.3]
+    pm.add_weighted_adapter(["x", "y"], weights, "mix", combination_type=combination)
+    lorakit.add_weighted_adapter(base, ["x", "y"], weights, "mix", combination_type=combination)
+    pm.set_adapter("mix")
+    lorakit.set_adapter(base, "mix")
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, pm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    layer = base.model.layers[1].mlp.down_proj
+    if combination == "cat":  # exact: the delta is the weighted sum of the deltas
+        expected = sum(w * layer.delta_weight(a) for a, w in zip(["x", "y"], weights))
+        torch.testing.assert_close(layer.delta_weight("mix"), expected, atol=1e-6, rtol=1e-5)
+    lorakit.save_adapter(base, tmp_path / "out", "mix")  # round-trips as a normal adapter
+    assert (tmp_path / "out" / "mix" / "adapter_model.safetensors").is_file()
+
+
+def test_add_weighted_adapter_errors():
+    model = with_adapters(tiny_llama(), SPECS)
+    add = lorakit.add_weighted_adapter
+    with pytest.raises(ConfigError, match="equal rank"):
+        add(model, ["a", "b"], [1.0, 1.0], "m")
+    with pytest.raises(ConfigError, match="one weight per adapter"):
+        add(model, ["a", "b"], [1.0], "m", "cat")
+    with pytest.raises(ConfigError, match="combination_type"):
+        add(model, ["a", "b"], [1.0, 1.0], "m", "svd")
+    with pytest.raises(AdapterStateError, match="already has"):
+        add(model, ["a", "b"], [1.0, 1.0], "c", "cat")
+    with pytest.raises(AdapterStateError, match="unknown"):
+        add(model, ["a", "zz"], [1.0, 1.0], "m", "cat")
+    assert lorakit.list_adapters(model) == ["a", "b", "c"]  # nothing half-added
