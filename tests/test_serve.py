@@ -69,7 +69,7 @@ def env(tmp_path_factory):
     allowed.mkdir()
     for name in ("a3", "a4"):  # a3 and a4 are found in --adapter-dir, loaded on first use
         shutil.copytree(paths[name], allowed / name)
-    shutil.copytree(paths["a1"], allowed / "late")  # not listed at start: loaded through the admin API
+    shutil.copytree(paths["a1"], allowed / "late")  # listed, loaded on first use or through the admin API
     (d / "outside").mkdir()
     shutil.copytree(paths["a1"], d / "outside" / "evil")
     ref, tok = lorakit.hf.load_model(folder)
@@ -211,6 +211,17 @@ def test_admin_loads_by_name_only(env):
         assert r.status_code == 400 and "invalid adapter name" in r.json()["error"]["message"], bad
     r = httpx.post(url + "/admin/adapters", json={"name": "evil"}, headers=auth)
     assert r.status_code == 404
+    shutil.copytree(env["paths"]["a2"], env["dir"] / "allowed" / "fresh")  # added while the server runs
+    r = httpx.post(url + "/admin/adapters", json={"name": "fresh"}, headers=auth)
+    assert r.json() == {"id": "fresh", "loaded": True}
+    assert "fresh" in [m.id for m in env["client"].models.list().data]
+    got = (
+        env["client"]
+        .completions.create(model="fresh", prompt="Hi", max_tokens=6, temperature=0)
+        .choices[0]
+        .text
+    )
+    assert got == expected(env, "Hi", "a2", 6, chat=False)
     assert httpx.post(url + "/admin/adapters", json={"name": "late"}, headers=auth).json() == {
         "id": "late",
         "loaded": True,
@@ -263,6 +274,7 @@ def test_load_8_clients_200_requests_4_adapters(env):
         results = list(pool.map(one, jobs, timeout=600))
     wrong = [(job, got) for job, got in zip(jobs, results) if got != want[job]]
     assert not wrong, wrong[:3]
+    assert env["app"].state.engine.max_rows_seen > 1  # concurrent requests were batched together
 
 
 def test_full_queue_answers_503_and_disconnect_cancels(env):
