@@ -70,6 +70,9 @@ def env(tmp_path_factory):
     for name in ("a3", "a4"):  # a3 and a4 are found in --adapter-dir, loaded on first use
         shutil.copytree(paths[name], allowed / name)
     shutil.copytree(paths["a1"], allowed / "late")  # listed, loaded on first use or through the admin API
+    (allowed / "broken").mkdir()  # a config, but a corrupt weights file
+    shutil.copy(paths["a1"] / "adapter_config.json", allowed / "broken")
+    (allowed / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors")
     (d / "outside").mkdir()
     shutil.copytree(paths["a1"], d / "outside" / "evil")
     ref, tok = lorakit.hf.load_model(folder)
@@ -98,7 +101,7 @@ def expected(env, prompt, adapter, max_tokens, chat):
 
 def test_models_lists_base_and_adapters(env):
     ids = [m.id for m in env["client"].models.list().data]
-    assert ids[0] == BASE and set(ids[1:]) == {"a1", "a2", "a3", "a4", "late"}
+    assert ids[0] == BASE and set(ids[1:]) == {"a1", "a2", "a3", "a4", "late", "broken"}
 
 
 def test_completions_equal_lorakit_generate(env, capsys):
@@ -202,6 +205,21 @@ def test_bad_requests_get_openai_errors(env):
     r = httpx.post(url + "/v1/completions", content=b"x" * 1_100_000, headers=auth)
     assert r.status_code == 413
     assert httpx.get(url + "/v1/nothing", headers=auth).json()["error"]["message"]
+
+
+def test_broken_adapter_fails_alone_and_token_ids(env):
+    client = env["client"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # likely in one batch: only one fails
+        bad = pool.submit(client.completions.create, model="broken", prompt="x", max_tokens=3)
+        good = pool.submit(client.completions.create, model="a1", prompt="Fine", max_tokens=5, temperature=0)
+        with pytest.raises(openai.InternalServerError, match="could not be loaded"):
+            bad.result()
+        assert good.result().choices[0].text == expected(env, "Fine", "a1", 5, chat=False)
+    ids = env["tok"]("Token ids")["input_ids"]
+    got = client.completions.create(model="a2", prompt=ids, max_tokens=5, temperature=0)
+    assert got.choices[0].text == expected(env, "Token ids", "a2", 5, chat=False)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model="a2", prompt=[10**7], max_tokens=5)
 
 
 def test_admin_loads_by_name_only(env):

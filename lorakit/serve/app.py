@@ -191,6 +191,8 @@ def create_app(
                 raise APIError(400, "send one prompt per request", param="prompt")
             prompt = prompt[0]
         ids = list(prompt) if isinstance(prompt, list) else prompt_ids(engine.tokenizer, prompt, chat=False)
+        if any(not 0 <= t < engine.vocab_size for t in ids):
+            raise APIError(400, f"token ids must be in [0, {engine.vocab_size})", param="prompt")
         job = make_job(body, ids, body.max_tokens if body.max_tokens is not None else 16)
 
         def chunk(text: str, finish: str | None) -> dict:

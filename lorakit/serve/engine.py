@@ -95,6 +95,7 @@ class Engine:
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.lock = threading.Lock()  # held whenever the model is used or its adapters change
         self.eos = eos_ids(model, tokenizer)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._pending: collections.deque[Request] = collections.deque()
         self._stop = threading.Event()
@@ -154,14 +155,28 @@ class Engine:
         self._pending.extendleft(reversed(deferred))
         return batch
 
+    def _load_adapters(self, batch: list[Request]) -> list[Request]:
+        """Load the batch's adapters; requests whose adapter fails to load get an error and leave."""
+        ready: list[str] = []
+        for name in dict.fromkeys(r.row.adapter for r in batch if r.row.adapter):
+            try:
+                self.cache.ensure([*ready, name])
+                ready.append(name)
+            except LorakitError as e:
+                log.error("adapter %s: %s", name, e)
+                for r in batch:
+                    if r.row.adapter == name:
+                        r.send("error", 500, f"adapter {name!r} could not be loaded: {e}")
+        return [r for r in batch if r.row.adapter is None or r.row.adapter in ready]
+
     def _run(self, batch: list[Request]) -> None:
-        outputs = [_Output(r, self.tokenizer) for r in batch]
-        finished = set()
-        self.batches += 1
-        self.max_rows_seen = max(self.max_rows_seen, len(batch))
+        finished: set[int] = set()
         try:
             with self.lock:
-                self.cache.ensure(list(dict.fromkeys(r.row.adapter for r in batch if r.row.adapter)))
+                batch = self._load_adapters(batch)
+                outputs = [_Output(r, self.tokenizer) for r in batch]
+                self.batches += 1
+                self.max_rows_seen = max(self.max_rows_seen, len(batch))
                 for i, token, reason in generate_tokens(
                     self.model,
                     [r.row for r in batch],
