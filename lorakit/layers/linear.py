@@ -98,12 +98,12 @@ class LoraLinear(LoraLayer):
             return result
         if len(used) == 1 and all(n == used[0] for n in rows):  # uniform batch: the plain path
             return self._add_adapter(used[0], x, result)
-        a_stack, b_stack, scale, p, idx = self._row_stacks(used)
+        a_stack, b_stack, p, idx = self._row_stacks(used)
         h = x.reshape(len(rows), -1, self.in_features).to(a_stack.dtype)
         if self.training and bool((p > 0).any()):
             keep = (torch.rand_like(h) >= p[idx, None, None]).to(h.dtype)
             h = h * keep / (1 - p[idx, None, None])
-        h = torch.bmm(h, a_stack[idx].transpose(1, 2)) * scale[idx, None, None]
+        h = torch.bmm(h, a_stack[idx].transpose(1, 2))
         out = torch.baddbmm(
             result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype),
             h,
@@ -112,7 +112,7 @@ class LoraLinear(LoraLayer):
         return out.view(result.shape).to(result.dtype)
 
     def _row_stacks(self, used: list[str]) -> tuple[torch.Tensor, ...]:
-        """Stacked A [k+1, r, in], B [k+1, out, r], scaling, dropout p, row index (slot 0 is "none")."""
+        """Stacked A [k+1, r, in], scaled B [k+1, out, r], dropout p, row index (slot 0 is "none")."""
         key = tuple(self.row_adapters)
         if key in self._row_cache:
             return self._row_cache[key]
@@ -124,13 +124,12 @@ class LoraLinear(LoraLayer):
         )
         b_stack = torch.stack(
             [a0.new_zeros(self.out_features, r)]
-            + [F.pad(self.lora_B[n].weight, (0, r - self.r[n])) for n in used]
+            + [F.pad(self.lora_B[n].weight, (0, r - self.r[n])) * self.scaling[n] for n in used]
         )
-        scale = torch.tensor([0.0] + [self.scaling[n] for n in used], dtype=a0.dtype, device=a0.device)
         p = torch.tensor([0.0] + [getattr(self.lora_dropout[n], "p", 0.0) for n in used], device=a0.device)
         slot = {n: i + 1 for i, n in enumerate(used)}
         idx = torch.tensor([slot.get(n, 0) for n in self.row_adapters], device=a0.device)
-        stacks = (a_stack, b_stack, scale, p.to(a0.dtype), idx)
+        stacks = (a_stack, b_stack, p.to(a0.dtype), idx)
         if not torch.is_grad_enabled():  # inference: reuse across decode steps (cleared on exit)
             self._row_cache[key] = stacks
         return stacks
