@@ -52,9 +52,10 @@ def alone(model, name, ids):
 
 
 @torch.no_grad()
-def test_each_row_equals_running_it_alone():
+@pytest.mark.parametrize("seq", [7, 1])
+def test_each_row_equals_running_it_alone(seq):
     model = with_adapters(tiny_llama(), SPECS)
-    ids = torch.randint(0, 128, (len(ROWS), 7), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (len(ROWS), seq), generator=torch.Generator().manual_seed(0))
     with adapter_rows(model, ROWS):
         mixed = model(ids).logits
     for i, name in enumerate(ROWS):
@@ -105,10 +106,11 @@ def test_generate_with_kv_cache_per_row():
         assert mixed[i].tolist() == ref[0].tolist()
 
 
-def test_backward_reaches_only_each_rows_adapter():
+@pytest.mark.parametrize("seq", [5, 1])  # 1: the decode-step form
+def test_backward_reaches_only_each_rows_adapter(seq):
     model = with_adapters(tiny_llama(), SPECS)
     lorakit.set_adapter(model, ["a", "b", "c"])  # all trainable
-    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 128, (2, seq), generator=torch.Generator().manual_seed(3))
     with adapter_rows(model, ["a", "b"]):
         model(ids).logits[0].sum().backward()  # only row 0 ("a") in the loss
     state = {n: lorakit.io.adapter_state_dict(model, n) for n in ("a", "b", "c")}

@@ -85,7 +85,10 @@ class LoraLinear(LoraLayer):
         """Mixed batch: row i gets adapter `row_adapters[i]` (nothing if None or not on this layer).
 
         BGMV-style: the adapters in use are stacked (ranks zero-padded to the largest), each row
-        gathers its own A and B by index, and two batched matmuls serve the whole batch.
+        gathers its own A and B by index, and two batched matmuls serve the whole batch. A decode
+        step (one token per row) instead multiplies by all stacked adapters at once and masks out
+        the other rows' slots: the same result, without copying per-row weights, which at one
+        token per row costs more than the extra multiply-adds.
         """
         rows = self.row_adapters
         if x.shape[0] != len(rows):
@@ -98,11 +101,15 @@ class LoraLinear(LoraLayer):
             return result
         if len(used) == 1 and all(n == used[0] for n in rows):  # uniform batch: the plain path
             return self._add_adapter(used[0], x, result)
-        a_stack, b_stack, p, idx = self._row_stacks(used)
+        a_stack, b_stack, p, idx, b_cat, mask = self._row_stacks(used)
         h = x.reshape(len(rows), -1, self.in_features).to(a_stack.dtype)
         if self.training and bool((p > 0).any()):
             keep = (torch.rand_like(h) >= p[idx, None, None]).to(h.dtype)
             h = h * keep / (1 - p[idx, None, None])
+        if h.shape[1] == 1:  # decode step: dense over all slots, masked per row
+            h = F.linear(h[:, 0], a_stack.reshape(-1, self.in_features)) * mask
+            out = torch.addmm(result.reshape(len(rows), self.out_features).to(a_stack.dtype), h, b_cat.T)
+            return out.view(result.shape).to(result.dtype)
         h = torch.bmm(h, a_stack[idx].transpose(1, 2))
         out = torch.baddbmm(
             result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype),
@@ -112,7 +119,8 @@ class LoraLinear(LoraLayer):
         return out.view(result.shape).to(result.dtype)
 
     def _row_stacks(self, used: list[str]) -> tuple[torch.Tensor, ...]:
-        """Stacked A [k+1, r, in], scaled B [k+1, out, r], dropout p, row index (slot 0 is "none")."""
+        """Stacked A [k+1, r, in], scaled B [k+1, out, r], dropout p, row index (slot 0 is "none"),
+        and for decode steps B side by side [out, (k+1)*r] with each row's slot mask [rows, (k+1)*r]."""
         key = tuple(self.row_adapters)
         if key in self._row_cache:
             return self._row_cache[key]
@@ -129,7 +137,9 @@ class LoraLinear(LoraLayer):
         p = torch.tensor([0.0] + [getattr(self.lora_dropout[n], "p", 0.0) for n in used], device=a0.device)
         slot = {n: i + 1 for i, n in enumerate(used)}
         idx = torch.tensor([slot.get(n, 0) for n in self.row_adapters], device=a0.device)
-        stacks = (a_stack, b_stack, p.to(a0.dtype), idx)
+        b_cat = b_stack.permute(1, 0, 2).reshape(self.out_features, -1)
+        mask = F.one_hot(idx, len(used) + 1).to(a0.dtype).repeat_interleave(r, 1)
+        stacks = (a_stack, b_stack, p.to(a0.dtype), idx, b_cat, mask)
         if not torch.is_grad_enabled():  # inference: reuse across decode steps (cleared on exit)
             self._row_cache[key] = stacks
         return stacks
