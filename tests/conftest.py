@@ -12,9 +12,9 @@ from transformers import (
 )
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    shape = dict(
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=3,
@@ -23,7 +23,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         vocab_size=128,
         max_position_embeddings=64,
     )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**shape, **overrides})).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

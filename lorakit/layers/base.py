@@ -19,8 +19,8 @@ from ..errors import AdapterStateError, ConfigError
 
 
 class LoraLayer(nn.Module):
-    """Base class of the LoRA wrappers. Subclasses implement `_create_adapter`, `_reset_adapter`,
-    `delta_weight`, `_adapter_params` and `forward`."""
+    """Base class of the LoRA wrappers. Subclasses implement `_create_adapter`, `delta_weight` and
+    `forward`, and `_reset_adapter` when their weights are not `lora_A`/`lora_B` modules."""
 
     # names of the per-adapter containers; io.py uses them to build PEFT's tensor names
     adapter_containers: tuple[str, ...] = ()
@@ -91,6 +91,18 @@ class LoraLayer(nn.Module):
         for name in self.r:
             for p in self._adapter_params(name):
                 p.requires_grad_(name in self.active_adapters)
+
+    def _reset_adapter(self, adapter: str, init: bool | str) -> None:
+        """PEFT's init for A/B module pairs: A Kaiming-uniform (or N(0, 1/r)), B zero; False keeps
+        the modules' own random init, so a fresh adapter changes the output (useful in tests)."""
+        if init is False:
+            return
+        a = self.lora_A[adapter].weight
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[adapter])
+        else:
+            kaiming_uniform_(a)
+        nn.init.zeros_(self.lora_B[adapter].weight)
 
     def _adapter_params(self, adapter: str) -> list[nn.Parameter]:
         return [p for c in self.adapter_containers for p in _params_of(getattr(self, c)[adapter])]

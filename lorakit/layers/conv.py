@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import LoraLayer, kaiming_uniform_
+from .base import LoraLayer
 
 
 def conv_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -50,16 +50,6 @@ class LoraConv(LoraLayer):
             dtype=dtype,
         )
         self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, bias=False, dtype=dtype)
-
-    def _reset_adapter(self, adapter: str, init: bool | str) -> None:
-        if init is False:
-            return
-        a = self.lora_A[adapter].weight
-        if init == "gaussian":
-            nn.init.normal_(a, std=1 / self.r[adapter])
-        else:
-            kaiming_uniform_(a)
-        nn.init.zeros_(self.lora_B[adapter].weight)
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         return conv_delta(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])

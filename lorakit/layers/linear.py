@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ShapeMismatchError
-from .base import LoraLayer, kaiming_uniform_
+from .base import LoraLayer
 
 
 def linear_delta(
@@ -41,16 +41,6 @@ class LoraLinear(LoraLayer):
         dtype = self._adapter_dtype()
         self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, dtype=dtype)
         self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, dtype=dtype)
-
-    def _reset_adapter(self, adapter: str, init: bool | str) -> None:
-        if init is False:  # keep nn.Linear's random init for both: a fresh adapter changes the output
-            return
-        a = self.lora_A[adapter].weight
-        if init == "gaussian":
-            nn.init.normal_(a, std=1 / self.r[adapter])
-        else:
-            kaiming_uniform_(a)
-        nn.init.zeros_(self.lora_B[adapter].weight)
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         return linear_delta(
