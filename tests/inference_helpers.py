@@ -8,7 +8,7 @@ with a large std so greedy decoding has clear winners (no float near-ties betwee
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 import lorakit
 import lorakit.hf
@@ -19,13 +19,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def tiny_chat_model(folder: Path) -> Path:
     """Save a tiny random Llama + SmolLM2's tokenizer in `folder`; returns it."""
     tok = lorakit.hf.load_tokenizer(lorakit.hf.DEFAULT_MODEL)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    model = tiny_llama(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=len(tok),
         max_position_embeddings=512,
         initializer_range=0.5,
@@ -34,7 +31,7 @@ def tiny_chat_model(folder: Path) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -34,6 +34,7 @@ def unmerged_logits(folder, *adapters):
         return model(IDS).logits
 
 
+@pytest.mark.slow
 def test_cli_merge_fp32_loads_without_lorakit_and_matches(setup, tmp_path):
     folder, a1, _ = setup
     out = tmp_path / "merged"

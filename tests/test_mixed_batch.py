@@ -5,27 +5,13 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 import lorakit
 from lorakit.errors import AdapterStateError, ConfigError, ShapeMismatchError
 from lorakit.mixed import adapter_rows
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def with_adapters(model, specs: dict[str, dict]):
@@ -51,6 +37,7 @@ def alone(model, name, ids):
     return model(ids).logits
 
 
+@pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.parametrize("seq", [7, 1])
 def test_each_row_equals_running_it_alone(seq):
@@ -64,6 +51,7 @@ def test_each_row_equals_running_it_alone(seq):
     assert not torch.allclose(mixed[0], alone(model, "b", ids[:1])[0], atol=1e-3)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_matches_peft_adapter_names(tmp_path):
@@ -87,6 +75,7 @@ def test_matches_peft_adapter_names(tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_generate_with_kv_cache_per_row():
     model = with_adapters(tiny_llama(), SPECS)
@@ -106,6 +95,7 @@ def test_generate_with_kv_cache_per_row():
         assert mixed[i].tolist() == ref[0].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seq", [5, 1])  # 1: the decode-step form
 def test_backward_reaches_only_each_rows_adapter(seq):
     model = with_adapters(tiny_llama(), SPECS)
