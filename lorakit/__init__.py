@@ -11,7 +11,7 @@ from .config import LoraConfig
 from .errors import LorakitError
 from .inject import inject, parameter_summary, trainable_parameters
 from .io import load_adapter, save_adapter
-from .merge import merge, unload, unmerge
+from .merge import add_weighted_adapter, merge, unload, unmerge
 
 __all__ = [
     "LoraConfig",
@@ -27,6 +27,7 @@ __all__ = [
     "merge",
     "unmerge",
     "unload",
+    "add_weighted_adapter",
     "save_adapter",
     "load_adapter",
 ]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import torch
 from torch import nn
 
 from .adapters import active_adapters
-from .errors import AdapterStateError
-from .inject import CONFIGS_ATTR, _replace
+from .errors import AdapterStateError, ConfigError
+from .inject import CONFIGS_ATTR, _replace, inject
 from .layers import LoraLayer, ModulesToSave
 
 
@@ -81,4 +85,89 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for attr in (CONFIGS_ATTR, "_lorakit_active"):
         if hasattr(model, attr):
             delattr(model, attr)
+    return model
+
+
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination_type: str = "linear",
+) -> nn.Module:
+    """Add adapter `adapter_name`, a weighted combination of `adapters` (PEFT's `add_weighted_adapter`).
+
+    - "linear": A = sum(sign_i * sqrt(|w_i * s_i|) * A_i), B = sum(sqrt(|w_i * s_i|) * B_i), where s_i
+      is adapter i's scaling; all adapters need the same rank. A rough, cheap approximation.
+    - "cat": A = concat(w_i * s_i * A_i), B = concat(B_i): the delta is exactly sum(w_i * delta_i);
+      the rank is the sum of the ranks.
+    The new adapter has r = lora_alpha = that rank (so its scaling is 1, as in PEFT), adapts every
+    module any source adapter adapts, and is not activated. A single adapter always uses "linear".
+    Raises `AdapterStateError` for an unknown or existing name, `ConfigError` for a bad
+    combination type, mismatched weights, ranks that "linear" cannot combine, or `modules_to_save`.
+    """
+    configs = getattr(model, CONFIGS_ATTR, {})
+    _check_known(model, list(adapters))
+    if adapter_name in configs:
+        raise AdapterStateError(f"model already has an adapter named {adapter_name!r}; pick another name")
+    if len(weights) != len(adapters) or not adapters:
+        raise ConfigError(
+            f"add_weighted_adapter needs one weight per adapter, got {len(weights)} for {adapters}"
+        )
+    if combination_type not in ("linear", "cat"):
+        raise ConfigError(f"combination_type must be 'linear' or 'cat', got {combination_type!r}")
+    if any(configs[a].modules_to_save for a in adapters):
+        raise ConfigError(
+            "add_weighted_adapter cannot combine adapters with modules_to_save (full module copies)"
+        )
+    combination_type = "linear" if len(adapters) == 1 else combination_type
+    # the allocated rank, as in PEFT: the largest rank of each config (rank_pattern included)
+    ranks = [max([configs[a].r, *configs[a].rank_pattern.values()]) for a in adapters]
+    if combination_type == "linear" and len(set(ranks)) != 1:
+        raise ConfigError(
+            f"combination_type='linear' needs adapters of equal rank, got {dict(zip(adapters, ranks))}"
+        )
+    new_rank = ranks[0] if combination_type == "linear" else sum(ranks)
+    layers = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and set(adapters) & set(m.r)
+    ]
+    if any(not hasattr(m, "lora_A") for _, m in layers):
+        raise ConfigError("add_weighted_adapter supports adapters on linear layers only")
+    uneven = [
+        n
+        for n, m in layers
+        if combination_type == "linear" and {m.r[a] for a in adapters if a in m.r} != {new_rank}
+    ]
+    if uneven:
+        raise ConfigError(
+            f"combination_type='linear' needs equal ranks, but they differ in {uneven[:3]}; use 'cat'"
+        )
+    config = dataclasses.replace(
+        configs[adapters[0]],
+        r=new_rank,
+        lora_alpha=new_rank,
+        target_modules=sorted(n for n, _ in layers),
+        rank_pattern={},
+        alpha_pattern={},
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        init_lora_weights=True,
+    )
+    inject(model, config, adapter_name, activate=False)
+    with torch.no_grad():
+        for _, layer in layers:
+            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.r]
+            if combination_type == "cat":
+                new_a = torch.cat([layer.lora_A[a].weight * (w * layer.scaling[a]) for a, w in present], 0)
+                new_b = torch.cat([layer.lora_B[a].weight for a, _ in present], 1)
+            else:
+                new_a = sum(
+                    layer.lora_A[a].weight
+                    * math.copysign(math.sqrt(abs(w * layer.scaling[a])), w * layer.scaling[a])
+                    for a, w in present
+                )
+                new_b = sum(layer.lora_B[a].weight * math.sqrt(abs(w * layer.scaling[a])) for a, w in present)
+            layer.lora_A[adapter_name].weight.zero_()[: new_a.shape[0]].copy_(new_a)
+            layer.lora_B[adapter_name].weight.zero_()[:, : new_b.shape[1]].copy_(new_b)
     return model

@@ -35,6 +35,10 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # set by `lorakit.mixed.adapter_rows`: the adapter (or None) of each batch row; the forward
+        # then ignores `active_adapters` and adds each row's own adapter
+        self.row_adapters: list[str | None] | None = None
+        self._row_cache: dict = {}
 
     # adapter management -----------------------------------------------------------------
 

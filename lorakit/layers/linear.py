@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ShapeMismatchError
 from .base import LoraLayer
 
 
@@ -51,16 +52,84 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return self._add_row_adapters(x, result)
         for name in self._lora_active():
-            a = self.lora_A[name].weight
-            b = self.lora_B[name].weight
-            h = F.linear(self.lora_dropout[name](x.to(a.dtype)), a)
-            # one fused kernel for result + scaling * (h @ B.T): cheaper than matmul, scale, add
-            out = torch.addmm(
-                result.reshape(-1, self.out_features).to(a.dtype),
-                h.reshape(-1, h.shape[-1]),
-                b.T,
-                alpha=self.scaling[name],
-            )
-            result = out.view(result.shape).to(result.dtype)
+            result = self._add_adapter(name, x, result)
         return result
+
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A[name].weight
+        b = self.lora_B[name].weight
+        h = F.linear(self.lora_dropout[name](x.to(a.dtype)), a)
+        # one fused kernel for result + scaling * (h @ B.T): cheaper than matmul, scale, add
+        out = torch.addmm(
+            result.reshape(-1, self.out_features).to(a.dtype),
+            h.reshape(-1, h.shape[-1]),
+            b.T,
+            alpha=self.scaling[name],
+        )
+        return out.view(result.shape).to(result.dtype)
+
+    def _add_row_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Mixed batch: row i gets adapter `row_adapters[i]` (nothing if None or not on this layer).
+
+        BGMV-style: the adapters in use are stacked (ranks zero-padded to the largest), each row
+        gathers its own A and B by index, and two batched matmuls serve the whole batch. A decode
+        step (one token per row) instead multiplies by all stacked adapters at once and masks out
+        the other rows' slots: the same result, without copying per-row weights, which at one
+        token per row costs more than the extra multiply-adds.
+        """
+        rows = self.row_adapters
+        if x.shape[0] != len(rows):
+            raise ShapeMismatchError(
+                f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
+                "give one adapter name (or None) per batch row"
+            )
+        used = [n for n in dict.fromkeys(rows) if n in self.r]
+        if not used:
+            return result
+        if len(used) == 1 and all(n == used[0] for n in rows):  # uniform batch: the plain path
+            return self._add_adapter(used[0], x, result)
+        a_stack, b_stack, p, idx, b_cat, mask = self._row_stacks(used)
+        h = x.reshape(len(rows), -1, self.in_features).to(a_stack.dtype)
+        if self.training and bool((p > 0).any()):
+            keep = (torch.rand_like(h) >= p[idx, None, None]).to(h.dtype)
+            h = h * keep / (1 - p[idx, None, None])
+        if h.shape[1] == 1:  # decode step: dense over all slots, masked per row
+            h = F.linear(h[:, 0], a_stack.reshape(-1, self.in_features)) * mask
+            out = torch.addmm(result.reshape(len(rows), self.out_features).to(a_stack.dtype), h, b_cat.T)
+            return out.view(result.shape).to(result.dtype)
+        h = torch.bmm(h, a_stack[idx].transpose(1, 2))
+        out = torch.baddbmm(
+            result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype),
+            h,
+            b_stack[idx].transpose(1, 2),
+        )
+        return out.view(result.shape).to(result.dtype)
+
+    def _row_stacks(self, used: list[str]) -> tuple[torch.Tensor, ...]:
+        """Stacked A [k+1, r, in], scaled B [k+1, out, r], dropout p, row index (slot 0 is "none"),
+        and for decode steps B side by side [out, (k+1)*r] with each row's slot mask [rows, (k+1)*r]."""
+        key = tuple(self.row_adapters)
+        if key in self._row_cache:
+            return self._row_cache[key]
+        a0 = self.lora_A[used[0]].weight
+        r = max(self.r[n] for n in used)
+        a_stack = torch.stack(
+            [a0.new_zeros(r, self.in_features)]
+            + [F.pad(self.lora_A[n].weight, (0, 0, 0, r - self.r[n])) for n in used]
+        )
+        b_stack = torch.stack(
+            [a0.new_zeros(self.out_features, r)]
+            + [F.pad(self.lora_B[n].weight, (0, r - self.r[n])) * self.scaling[n] for n in used]
+        )
+        p = torch.tensor([0.0] + [getattr(self.lora_dropout[n], "p", 0.0) for n in used], device=a0.device)
+        slot = {n: i + 1 for i, n in enumerate(used)}
+        idx = torch.tensor([slot.get(n, 0) for n in self.row_adapters], device=a0.device)
+        b_cat = b_stack.permute(1, 0, 2).reshape(self.out_features, -1)
+        mask = F.one_hot(idx, len(used) + 1).to(a0.dtype).repeat_interleave(r, 1)
+        stacks = (a_stack, b_stack, p.to(a0.dtype), idx, b_cat, mask)
+        if not torch.is_grad_enabled():  # inference: reuse across decode steps (cleared on exit)
+            self._row_cache[key] = stacks
+        return stacks

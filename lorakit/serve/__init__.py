@@ -1,0 +1,11 @@
+"""`lorakit serve`: an OpenAI-compatible server for one base model and many LoRA adapters.
+
+`cache` (which adapters exist and which are loaded, LRU), `engine` (the dynamic batcher that runs
+concurrent requests as mixed-adapter batches), `app` (the FastAPI endpoints), `cli` (the command).
+"""
+
+from .app import Limits, create_app
+from .cache import AdapterCache
+from .engine import Engine
+
+__all__ = ["AdapterCache", "Engine", "Limits", "create_app"]

@@ -1,0 +1,76 @@
+"""`lorakit serve --model M --adapter name=DIR ... [--adapter-dir DIR] [--api-key KEY]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or smollm2-135m")
+    parser.add_argument("--served-model-name", default=None, help="the base model's id (default: its name)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="repeatable")
+    parser.add_argument("--adapter-dir", default=None, help="folder of adapters loadable by name at run time")
+    parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept in memory at once (LRU)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $LORAKIT_API_KEY)"
+    )
+    parser.add_argument("--max-batch", type=int, default=8, help="requests per batched forward")
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=10.0, help="how long to wait for a batch to fill"
+    )
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    parser.add_argument("--max-prompt-tokens", type=int, default=4096)
+    parser.add_argument("--max-tokens", type=int, default=1024, help="the most tokens a request may ask for")
+    parser.add_argument("--max-body-bytes", type=int, default=1_000_000)
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """`["name=DIR", ...]` -> {name: DIR}; raises `ConfigError` for a spec without a name or a repeat."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--adapter {spec!r}: expected NAME=DIR")
+        if name in out:
+            raise ConfigError(f"--adapter: the name {name!r} is given twice")
+        out[name] = Path(folder)
+    return out
+
+
+def build(args: argparse.Namespace):
+    """The FastAPI app for `args` (model and adapters loaded)."""
+    from .. import hf
+    from .app import Limits, create_app
+    from .cache import AdapterCache
+    from .engine import Engine
+
+    adapters = parse_adapters(args.adapter)
+    model, tokenizer = hf.load_model(args.model)
+    base_name = args.served_model_name or Path(str(args.model)).name
+    if base_name in adapters:
+        raise ConfigError(f"adapter name {base_name!r} is the base model's id; rename it")
+    cache = AdapterCache(model, adapters, args.adapter_dir, args.max_loaded)
+    cache.ensure(list(adapters)[: args.max_loaded])  # fail at start, not at the first request
+    engine = Engine(model, tokenizer, cache, args.max_batch, args.batch_wait_ms, args.max_queue)
+    limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes)
+    api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")
+    return create_app(engine, base_name, api_key, limits), api_key
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app, api_key = build(args)
+    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

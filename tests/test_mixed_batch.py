@@ -1,0 +1,200 @@
+"""Mixed-adapter batches: each row equals running it alone, matches PEFT's `adapter_names=`, works
+with a KV cache (generate) and with backward (a row's gradient reaches only its own adapter)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import lorakit
+from lorakit.errors import AdapterStateError, ConfigError, ShapeMismatchError
+from lorakit.mixed import adapter_rows
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def with_adapters(model, specs: dict[str, dict]):
+    """Inject one adapter per spec with random (nonzero) A and B."""
+    for i, (name, kw) in enumerate(specs.items()):
+        lorakit.inject(model, lorakit.LoraConfig(target_modules=TARGETS, **kw), name)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in lorakit.io.adapter_state_dict(model, name).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+SPECS = {"a": {"r": 4, "lora_alpha": 8}, "b": {"r": 8, "lora_alpha": 4}, "c": {"r": 2, "lora_alpha": 2}}
+ROWS = ["a", "b", None, "c", "a"]
+
+
+def alone(model, name, ids):
+    if name is None:
+        with lorakit.disable_adapters(model):
+            return model(ids).logits
+    lorakit.set_adapter(model, name)
+    return model(ids).logits
+
+
+@pytest.mark.slow
+@torch.no_grad()
+@pytest.mark.parametrize("seq", [7, 1])
+def test_each_row_equals_running_it_alone(seq):
+    model = with_adapters(tiny_llama(), SPECS)
+    ids = torch.randint(0, 128, (len(ROWS), seq), generator=torch.Generator().manual_seed(0))
+    with adapter_rows(model, ROWS):
+        mixed = model(ids).logits
+    for i, name in enumerate(ROWS):
+        torch.testing.assert_close(mixed[i], alone(model, name, ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+    # adapters differ, so rows really used different weights
+    assert not torch.allclose(mixed[0], alone(model, "b", ids[:1])[0], atol=1e-3)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_matches_peft_adapter_names(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    reference = copy.deepcopy(base)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    pm = peft.get_peft_model(reference, cfg, adapter_name="a")
+    pm.add_adapter(
+        "b", peft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    pm.save_pretrained(tmp_path)  # adapters not named "default" go to tmp_path/<name>
+    pm.eval()
+    for name in ("a", "b"):
+        lorakit.load_adapter(base, tmp_path / name, name)
+    ids = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(1))
+    names = ["a", "b", "__base__", "b"]
+    expected = pm(input_ids=ids, adapter_names=names).logits
+    with adapter_rows(base, [None if n == "__base__" else n for n in names]):
+        got = base(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_generate_with_kv_cache_per_row():
+    model = with_adapters(tiny_llama(), SPECS)
+    ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(2))
+    rows = ["a", "c", None]
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with adapter_rows(model, rows):
+        mixed = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    for i, name in enumerate(rows):
+        one = ids[i : i + 1]
+        if name is None:
+            with lorakit.disable_adapters(model):
+                ref = model.generate(one, attention_mask=torch.ones_like(one), **kw)
+        else:
+            lorakit.set_adapter(model, name)
+            ref = model.generate(one, attention_mask=torch.ones_like(one), **kw)
+        assert mixed[i].tolist() == ref[0].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq", [5, 1])  # 1: the decode-step form
+def test_backward_reaches_only_each_rows_adapter(seq):
+    model = with_adapters(tiny_llama(), SPECS)
+    lorakit.set_adapter(model, ["a", "b", "c"])  # all trainable
+    ids = torch.randint(0, 128, (2, seq), generator=torch.Generator().manual_seed(3))
+    with adapter_rows(model, ["a", "b"]):
+        model(ids).logits[0].sum().backward()  # only row 0 ("a") in the loss
+    state = {n: lorakit.io.adapter_state_dict(model, n) for n in ("a", "b", "c")}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in state["a"].values())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n in ("b", "c") for p in state[n].values())
+
+    # the mixed gradient equals the sum of per-row gradients computed alone
+    model.zero_grad()
+    with adapter_rows(model, ["a", "b"]):
+        model(ids).logits.pow(2).mean(dim=(1, 2)).sum().backward()
+    mixed = {n: {k: p.grad.clone() for k, p in state[n].items()} for n in ("a", "b")}
+    for i, name in enumerate(["a", "b"]):
+        model.zero_grad()
+        lorakit.set_adapter(model, ["a", "b", "c"])
+        with adapter_rows(model, [name]):  # uniform batch of one: the plain single-adapter path
+            model(ids[i : i + 1]).logits.pow(2).mean().backward()
+        for k, p in state[name].items():
+            torch.testing.assert_close(mixed[name][k], p.grad, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_uniform_batch_uses_plain_path_and_rows_reset():
+    model = with_adapters(tiny_llama(), SPECS)
+    ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(4))
+    with adapter_rows(model, ["b", "b"]):
+        got = model(ids).logits
+    torch.testing.assert_close(got, alone(model, "b", ids))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.row_adapters is None and layer._row_cache == {}
+
+
+def test_errors():
+    model = with_adapters(tiny_llama(), SPECS)
+    with pytest.raises(AdapterStateError, match="unknown adapter"):
+        with adapter_rows(model, ["a", "nope"]):
+            pass
+    with pytest.raises(ShapeMismatchError, match="one adapter name"):
+        with torch.no_grad(), adapter_rows(model, ["a", "b"]):
+            model(torch.zeros(3, 4, dtype=torch.long))
+    lorakit.merge(model, "a")
+    with pytest.raises(AdapterStateError, match="unmerge"):
+        with adapter_rows(model, ["a", "b"]):
+            pass
+    lorakit.unmerge(model)
+    lorakit.inject(model, lorakit.LoraConfig(target_modules=["embed_tokens"]), "emb")
+    with pytest.raises(ConfigError, match="linear layers only"):
+        with adapter_rows(model, ["emb", None]):
+            pass
+    with adapter_rows(model, ["a", None]):  # the embedding adapter is not used: fine
+        pass
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("combination", ["linear", "cat"])
+def test_add_weighted_adapter_matches_peft(tmp_path, combination):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    pm = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False),
+        "x",
+    )
+    second = {"r": 4 if combination == "linear" else 8, "lora_alpha": 3, "init_lora_weights": False}
+    pm.add_adapter("y", peft.LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], **second))
+    pm.save_pretrained(tmp_path)
+    for name in ("x", "y"):
+        lorakit.load_adapter(base, tmp_path / name, name)
+    weights = [0.7, -1.3]
+    pm.add_weighted_adapter(["x", "y"], weights, "mix", combination_type=combination)
+    lorakit.add_weighted_adapter(base, ["x", "y"], weights, "mix", combination_type=combination)
+    pm.set_adapter("mix")
+    lorakit.set_adapter(base, "mix")
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).logits, pm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    layer = base.model.layers[1].mlp.down_proj
+    if combination == "cat":  # exact: the delta is the weighted sum of the deltas
+        expected = sum(w * layer.delta_weight(a) for a, w in zip(["x", "y"], weights))
+        torch.testing.assert_close(layer.delta_weight("mix"), expected, atol=1e-6, rtol=1e-5)
+    lorakit.save_adapter(base, tmp_path / "out", "mix")  # round-trips as a normal adapter
+    assert (tmp_path / "out" / "mix" / "adapter_model.safetensors").is_file()
+
+
+def test_add_weighted_adapter_errors():
+    model = with_adapters(tiny_llama(), SPECS)
+    add = lorakit.add_weighted_adapter
+    with pytest.raises(ConfigError, match="equal rank"):
+        add(model, ["a", "b"], [1.0, 1.0], "m")
+    with pytest.raises(ConfigError, match="one weight per adapter"):
+        add(model, ["a", "b"], [1.0], "m", "cat")
+    with pytest.raises(ConfigError, match="combination_type"):
+        add(model, ["a", "b"], [1.0, 1.0], "m", "svd")
+    with pytest.raises(AdapterStateError, match="already has"):
+        add(model, ["a", "b"], [1.0, 1.0], "c", "cat")
+    with pytest.raises(AdapterStateError, match="unknown"):
+        add(model, ["a", "zz"], [1.0, 1.0], "m", "cat")
+    assert lorakit.list_adapters(model) == ["a", "b", "c"]  # nothing half-added
