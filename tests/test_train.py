@@ -267,6 +267,13 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000002"
 
 
+def test_time_budget_stops_early_and_still_saves_the_last_step(tmp_path):
+    model = lora(tiny_llama())
+    rows = train(model, lm_examples(16), cfg_for(tmp_path, max_steps=50, max_minutes=1e-9), collate)
+    assert rows[-1]["step"] == 1
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000001"
+
+
 # ----------------------------------------------------------------------------- eval metrics
 
 
@@ -431,3 +438,134 @@ def test_run_training_refuses_bad_data_before_writing(tiny_folder, tmp_path):
                 ),
             )
         )
+
+
+# ----------------------------------------------------------------------------- processes: kill/resume, torchrun
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _train_cmd(tiny_folder, output, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "lorakit",
+        "train",
+        "--model",
+        str(tiny_folder / "model"),
+        "--data",
+        str(tiny_folder / "data.jsonl"),
+        "--output",
+        str(output),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--lora-dropout",
+        "0.1",
+        "--threads",
+        "1",
+        "--no-eval-base",
+        "--max-eval",
+        "4",
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _adapter(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_is_bitwise_equal(tiny_folder, tmp_path):
+    """Dropout on, so the restored RNG state matters as much as the optimizer and data position."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = ["--max-steps", "40", "--save-every", "5"]
+    subprocess.run(
+        [sys.executable, *_train_cmd(tiny_folder, tmp_path / "a", *steps)],
+        cwd=REPO,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    b = tmp_path / "b"
+    proc = subprocess.Popen(
+        [sys.executable, *_train_cmd(tiny_folder, b, *steps)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (b / "checkpoints" / "step-0000010" / "complete.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "the run ended before its second checkpoint"
+        )
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (b / "checkpoints" / "step-0000040").exists() and not (b / "adapter").exists()
+    done = subprocess.run(
+        [sys.executable, *_train_cmd(tiny_folder, b, *steps, "--resume")],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr
+    want, got = _adapter(tmp_path / "a"), _adapter(b)
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(tiny_folder, tmp_path):
+    """2 gloo processes, each taking half of every global batch of 4 == one process with batch 4."""
+    import subprocess
+    import sys
+
+    steps = ["--max-steps", "6", "--save-every", "0", "--lora-dropout", "0"]
+    subprocess.run(
+        [sys.executable, *_train_cmd(tiny_folder, tmp_path / "one", *steps)],
+        cwd=REPO,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *_train_cmd(tiny_folder, tmp_path / "two", *steps),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        # Adam divides by sqrt(v): near-zero gradients turn float rounding into ~1e-5 differences
+        torch.testing.assert_close(two[name], value, rtol=1e-3, atol=5e-5)
+    assert not torch.equal(one[next(k for k in one if "lora_B" in k)], torch.zeros(1))
+    rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())  # rank 0 only

@@ -170,9 +170,9 @@ def train(
     autocast = _autocast(cfg, device)
     bar = _progress_bar(total, prog.step, dist.is_main())
     rows: list[dict[str, Any]] = []
-    started, tokens_at_start = time.perf_counter(), prog.tokens
     if evaluate is not None and cfg.eval_base and prog.step == 0:
         rows.append(metrics.write({"step": 0, **_evaluate(model, evaluate, 0)}))
+    started, busy, tokens_at_start = time.perf_counter(), 0.0, prog.tokens
     model.train()
     while prog.step < total:
         plan = batch_plan(lengths, cfg.batch_size, cfg.seed, prog.epoch)
@@ -180,8 +180,10 @@ def train(
             batch_idx = plan[prog.position]
             share = len(batch_idx) // world
             mine = [examples[i] for i in batch_idx[rank * share : (rank + 1) * share]]
+            t0 = time.perf_counter()
             loss, tokens = _step(model, mine, cfg, collate, device, autocast)
             grad_norm = _update(params, optimizer, scheduler, cfg)
+            busy += time.perf_counter() - t0  # tokens/s counts training only, not evals or saves
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingError(
                     f"non-finite loss or gradient at step {prog.step + 1} (loss={loss}, grad norm={grad_norm}); "
@@ -191,7 +193,7 @@ def train(
             prog.position += 1
             prog.tokens += tokens
             elapsed = time.perf_counter() - started
-            speed = (prog.tokens - tokens_at_start) / max(elapsed, 1e-9)
+            speed = (prog.tokens - tokens_at_start) / max(busy, 1e-9)
             row = {
                 "step": prog.step,
                 "epoch": round(prog.epoch + prog.position / len(plan), 4),
@@ -199,7 +201,17 @@ def train(
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
                 "tokens_per_s": round(speed, 1),
+                "time_s": round(elapsed, 1),
+                "train_s": round(busy, 3),
             }
+            if cfg.max_minutes and prog.step < total and _out_of_time(elapsed, cfg.max_minutes):
+                log.warning(
+                    "time budget of %s min reached at step %d of %d; finishing now",
+                    cfg.max_minutes,
+                    prog.step,
+                    total,
+                )
+                total = prog.step
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}")
@@ -249,6 +261,12 @@ def _step(model, mine, cfg, collate, device, autocast) -> tuple[float, int]:
         total += loss.detach().float().cpu()
     dist.all_reduce_sum(total)
     return total.item() / denom, int(counts[1].item())
+
+
+def _out_of_time(elapsed: float, minutes: float) -> bool:
+    """Whether any process is past the budget (all of them must stop at the same step)."""
+    late = torch.tensor([float(elapsed > 60 * minutes)])
+    return dist.all_reduce_sum(late).item() > 0
 
 
 def _update(params, optimizer, scheduler, cfg) -> float:
