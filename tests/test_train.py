@@ -286,7 +286,7 @@ def test_macro_f1_matches_hand_computation():
 
 class _Tok:
     eos_token_id, pad_token_id = 0, 0
-    words = {5: " positive", 6: " negative", 7: "."}
+    words = {5: " positive", 6: " negative", 7: ".", 8: " it is"}
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(self.words.get(int(i), "") for i in ids if not (skip_special_tokens and int(i) == 0))
@@ -295,11 +295,11 @@ class _Tok:
 class _Gen(nn.Module):
     """generate() appends a fixed answer per prompt (keyed by its last token); checks left padding."""
 
-    answers = {10: [5, 7, 0], 11: [5, 0, 0], 12: [6, 0, 0]}
+    answers = {10: [5, 7, 0], 11: [5, 0, 0], 12: [6, 0, 0], 13: [8, 6, 7]}
 
     def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
         assert (attention_mask[:, -1] == 1).all()  # left-padded: every prompt ends at the right edge
-        new = torch.tensor([self.answers[int(row[-1])][:max_new_tokens] for row in input_ids])
+        new = torch.tensor([self.answers[int(row[-1])][:3] for row in input_ids])
         return torch.cat([input_ids, new], dim=1)
 
 
@@ -308,8 +308,10 @@ def test_generation_accuracy_exact_match_after_normalizing():
         {"input_ids": [3, 10, 5, 0], "labels": [IGN, IGN, 5, 0]},  # " positive." vs " positive": match
         {"input_ids": [3, 4, 11, 6, 0], "labels": [IGN, IGN, IGN, 6, 0]},  # positive vs negative: wrong
         {"input_ids": [12, 6, 0], "labels": [IGN, 6, 0]},  # match
+        {"input_ids": [13, 6, 0], "labels": [IGN, 6, 0]},  # " it is negative.": a label match only
     ]
-    assert generation_accuracy(_Gen(), _Tok(), examples, batch_size=2) == pytest.approx(2 / 3)
+    scores = generation_accuracy(_Gen(), _Tok(), examples, batch_size=2)
+    assert scores == pytest.approx({"eval_exact_match": 2 / 4, "eval_label_match": 3 / 4})
 
 
 # ----------------------------------------------------------------------------- config

@@ -97,7 +97,8 @@ def format_summary(s) -> str:
     """The human summary of a `RunSummary`."""
     lines = []
     for key, name in (
-        ("eval_exact_match", "accuracy (generated answer)"),
+        ("eval_exact_match", "accuracy (exact answer)"),
+        ("eval_label_match", "accuracy (label in answer)"),
         ("eval_accuracy", "accuracy"),
         ("eval_macro_f1", "macro-F1"),
         ("eval_loss", "eval loss"),

@@ -9,6 +9,7 @@ numbers are comparable.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -83,17 +84,32 @@ def label_like(examples: list[dict[str, Any]], tokenizer) -> bool:
 
 @torch.no_grad()
 def generation_accuracy(
-    model: nn.Module, tokenizer, examples: list[dict[str, Any]], *, batch_size: int = 32, device=None
-) -> float:
-    """Fraction of examples whose greedy answer (generated from the prompt, left-padded batches,
-    stopped at EOS) equals the reference after strip/lower and trailing punctuation removal."""
+    model: nn.Module,
+    tokenizer,
+    examples: list[dict[str, Any]],
+    *,
+    batch_size: int = 32,
+    device=None,
+    extra_tokens: int = 8,
+) -> dict[str, float]:
+    """Score greedy answers generated from each prompt (left-padded batches, stopped at EOS):
+
+    - `eval_exact_match`: the answer equals the reference after strip/lower and trailing "." / "!"
+      removal;
+    - `eval_label_match`: the first of the known answers (the references' set) that the answer
+      mentions is the reference, so "The review is positive." counts: a chatty base model is scored
+      on its choice, not its phrasing. `extra_tokens` beyond the longest reference leave it room.
+    """
     device = device or torch.device("cpu")
     pairs = [split_answer(e) for e in examples]
     refs = [normalize(tokenizer.decode(a, skip_special_tokens=True)) for _, a in pairs]
-    new_tokens = max(len(a) for _, a in pairs) + 1
+    choices = re.compile(
+        r"\b(" + "|".join(re.escape(r) for r in sorted(set(refs), key=len, reverse=True)) + r")\b"
+    )
+    new_tokens = max(len(a) for _, a in pairs) + extra_tokens
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
-    correct = 0
+    exact = label = 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(pairs[i][0]) for i in idx)
@@ -112,9 +128,11 @@ def generation_accuracy(
             eos_token_id=tokenizer.eos_token_id,
         )
         for row, i in enumerate(idx):
-            text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-            correct += normalize(text) == refs[i]
-    return correct / len(pairs)
+            text = normalize(tokenizer.decode(out[row, width:], skip_special_tokens=True))
+            exact += text == refs[i]
+            found = choices.search(text)
+            label += found is not None and found.group(1) == refs[i]
+    return {"eval_exact_match": exact / len(pairs), "eval_label_match": label / len(pairs)}
 
 
 def make_evaluator(
@@ -131,8 +149,8 @@ def make_evaluator(
         def run() -> dict[str, float]:
             result = loss_metrics(model, examples, collate, batch_size=batch_size, device=device)
             if generate and hasattr(model, "generate"):
-                result["eval_exact_match"] = generation_accuracy(
-                    model, tokenizer, examples, batch_size=2 * batch_size, device=device
+                result.update(
+                    generation_accuracy(model, tokenizer, examples, batch_size=2 * batch_size, device=device)
                 )
             return result
 
