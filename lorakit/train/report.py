@@ -99,8 +99,8 @@ def plot_training(metrics_path: str | Path, png_path: str | Path) -> Path:
         for name in names:
             pts = [(r["step"], r[name]) for r in rows if name in r]
             ax.plot(*zip(*pts), "o-", label=name.removeprefix("eval_").replace("_", " "))
-            ax.annotate(f"{pts[-1][1]:.3f}", pts[-1], textcoords="offset points", xytext=(-10, 6))
-        ax.set(xlabel="step (0 = base model)", ylabel="score", title="Evaluation", ylim=(0, 1.05))
+            ax.annotate(f"{pts[-1][1]:.3f}", pts[-1], textcoords="offset points", xytext=(-28, 6))
+        ax.set(xlabel="step (0 = base model)", ylabel="score", title="Evaluation", ylim=(-0.02, 1.05))
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     fig.tight_layout()
