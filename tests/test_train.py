@@ -267,6 +267,24 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000002"
 
 
+def test_gradient_checkpointing_and_bf16_autocast_against_plain_fp32(tmp_path):
+    """Checkpointing recomputes the same math (equal to float tolerance); bf16 autocast stays close."""
+    examples = lm_examples(8)
+    runs = {}
+    for name, kw in {"plain": {}, "ckpt": {}, "bf16": {"precision": "bf16"}}.items():
+        model = lora(tiny_llama())
+        if name == "ckpt":
+            from lorakit.train.run import enable_checkpointing
+
+            enable_checkpointing(model)
+        rows = train(model, examples, cfg_for(tmp_path / name, max_steps=3, **kw), collate)
+        runs[name] = ([r["loss"] for r in rows], adapter_tensors(model))
+    assert runs["ckpt"][0] == pytest.approx(runs["plain"][0], rel=1e-5)
+    for key, value in runs["plain"][1].items():
+        torch.testing.assert_close(runs["ckpt"][1][key], value, rtol=1e-4, atol=1e-5)
+    assert runs["bf16"][0] == pytest.approx(runs["plain"][0], rel=3e-2)
+
+
 def test_time_budget_stops_early_and_still_saves_the_last_step(tmp_path):
     model = lora(tiny_llama())
     rows = train(model, lm_examples(16), cfg_for(tmp_path, max_steps=50, max_minutes=1e-9), collate)

@@ -113,6 +113,17 @@ def lora_config(cfg: TrainConfig, model) -> LoraConfig:
     )
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute activations in the backward (transformers' API; its name changed in v5)."""
+    kwargs = {"use_reentrant": False}  # the non-reentrant form needs no input that requires grad
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        log.warning("%s has no activation checkpointing switch; training without it", type(model).__name__)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -143,8 +154,8 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         model.config.label2id = dict(label_map)
     seed_everything(cfg.seed)  # the same LoRA init whatever the loading consumed
     inject(model, lora_config(cfg, model))
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     trainable, total = trainable_parameters(model)
     out = Path(cfg.output)
     if dist.is_main():
