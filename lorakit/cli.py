@@ -17,6 +17,7 @@ from .errors import LorakitError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lorakit.demo", "inject, train, save, load and merge LoRA on the embedded model (a quick tour)"),
+    "data": ("lorakit.data.cli", "check a dataset: format, counts, token lengths, what the loss covers"),
     "train": ("lorakit.train.cli", "train a LoRA adapter (no arguments: the embedded sentiment demo)"),
 }
 
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
     if not args.command:
         build_parser().print_help()
         return 2

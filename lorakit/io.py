@@ -26,7 +26,7 @@ from .adapters import delete_adapter, list_adapters, set_adapter
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterFileError, AdapterStateError, LorakitError, ShapeMismatchError
 from .inject import CONFIGS_ATTR, inject, lora_layers
-from .layers import LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import unload
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -112,6 +112,10 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | list[str] | 
         data = config.to_dict()
         if config.target_modules == "all-linear":  # what PEFT writes: the resolved module names
             data["target_modules"] = sorted(n for n, m in lora_layers(model) if name in m.r)
+        # lorakit detects the transposed GPT-2 layout per layer; PEFT readers want the flag
+        data["fan_in_fan_out"] = any(
+            getattr(m, "fan_in_fan_out", False) for _, m in lora_layers(model) if name in m.r
+        )
         data[FINGERPRINT_KEY] = fingerprint(model, name)
         data["lorakit_version"] = __version__
         folder.mkdir(parents=True, exist_ok=True)
@@ -210,6 +214,11 @@ def load_adapter(
 def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
     expected = adapter_state_dict(model, name)
     missing = sorted(set(expected) - set(tensors))
+    # PEFT also saves the full table of an adapted embedding (it may have been resized): take it
+    for layer_name, layer in lora_layers(model):
+        key = f"{PREFIX}{layer_name}.base_layer.weight"
+        if isinstance(layer, LoraEmbedding) and key in tensors:
+            expected[key] = layer.base_layer.weight
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise AdapterFileError(

@@ -19,6 +19,7 @@ def merge(model: nn.Module, adapters: str | list[str] | None = None) -> nn.Modul
         active_adapters(model) if adapters is None else [adapters] if isinstance(adapters, str) else adapters
     )
     _check_known(model, names)
+    _check_untied(model)
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.merge(names)
@@ -30,6 +31,24 @@ def _check_known(model: nn.Module, names: list[str]) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise AdapterStateError(f"cannot merge unknown adapter(s) {unknown}; the model has {known}")
+
+
+def _check_untied(model: nn.Module) -> None:
+    """Refuse to merge into a weight another module shares (a tied embedding / LM head): the merge
+    would change both, while the unmerged adapter changes only one."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and module.active_adapters:
+            weight = getattr(module.base_layer, "weight", None)
+            shared = owners.get(id(weight), [])
+            if len(shared) > 1:
+                raise AdapterStateError(
+                    f"cannot merge: the adapted weight is shared by {shared} (tied embeddings), so merging would "
+                    "change all of them. Untie the weights first (clone the output head's weight), or keep the "
+                    "adapter unmerged"
+                )
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -46,6 +65,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     With `merge` the active adapters are merged first, and `modules_to_save` modules keep the active
     adapter's trained copy; without it the original weights and modules come back.
     """
+    if merge:
+        _check_untied(model)
     for module in model.modules():
         if isinstance(module, LoraLayer):
             if merge:

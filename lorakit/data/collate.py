@@ -75,8 +75,8 @@ def collate(
     Gives `input_ids`, `attention_mask` and `labels` (-100 on padding; class ids [B] for
     classification examples). If any example is packed (has `position_ids`), gives `position_ids` and
     a 4D block-diagonal causal mask [B, 1, T, T]: additive (0 / dtype min) for a float `mask_dtype`
-    (use the model's dtype; works with eager and sdpa attention) or boolean (True = attend) for
-    `torch.bool` (sdpa only). Raises `ConfigError` for a missing pad id, `DataError` for an empty
+    (the float32 default works with eager and sdpa attention, bf16 models and autocast) or boolean
+    (True = attend, 4x smaller) for `torch.bool` (sdpa only). Raises `ConfigError` for a missing pad id, `DataError` for an empty
     batch or a mix of classification and causal-lm examples.
     """
     if not examples:
@@ -108,19 +108,16 @@ def collate(
 
 
 def _block_causal_mask(positions: list[list[int]], width: int, dtype: torch.dtype) -> torch.Tensor:
-    # segment id per token: a new segment starts where the position restarts at 0; padding gets -1
-    segments = torch.full((len(positions), width), -1)
-    for b, p in enumerate(positions):
-        segments[b, : len(p)] = torch.cumsum(torch.tensor(p) == 0, 0)
-    same = segments[:, :, None] == segments[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    real = (segments >= 0)[:, :, None] & (segments >= 0)[:, None, :]
-    # padding rows attend only to themselves, so no row is fully masked (that would give NaNs)
-    allowed = (same & causal & real) | torch.eye(width, dtype=torch.bool)
-    allowed = allowed[:, None]
+    if dtype != torch.bool and not dtype.is_floating_point:
+        raise ConfigError(f"mask_dtype must be torch.bool or a float dtype, got {dtype}")
+    # segment id per token: a new segment starts where the position restarts at 0 (even ids); padding
+    # is one more segment (odd id), so padding rows attend to padding only and no row is fully masked
+    # (that would give NaNs)
+    starts = torch.tensor([p + [1] * (width - len(p)) for p in positions]) == 0
+    is_pad = torch.tensor([[0] * len(p) + [1] * (width - len(p)) for p in positions])
+    segments = torch.cumsum(starts, 1) * 2 + is_pad
+    allowed = (segments[:, None, :, None] == segments[:, None, None, :]).tril_()
     if dtype == torch.bool:
         return allowed
-    if not dtype.is_floating_point:
-        raise ConfigError(f"mask_dtype must be torch.bool or a float dtype, got {dtype}")
-    mask = torch.zeros(allowed.shape, dtype=dtype)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    zero, blocked = torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, zero, blocked)

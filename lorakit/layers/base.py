@@ -74,7 +74,9 @@ class LoraLayer(nn.Module):
                 f"adapter {adapter!r} is merged into the base weights; unmerge before deleting it"
             )
         for container in (*self.adapter_containers, "lora_dropout"):
-            getattr(self, container).pop(adapter, None)
+            items = getattr(self, container)
+            if adapter in items:
+                del items[adapter]
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(adapter, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter]

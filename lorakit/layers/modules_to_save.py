@@ -33,7 +33,8 @@ class ModulesToSave(nn.Module):
         self.modules_to_save[adapter] = clone
 
     def delete_adapter(self, adapter: str) -> None:
-        self.modules_to_save.pop(adapter, None)
+        if adapter in self.modules_to_save:
+            del self.modules_to_save[adapter]
         if self.active_adapter == adapter:
             self.active_adapter = None
 

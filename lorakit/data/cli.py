@@ -1,0 +1,102 @@
+"""`lorakit data FILE`: check a dataset before training and show what the model will learn.
+
+Reads the file as `lorakit train` would, then prints its format, counts (records, skipped lines,
+truncated and dropped sequences), token lengths, the share of tokens that carry the loss, what
+packing would give, and the first examples with the learned tokens marked [[like this]].
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any
+
+from ..hf import DEFAULT_MODEL
+from .collate import pack
+from .encode import IGNORE_INDEX, TASKS, encode
+from .formats import FORMATS, build_label_map, detect_format
+from .readers import ON_ERROR, read_records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lorakit data`."""
+    parser.add_argument(
+        "path", help="dataset: .jsonl/.json/.csv/.tsv/.parquet (.gz/.bz2) or a save_to_disk folder"
+    )
+    parser.add_argument("--format", choices=FORMATS, help="data format (default: detected from the columns)")
+    parser.add_argument(
+        "--task", choices=TASKS, default="causal-lm", help="what the data trains (default causal-lm)"
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model whose tokenizer to use (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--max-length", type=int, default=512, help="token limit per sequence (default 512)")
+    parser.add_argument(
+        "--on-error", choices=ON_ERROR, default="stop", help="on a malformed line: stop or skip it"
+    )
+    parser.add_argument("--split", help="split of a saved DatasetDict folder (default train)")
+    parser.add_argument(
+        "--show", type=int, default=1, metavar="N", help="print the first N examples (default 1)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Read, check and encode the dataset; print the report. Bad data raises `DataError` (exit 1)."""
+    from ..hf import load_tokenizer
+
+    rs = read_records(args.path, on_error=args.on_error, split=args.split)
+    fmt = detect_format(rs.records, args.format)
+    tokenizer = load_tokenizer(args.model)
+    label_map = build_label_map(rs.records) if fmt == "classification" else None
+    enc = encode(rs.records, tokenizer, fmt, max_length=args.max_length, label_map=label_map, task=args.task)
+    skipped = f", {rs.skipped} malformed lines skipped" if rs.skipped else ""
+    print(f"source:    {rs.source} ({len(rs.records)} records{skipped})")
+    print(f"format:    {fmt} (columns: {', '.join(rs.columns)})")
+    if label_map:
+        print(f"labels:    {', '.join(f'{k}={v}' for k, v in label_map.items())}")
+    for key, value in summarize(enc.examples, args.max_length).items():
+        print(f"{key + ':':<10} {value}")
+    print(
+        f"truncated: {enc.truncated} longer than {args.max_length} tokens; dropped: {enc.dropped} with nothing to learn"
+    )
+    for ex in enc.examples[: args.show]:
+        print("-" * 60)
+        print(show_example(ex, tokenizer, label_map))
+    return 0
+
+
+def summarize(examples: list[dict[str, Any]], max_length: int) -> dict[str, str]:
+    """Token length statistics, the share of tokens that carry the loss, and what packing would give."""
+    lengths = sorted(len(ex["input_ids"]) for ex in examples)
+    total = sum(lengths)
+    p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
+    out = {
+        "examples": f"{len(examples)}, {total} tokens",
+        "lengths": f"min {lengths[0]}, median {statistics.median(lengths):g}, p95 {p95}, max {lengths[-1]}",
+    }
+    if examples and "labels" in examples[0]:
+        learned = sum(1 for ex in examples for t in ex["labels"][1:] if t != IGNORE_INDEX)
+        out["learned"] = f"{learned} tokens ({learned / total:.0%}) carry the loss"
+        packed = pack(examples, max_length)
+        out["packing"] = (
+            f"{len(examples)} examples -> {len(packed)} sequences of <= {max_length} tokens "
+            f"({total / (len(packed) * max_length):.0%} full)"
+        )
+    return out
+
+
+def show_example(example: dict[str, Any], tokenizer: Any, label_map: dict[str, int] | None = None) -> str:
+    """The example's text with the tokens that carry the loss wrapped in [[ ]]."""
+    if "label" in example:
+        names = {v: k for k, v in (label_map or {}).items()}
+        return f"{tokenizer.decode(example['input_ids'])}\n=> label {names.get(example['label'], example['label'])}"
+    parts, run, learned = [], [], False
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if (label != IGNORE_INDEX) != learned and run:
+            parts.append(f"[[{tokenizer.decode(run)}]]" if learned else tokenizer.decode(run))
+            run = []
+        learned = label != IGNORE_INDEX
+        run.append(token)
+    if run:
+        parts.append(f"[[{tokenizer.decode(run)}]]" if learned else tokenizer.decode(run))
+    return "".join(parts)

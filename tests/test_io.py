@@ -1,0 +1,218 @@
+"""Adapter files: round trip, fingerprints, and every kind of bad file."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.errors import AdapterFileError, ShapeMismatchError, TargetNotFoundError
+from lorakit.io import adapter_state_dict
+
+
+def _trained(make=tiny_llama, **kw):
+    model = lorakit.inject(
+        make(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw)
+    )
+    return model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_round_trip_and_peft_names(tmp_path, ids):
+    model = _trained()
+    lorakit.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (64, 4)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    fp = config["lorakit_fingerprint"]["modules"]
+    assert fp["model.layers.0.self_attn.v_proj"] == [32, 64]
+    loaded = lorakit.load_adapter(tiny_llama(), tmp_path)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_named_adapters_go_to_subfolders_and_load_back(tmp_path, ids):
+    model = _trained()
+    lorakit.inject(model, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False), "style")
+    written = lorakit.save_adapter(model, tmp_path)
+    assert written == [tmp_path, tmp_path / "style"]
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path)
+    lorakit.load_adapter(fresh, tmp_path / "style", "style")
+    for name in ("default", "style"):
+        lorakit.set_adapter(model, name)
+        lorakit.set_adapter(fresh, name)
+        assert torch.equal(_logits(fresh, ids), _logits(model, ids))
+
+
+def test_all_linear_is_saved_as_the_resolved_module_names(tmp_path):
+    model = lorakit.inject(tiny_llama(), LoraConfig(r=2, target_modules="all-linear"))
+    lorakit.save_adapter(model, tmp_path)
+    targets = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert len(targets) == 21 and "lm_head" not in targets
+
+
+def test_pickle_adapters_are_refused_unless_opted_in(tmp_path, ids):
+    model = _trained()
+    lorakit.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save(tensors, tmp_path / "adapter_model.bin")
+    with pytest.raises(
+        AdapterFileError, match="adapter_model.bin: refusing to read a pickle file.*allow_pickle=True"
+    ):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+    loaded = lorakit.load_adapter(tiny_llama(), tmp_path, allow_pickle=True)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_fingerprint_mismatch_names_the_modules(tmp_path):
+    lorakit.save_adapter(_trained(), tmp_path)
+    torch.manual_seed(0)
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=96,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    )
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"model.layers.0.self_attn.q_proj \(adapter made for \[64, 64\], model has \[96, 96\]\)",
+    ):
+        lorakit.load_adapter(wider, tmp_path)
+    assert not lorakit.list_adapters(wider)
+    assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())
+
+
+def test_fingerprint_catches_a_missing_module(tmp_path):
+    lorakit.save_adapter(_trained(), tmp_path)
+    torch.manual_seed(0)
+    shallow = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    )
+    with pytest.raises(
+        ShapeMismatchError, match=r"model.layers.2.self_attn.q_proj \(missing from the model\)"
+    ):
+        lorakit.load_adapter(shallow, tmp_path)
+
+
+def test_without_fingerprint_shapes_are_still_checked_and_nothing_is_left_behind(tmp_path, ids):
+    lorakit.save_adapter(_trained(), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["lorakit_fingerprint"]
+    config["r"] = 2  # says rank 2, tensors are rank 4
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = tiny_llama()
+    base = _logits(model, ids)
+    with pytest.raises(
+        ShapeMismatchError,
+        match="q_proj.lora_A.weight has shape \\[4, 64\\] but the model expects \\[2, 64\\]",
+    ):
+        lorakit.load_adapter(model, tmp_path)
+    assert not lorakit.list_adapters(model)
+    assert not any(isinstance(m, lorakit.layers.LoraLayer) for m in model.modules())
+    assert torch.equal(_logits(model, ids), base)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    lorakit.save_adapter(_trained(), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"] = torch.zeros(32, 4)
+    save_file(tensors, path)
+    with pytest.raises(
+        AdapterFileError,
+        match=r"Missing \(1\): \['.*v_proj.lora_B.weight'\]; unexpected \(1\): \['.*k_proj.lora_B.weight'\]",
+    ):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_a_failed_load_keeps_the_adapters_already_there(tmp_path, ids):
+    good = _trained()
+    lorakit.save_adapter(good, tmp_path / "good")
+    lorakit.save_adapter(good, tmp_path / "bad")
+    (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"garbage")
+    model = lorakit.load_adapter(tiny_llama(), tmp_path / "good")
+    with pytest.raises(AdapterFileError, match="corrupt or truncated"):
+        lorakit.load_adapter(model, tmp_path / "bad", "other")
+    assert lorakit.list_adapters(model) == ["default"]
+    assert torch.equal(_logits(model, ids), _logits(good, ids))
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    lorakit.save_adapter(_trained(), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(AdapterFileError, match=r"adapter_model.safetensors: corrupt or truncated"):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_integer_tensors_are_refused(tmp_path):
+    lorakit.save_adapter(_trained(), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(iter(tensors))
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, path)
+    with pytest.raises(AdapterFileError, match="dtype torch.int32"):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_missing_folder_and_files(tmp_path):
+    with pytest.raises(AdapterFileError, match="not an adapter folder"):
+        lorakit.load_adapter(tiny_llama(), tmp_path / "nope")
+    with pytest.raises(AdapterFileError, match="adapter_config.json"):
+        lorakit.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_adapter_for_other_architecture_fails_before_touching_the_model(tmp_path):
+    lorakit.save_adapter(_trained(), tmp_path)
+    model = tiny_gpt2()
+    with pytest.raises(ShapeMismatchError, match="missing from the model"):
+        lorakit.load_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["lorakit_fingerprint"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(TargetNotFoundError, match="matches no module of GPT2LMHeadModel"):
+        lorakit.load_adapter(model, tmp_path)
+
+
+def test_a_crash_mid_save_leaves_the_previous_adapter_intact(tmp_path, ids, monkeypatch):
+    model = _trained()
+    lorakit.save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        adapter_state_dict(model)["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].add_(1.0)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lorakit.io.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        lorakit.save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left either
+    assert lorakit.list_adapters(lorakit.load_adapter(tiny_llama(), tmp_path)) == ["default"]

@@ -1,0 +1,155 @@
+"""Adapters cross between lorakit and the real `peft` package both ways with equal logits."""
+
+import peft
+import pytest
+import torch
+from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+import lorakit
+from lorakit.inject import lora_layers
+
+CASES = {
+    "llama-all-linear": (tiny_llama, dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    "llama-qv-patterns": (
+        tiny_llama,
+        dict(
+            r=4,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"layers.1.self_attn.q_proj": 2, "v_proj": 6},
+            alpha_pattern={"layers.2.self_attn.v_proj": 3},
+        ),
+    ),
+    "llama-layers-to-transform": (
+        tiny_llama,
+        dict(
+            r=3,
+            lora_alpha=5,
+            target_modules=["q_proj", "down_proj"],
+            layers_to_transform=[0, 2],
+            layers_pattern="layers",
+        ),
+    ),
+    "llama-rslora-regex": (
+        tiny_llama,
+        dict(r=4, lora_alpha=8, use_rslora=True, target_modules=r".*\.(k_proj|up_proj)"),
+    ),
+    "llama-embedding": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])),
+    "gpt2-conv1d": (
+        tiny_gpt2,
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ),
+    "bert-classifier": (
+        tiny_bert_classifier,
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        ),
+    ),
+}
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Make every trainable tensor non-trivial, so a wrong key or layout cannot go unnoticed."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lorakit_adapter_loads_in_peft(case, tmp_path, ids):
+    make, kw = CASES[case]
+    model = lorakit.inject(make(), lorakit.LoraConfig(**kw))
+    _perturb(model)
+    expected = _logits(model, ids)
+    lorakit.save_adapter(model, tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
+    assert torch.allclose(_logits(reloaded, ids), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(make(), ids), expected, atol=1e-3)  # the adapter does change the output
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_adapter_loads_in_lorakit(case, tmp_path, ids):
+    make, kw = CASES[case]
+    reference = peft.get_peft_model(make(), peft.LoraConfig(**kw))
+    _perturb(reference)
+    reference.eval()
+    expected = _logits(reference, ids)
+    reference.save_pretrained(tmp_path)
+    model = lorakit.load_adapter(make(), tmp_path)
+    assert torch.allclose(_logits(model, ids), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["llama-all-linear", "gpt2-conv1d", "bert-classifier"])
+def test_trainable_parameter_count_matches_peft(case):
+    make, kw = CASES[case]
+    ours = lorakit.trainable_parameters(lorakit.inject(make(), lorakit.LoraConfig(**kw)))
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(**kw)).get_nb_trainable_parameters()
+    assert ours == theirs
+
+
+def test_same_modules_targeted_as_peft():
+    for case, (make, kw) in CASES.items():
+        ours = {n for n, _ in lora_layers(lorakit.inject(make(), lorakit.LoraConfig(**kw)))}
+        ref = peft.get_peft_model(make(), peft.LoraConfig(**kw))
+        theirs = {
+            n.removeprefix("base_model.model.")
+            for n, m in ref.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)
+        }
+        assert ours == theirs, case
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv1d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 6, 3, stride=2, padding=1, dilation=1)
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))  # [B, 8, L]
+        h = self.conv2(h.unsqueeze(-1).expand(-1, -1, -1, 4))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("direction", ["lorakit-to-peft", "peft-to-lorakit"])
+def test_conv_adapters_cross_with_peft(direction, tmp_path):
+    kw = dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2"])
+    x = torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(0))
+    if direction == "lorakit-to-peft":
+        src = lorakit.inject(ConvNet(), lorakit.LoraConfig(**kw))
+        _perturb(src)
+        lorakit.save_adapter(src, tmp_path)
+        dst = peft.PeftModel.from_pretrained(ConvNet(), tmp_path)
+    else:
+        src = peft.get_peft_model(ConvNet(), peft.LoraConfig(**kw))
+        _perturb(src)
+        src.save_pretrained(tmp_path)
+        dst = lorakit.load_adapter(ConvNet(), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(dst(x), src(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_cross_with_peft(bias, tmp_path, ids):
+    kw = dict(r=2, lora_alpha=4, target_modules=["c_attn"], bias=bias, fan_in_fan_out=True)
+    src = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(**kw))
+    _perturb(src)
+    src.save_pretrained(tmp_path / "peft")
+    ours = lorakit.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert torch.allclose(_logits(ours, ids), _logits(src, ids), atol=1e-5, rtol=0)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
+    assert torch.allclose(_logits(back, ids), _logits(src, ids), atol=1e-5, rtol=0)
