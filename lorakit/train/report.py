@@ -91,6 +91,9 @@ def plot_training(metrics_path: str | Path, png_path: str | Path) -> Path:
             label="eval loss",
             color="tab:orange",
         )
+    values = [v for _, v in train] + [r["eval_loss"] for r in evals]
+    if values and min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")  # the base model's loss would flatten the training curve
     ax.set(xlabel="step", ylabel="loss", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend()
