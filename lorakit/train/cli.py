@@ -20,7 +20,8 @@ _HELP = {
     "output": "output folder: adapter/, checkpoints/, metrics.jsonl, training.png, train_config.yaml",
     "max_steps": "optimizer steps to run (wins over --epochs)",
     "epochs": "passes over the training data when --max-steps is not given",
-    "max_minutes": "time budget: stop training after this many minutes (then evaluate and save)",
+    "max_minutes": "time budget: stop training this many minutes after it started, base evaluation included "
+    "(then evaluate and save)",
     "batch_size": "examples per optimizer step, summed over processes and accumulation steps",
     "grad_accum": "micro-batches per optimizer step (gradient accumulation)",
     "lr": "peak learning rate (AdamW)",

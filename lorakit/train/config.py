@@ -34,7 +34,7 @@ class TrainConfig:
     output: str = "lorakit-output"
     max_steps: int | None = None  # wins over epochs when set
     epochs: float = 1.0
-    max_minutes: float | None = None  # stop training (then evaluate and save) after this long
+    max_minutes: float | None = None  # stop training (then evaluate, save) this long after the start
     batch_size: int = 8  # examples per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1
     lr: float = 2e-4
@@ -180,7 +180,7 @@ DEMO_PRESET: dict[str, Any] = {
     "lr": 1e-3,
     "max_length": 96,
     "save_every": 50,
-    "max_minutes": 6.5,
+    "max_minutes": 7.0,
 }
 
 

@@ -140,6 +140,7 @@ def train(
     checkpoint stays the last good one), `ConfigError` for nothing to train or a batch that does
     not split over processes and accumulation steps.
     """
+    entered = time.perf_counter()  # the time budget covers the base evaluation too
     device = device or torch.device("cpu")
     world = torch.distributed.get_world_size() if dist.active() else 1
     rank = torch.distributed.get_rank() if dist.active() else 0
@@ -204,7 +205,11 @@ def train(
                 "time_s": round(elapsed, 1),
                 "train_s": round(busy, 3),
             }
-            if cfg.max_minutes and prog.step < total and _out_of_time(elapsed, cfg.max_minutes):
+            if (
+                cfg.max_minutes
+                and prog.step < total
+                and _out_of_time(time.perf_counter() - entered, cfg.max_minutes)
+            ):
                 log.warning(
                     "time budget of %s min reached at step %d of %d; finishing now",
                     cfg.max_minutes,
