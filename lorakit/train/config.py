@@ -121,6 +121,7 @@ class TrainConfig:
         return [n.strip() for n in t.split(",") if n.strip()]
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (what train_config.yaml holds)."""
         return dataclasses.asdict(self)
 
 

@@ -78,6 +78,7 @@ def broadcast_params(params: Iterable[torch.nn.Parameter]) -> None:
 
 
 def barrier() -> None:
+    """Wait for every process (no-op for one)."""
     if active():
         dist.barrier()
 

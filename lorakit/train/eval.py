@@ -71,6 +71,7 @@ def split_answer(example: dict[str, Any]) -> tuple[list[int], list[int]]:
 
 
 def normalize(text: str) -> str:
+    """Answer text as compared: stripped, lower case, without trailing "." or "!"."""
     return text.strip().lower().rstrip(".!")
 
 

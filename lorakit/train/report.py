@@ -49,6 +49,7 @@ class MetricsLog:
         return row
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer, if any."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None

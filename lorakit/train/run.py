@@ -125,6 +125,7 @@ def enable_checkpointing(model) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
