@@ -318,7 +318,9 @@ class _Gen(nn.Module):
     def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
         assert (attention_mask[:, -1] == 1).all()  # left-padded: every prompt ends at the right edge
         new = torch.tensor([self.answers[int(row[-1])][:3] for row in input_ids])
-        return torch.cat([input_ids, new], dim=1)
+        first = torch.zeros(len(input_ids), 16)
+        first[:, 5] = 1.0  # the first position always prefers " positive" over " negative"
+        return SimpleNamespace(sequences=torch.cat([input_ids, new], dim=1), scores=[first])
 
 
 def test_generation_accuracy_exact_match_after_normalizing():
@@ -329,7 +331,9 @@ def test_generation_accuracy_exact_match_after_normalizing():
         {"input_ids": [13, 6, 0], "labels": [IGN, 6, 0]},  # " it is negative.": a label match only
     ]
     scores = generation_accuracy(_Gen(), _Tok(), examples, batch_size=2)
-    assert scores == pytest.approx({"eval_exact_match": 2 / 4, "eval_label_match": 3 / 4})
+    assert scores == pytest.approx(
+        {"eval_exact_match": 2 / 4, "eval_label_match": 3 / 4, "eval_choice_accuracy": 1 / 4}
+    )
 
 
 # ----------------------------------------------------------------------------- config

@@ -100,6 +100,7 @@ def format_summary(s) -> str:
     for key, name in (
         ("eval_exact_match", "accuracy (exact answer)"),
         ("eval_label_match", "accuracy (label in answer)"),
+        ("eval_choice_accuracy", "accuracy (label preferred)"),
         ("eval_accuracy", "accuracy"),
         ("eval_macro_f1", "macro-F1"),
         ("eval_loss", "eval loss"),

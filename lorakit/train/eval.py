@@ -99,7 +99,10 @@ def generation_accuracy(
       removal;
     - `eval_label_match`: the first of the known answers (the references' set) that the answer
       mentions is the reference, so "The review is positive." counts: a chatty base model is scored
-      on its choice, not its phrasing. `extra_tokens` beyond the longest reference leave it room.
+      on its choice, not its phrasing. `extra_tokens` beyond the longest reference leave it room;
+    - `eval_choice_accuracy` (when the answers start with distinct tokens): the answer whose first
+      token scores highest at the first generated position is the reference; the base model's
+      preference between the labels, whatever it would go on to say.
     """
     device = device or torch.device("cpu")
     pairs = [split_answer(e) for e in examples]
@@ -108,9 +111,12 @@ def generation_accuracy(
         r"\b(" + "|".join(re.escape(r) for r in sorted(set(refs), key=len, reverse=True)) + r")\b"
     )
     new_tokens = max(len(a) for _, a in pairs) + extra_tokens
+    firsts = {refs[i]: a[0] for i, (_, a) in enumerate(pairs) if a}
+    distinct = len(set(firsts.values())) == len(firsts) > 1
+    names, first_ids = list(firsts), torch.tensor(list(firsts.values()))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
-    exact = label = 0
+    exact = label = choice = 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(pairs[i][0]) for i in idx)
@@ -127,13 +133,21 @@ def generation_accuracy(
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
+        picks = out.scores[0].float().cpu()[:, first_ids].argmax(-1).tolist()
+        out = out.sequences
         for row, i in enumerate(idx):
+            choice += names[picks[row]] == refs[i]
             text = normalize(tokenizer.decode(out[row, width:], skip_special_tokens=True))
             exact += text == refs[i]
             found = choices.search(text)
             label += found is not None and found.group(1) == refs[i]
-    return {"eval_exact_match": exact / len(pairs), "eval_label_match": label / len(pairs)}
+    result = {"eval_exact_match": exact / len(pairs), "eval_label_match": label / len(pairs)}
+    if distinct:
+        result["eval_choice_accuracy"] = choice / len(pairs)
+    return result
 
 
 def make_evaluator(

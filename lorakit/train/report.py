@@ -66,7 +66,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-TASK_METRICS = ("eval_exact_match", "eval_label_match", "eval_accuracy", "eval_macro_f1")
+TASK_METRICS = (
+    "eval_exact_match",
+    "eval_label_match",
+    "eval_choice_accuracy",
+    "eval_accuracy",
+    "eval_macro_f1",
+)
 
 
 def plot_training(metrics_path: str | Path, png_path: str | Path) -> Path:
