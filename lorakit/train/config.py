@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     resume: bool = False
-    demo_train: int = 1600  # demo only: training reviews (100 steps of 16: one pass)
+    demo_train: int = 2400  # demo only: pool of training reviews (100 steps of 16 see 1600)
     demo_test: int = 200  # demo only: held-out reviews
 
     def validate(self) -> TrainConfig:
