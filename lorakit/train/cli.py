@@ -50,7 +50,7 @@ _HELP = {
     "seed": "seed for data order, LoRA init and dropout",
     "threads": "torch CPU threads (fix it for bitwise-reproducible CPU runs)",
     "resume": "continue from the newest complete checkpoint in --output",
-    "demo_train": "demo only: number of training reviews",
+    "demo_train": "demo only: pool of training reviews the steps draw from",
     "demo_test": "demo only: number of held-out test reviews",
 }
 
