@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("lorakit.export", "merge an adapter into its base and write a plain Hugging Face model folder"),
     "serve": ("lorakit.serve.cli", "OpenAI-compatible server: one base model, many adapters, batched"),
     "data": ("lorakit.data.cli", "check a dataset: format, counts, token lengths, what the loss covers"),
+    "train": ("lorakit.train.cli", "train a LoRA adapter (no arguments: the embedded sentiment demo)"),
 }
 
 

@@ -38,3 +38,7 @@ class QuantizationError(LorakitError, ValueError):
 
 class DataError(LorakitError, ValueError):
     """A dataset file or record is malformed, empty, or missing a needed column."""
+
+
+class TrainingError(LorakitError):
+    """Training cannot go on (a non-finite loss, for example); the last good checkpoint is kept."""

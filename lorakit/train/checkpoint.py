@@ -1,0 +1,165 @@
+"""Training checkpoints that survive a crash at any moment, and exact resume from them.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding the trainable tensors
+(`trainable.safetensors`, by parameter name, bit for bit), `state.pt` (optimizer, scheduler, the
+RNG states of torch/python/numpy, the step and the data position) and, when the model carries
+lorakit adapters, a PEFT adapter folder `adapter/` a user can load directly. It is built in a
+temporary folder and renamed into place once complete, and `complete.json` is written last, so a
+kill mid-write leaves the previous checkpoint the newest usable one. Older ones beyond `keep` are
+deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .._atomic import _fsync_dir
+from ..errors import AdapterFileError, ShapeMismatchError
+
+log = logging.getLogger(__name__)
+
+MARKER = "complete.json"
+TENSORS = "trainable.safetensors"
+STATE = "state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random state the loop draws from (CUDA's too), as tensors and numbers only, so the
+    state file loads with `torch.load(weights_only=True)` (no pickle code execution)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    progress: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep`. Returns its folder."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {
+        n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
+    save_file(tensors, str(tmp / TENSORS))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "progress": progress,
+        },
+        tmp / STATE,
+    )
+    if getattr(model, "_lorakit_configs", None):
+        from ..io import save_adapter
+
+        save_adapter(model, tmp / "adapter")
+    (tmp / MARKER).write_text(json.dumps({"step": step}), encoding="utf-8")
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a rerun of the same step (after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Finished checkpoint folders under `root`, oldest first (half-written ones are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(
+    folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Restore trainable tensors, optimizer, scheduler and RNG states; return the saved progress.
+
+    Raises `AdapterFileError` for an unreadable checkpoint and `ShapeMismatchError` when it was made
+    with other trainable parameters (another model, rank or target set)."""
+    folder = Path(folder)
+    try:
+        tensors = load_file(str(folder / TENSORS))
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    except (OSError, SafetensorError, RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise AdapterFileError(
+            f"{folder}: checkpoint cannot be read ({e}); delete it to resume from an older one"
+        ) from None
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(tensors) or any(tensors[n].shape != p.shape for n, p in params.items()):
+        differ = sorted(set(params) ^ set(tensors)) or [
+            n for n, p in params.items() if tensors[n].shape != p.shape
+        ]
+        raise ShapeMismatchError(
+            f"{folder}: checkpoint was made with other trainable parameters (first differences: {differ[:4]}); "
+            "resume with the same model and LoRA settings, or start a new --output"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["progress"]

@@ -1,0 +1,317 @@
+"""The training loop: AdamW, warmup + cosine/linear schedule, gradient accumulation, clipping,
+bf16 autocast, data parallelism, checkpoints and exact resume. Model-agnostic: any `nn.Module`
+called as `model(**batch)` that returns `.logits` (or at least `.loss`).
+
+The loss of an optimizer step is the sum of per-token (per-example for classification) losses
+divided by the step's token count over all micro-batches and processes. So accumulation and data
+parallelism give the same update as one big batch, whatever the padding, which is what lets a
+2-process run match a 1-process one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError, TrainingError
+from . import distributed as dist
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .report import MetricsLog
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+def batch_plan(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 16
+) -> list[list[int]]:
+    """The global batches (lists of example indices) of `epoch`, a pure function of its arguments.
+
+    A seeded shuffle, then, within windows of `window` batches, examples sorted by length so a batch
+    holds similar lengths (little padding); batch order is shuffled again. An incomplete last batch
+    is dropped. Raises `DataError` when there are fewer examples than one batch.
+    """
+    n = len(lengths)
+    if n < batch_size:
+        raise DataError(
+            f"only {n} training examples for a batch of {batch_size}; lower --batch-size or add data"
+        )
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    order = order[: n - n % batch_size]
+    span = batch_size * window
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at each step: linear warmup, then cosine/linear decay to 0 or flat."""
+    warm = min(cfg.warmup_steps, total)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        frac = (step - warm) / max(1, total - warm)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+        return max(0.0, 1 - frac) if cfg.schedule == "linear" else 1.0
+
+    return f
+
+
+def count_targets(example: dict[str, Any]) -> int:
+    """How many loss terms `example` adds: its predicted label tokens, or 1 for a class label."""
+    if "label" in example:
+        return 1
+    return sum(1 for t in example["labels"][1:] if t != IGNORE)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed loss of a micro-batch (causal LM: next-token cross-entropy over labelled positions;
+    classification: cross-entropy of the class logits). Only the positions from the first labelled
+    one on reach the output head when the model takes `logits_to_keep` (transformers' models do),
+    which skips most of the vocabulary projection when the loss is on short answers."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if labels.dim() == 1:
+        out = model(**inputs)
+        return F.cross_entropy(out.logits.float(), labels, reduction="sum")
+    labelled = (labels[:, 1:] != IGNORE).any(0).nonzero()
+    if len(labelled) == 0:
+        return torch.zeros((), device=labels.device, requires_grad=True)
+    first = int(labelled[0]) + 1  # first labelled position; the logits before it predict it
+    keep = labels.shape[1] - first + 1
+    if _accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits[:, first - 1 :]
+    pred = logits[:, :-1].float()
+    return F.cross_entropy(
+        pred.reshape(-1, pred.shape[-1]), labels[:, first:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+@dataclass
+class Progress:
+    """Where training is: the step done, the epoch, the next batch of that epoch, tokens seen."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    tokens: int = 0
+
+
+def train(
+    model: nn.Module,
+    examples: list[dict[str, Any]],
+    cfg: TrainConfig,
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    *,
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    device: torch.device | None = None,
+) -> list[dict[str, Any]]:
+    """Train the trainable parameters of `model` on `examples`; return the metrics rows.
+
+    Writes (rank 0 only) `metrics.jsonl` and checkpoints under `cfg.output`; with `cfg.resume` it
+    continues from the newest complete checkpoint there. `evaluate(model, step)` runs before
+    training (step 0, when `cfg.eval_base`), every `cfg.eval_every` steps, and at the end. Raises `TrainingError` on a non-finite loss (the newest
+    checkpoint stays the last good one), `ConfigError` for nothing to train or a batch that does
+    not split over processes and accumulation steps.
+    """
+    entered = time.perf_counter()  # the time budget covers the base evaluation too
+    device = device or torch.device("cpu")
+    world = torch.distributed.get_world_size() if dist.active() else 1
+    rank = torch.distributed.get_rank() if dist.active() else 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters; inject an adapter first")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must split evenly over {world} process(es) x grad_accum {cfg.grad_accum}"
+        )
+    out = Path(cfg.output)
+    lengths = [len(e["input_ids"]) for e in examples]
+    per_epoch = len(batch_plan(lengths, cfg.batch_size, cfg.seed, 0))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    metrics = MetricsLog(out, enabled=dist.is_main())
+    prog = Progress()
+    ckpt = latest_checkpoint(out / "checkpoints") if cfg.resume else None
+    if ckpt is not None:
+        prog = Progress(**load_checkpoint(ckpt, model, optimizer, scheduler))
+        log.info("resuming from %s (step %d)", ckpt, prog.step)
+    elif cfg.resume:
+        log.warning("--resume: no complete checkpoint in %s; starting from step 0", out / "checkpoints")
+    else:
+        dist.broadcast_params(params)
+    metrics.start(prog.step)
+    autocast = _autocast(cfg, device)
+    bar = _progress_bar(total, prog.step, dist.is_main())
+    rows: list[dict[str, Any]] = []
+    if evaluate is not None and cfg.eval_base and prog.step == 0:
+        rows.append(metrics.write({"step": 0, **_evaluate(model, evaluate, 0)}))
+    started, busy, tokens_at_start = time.perf_counter(), 0.0, prog.tokens
+    model.train()
+    while prog.step < total:
+        plan = batch_plan(lengths, cfg.batch_size, cfg.seed, prog.epoch)
+        while prog.position < len(plan) and prog.step < total:
+            batch_idx = plan[prog.position]
+            share = len(batch_idx) // world
+            mine = [examples[i] for i in batch_idx[rank * share : (rank + 1) * share]]
+            t0 = time.perf_counter()
+            loss, tokens = _step(model, mine, cfg, collate, device, autocast)
+            grad_norm = _update(params, optimizer, scheduler, cfg)
+            busy += time.perf_counter() - t0  # tokens/s counts training only, not evals or saves
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise TrainingError(
+                    f"non-finite loss or gradient at step {prog.step + 1} (loss={loss}, grad norm={grad_norm}); "
+                    f"the last good checkpoint is kept in {out / 'checkpoints'}. Lower --lr, or use --precision fp32"
+                )
+            prog.step += 1
+            prog.position += 1
+            prog.tokens += tokens
+            elapsed = time.perf_counter() - started
+            speed = (prog.tokens - tokens_at_start) / max(busy, 1e-9)
+            row = {
+                "step": prog.step,
+                "epoch": round(prog.epoch + prog.position / len(plan), 4),
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": round(speed, 1),
+                "time_s": round(elapsed, 1),
+                "train_s": round(busy, 3),
+            }
+            if (
+                cfg.max_minutes
+                and prog.step < total
+                and _out_of_time(time.perf_counter() - entered, cfg.max_minutes)
+            ):
+                log.warning(
+                    "time budget of %s min reached at step %d of %d; finishing now",
+                    cfg.max_minutes,
+                    prog.step,
+                    total,
+                )
+                total = prog.step
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}")
+            if prog.step % cfg.log_every == 0 or prog.step == total:
+                rows.append(metrics.write(row))
+            last = prog.step == total
+            if last or (cfg.save_every and prog.step % cfg.save_every == 0):
+                if dist.is_main():
+                    save_checkpoint(
+                        out / "checkpoints",
+                        prog.step,
+                        model,
+                        optimizer,
+                        scheduler,
+                        vars(prog),
+                        cfg.keep_checkpoints,
+                    )
+                dist.barrier()
+            if evaluate is not None and (last or (cfg.eval_every and prog.step % cfg.eval_every == 0)):
+                rows.append(metrics.write({"step": prog.step, **_evaluate(model, evaluate, prog.step)}))
+        if prog.position >= len(plan):
+            prog.epoch, prog.position = prog.epoch + 1, 0
+    if bar is not None:
+        bar.close()
+    metrics.close()
+    return rows
+
+
+def _step(model, mine, cfg, collate, device, autocast) -> tuple[float, int]:
+    """Forward and backward over this process's share of one global batch (in `grad_accum` pieces).
+    Returns the step's global mean loss and its global input-token count."""
+    counts = torch.tensor(
+        [float(sum(count_targets(e) for e in mine)), float(sum(len(e["input_ids"]) for e in mine))]
+    )
+    dist.all_reduce_sum(counts)
+    denom = max(counts[0].item(), 1.0)
+    size = len(mine) // cfg.grad_accum
+    total = torch.zeros(())
+    for k in range(cfg.grad_accum):
+        piece = mine[k * size : (k + 1) * size]
+        if not piece:
+            continue
+        batch = {key: v.to(device) for key, v in collate(piece).items()}
+        with autocast:
+            loss = loss_sum(model, batch)
+        (loss / denom).backward()
+        total += loss.detach().float().cpu()
+    dist.all_reduce_sum(total)
+    return total.item() / denom, int(counts[1].item())
+
+
+def _out_of_time(elapsed: float, minutes: float) -> bool:
+    """Whether any process is past the budget (all of them must stop at the same step)."""
+    late = torch.tensor([float(elapsed > 60 * minutes)])
+    return dist.all_reduce_sum(late).item() > 0
+
+
+def _update(params, optimizer, scheduler, cfg) -> float:
+    dist.all_reduce_grads(params)
+    norm = torch.nn.utils.clip_grad_norm_(
+        params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    )
+    norm = float(norm)
+    if math.isfinite(norm):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def _evaluate(
+    model: nn.Module, evaluate: Callable[[nn.Module, int], dict[str, float]], step: int
+) -> dict[str, float]:
+    """Evaluate on rank 0 while the others wait; back to train mode after."""
+    result: dict[str, float] = {}
+    if dist.is_main():
+        model.eval()
+        with torch.no_grad():
+            result = evaluate(model, step)
+        model.train()
+    dist.barrier()
+    return result
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast when asked, or by default on a GPU that supports it; otherwise a no-op."""
+    use = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def _progress_bar(total: int, initial: int, show: bool):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
