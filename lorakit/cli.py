@@ -17,6 +17,7 @@ from .errors import LorakitError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lorakit.demo", "inject, train, save, load and merge LoRA on the embedded model (a quick tour)"),
+    "plan": ("lorakit.plan.cli", "parameters, file sizes and training memory of full / LoRA / QLoRA; fit a budget"),
 }
 
 
