@@ -11,6 +11,7 @@ benchmarks/results/plan_memory.json.
 
     python benchmarks/bench_plan_memory.py [--batch-size 2] [--seq-len 128] [--steps 2] [--malloc both]
         [--lorakit-root PATH]   # train with another lorakit checkout (e.g. one with lorakit.quant)
+        [--reuse RUN.json ...]  # take the measurements from earlier runs, only predict again
 
 QLoRA needs `lorakit.quant` (quantize_model); without it its cases are reported as not measured.
 """
@@ -110,6 +111,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lorakit-root", type=Path, default=ROOT)
     parser.add_argument("--malloc", choices=("both", "fixed_threshold", "glibc_default"), default="both")
+    parser.add_argument("--reuse", type=Path, nargs="*", help="JSON files of earlier runs: only predict again")
     parser.add_argument("--cases", nargs="*", help="e.g. lora lora+gc (default: all six)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "plan_memory.json")
     args = parser.parse_args()
@@ -123,6 +125,9 @@ def main() -> int:
     from lorakit.plan.format import human
 
     config = str(resolve("smollm2-135m") / "config.json")
+    reused = {}
+    for path in args.reuse or []:  # earlier measurements: predict again without training again
+        reused.update({row["case"]: row for row in json.loads(path.read_text())["rows"]})
     rows = []
     for method, gc in CASES:
         name = method + ("+gc" if gc else "")
@@ -140,9 +145,9 @@ def main() -> int:
         for label, fixed in (("fixed_threshold", True), ("glibc_default", False)):
             if args.malloc not in ("both", label):
                 continue
-            measured = measure(spec, args.lorakit_root, fixed)
+            measured = reused.get(name, {}).get(label) if reused else measure(spec, args.lorakit_root, fixed)
             if measured is None:
-                line += f"  {label}: not measured (no lorakit.quant)"
+                line += f"  {label}: not measured (no lorakit.quant, or not in --reuse)"
                 continue
             row[label] = {**measured, "ratio": predicted.peak / measured["peak_bytes"]}
             line += (

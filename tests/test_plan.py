@@ -62,7 +62,7 @@ def gpt3():
             model="gpt3-175b", method="lora", r=r, target_modules=("q_proj", "v_proj"), seq_len=8,
             dtype="float16", adapter_dtype="float16", **kw,
         )  # fmt: skip
-        return estimate(setup)
+        return estimate(setup, memory=False)
 
     return run
 

@@ -96,7 +96,7 @@ class Estimate:
     weights_by_dtype: dict[str, int]
     checkpoint_bytes: int  # the whole model saved in `setup.dtype` (what full fine-tuning writes)
     adapter_bytes: int | None  # the adapter file (LoRA / QLoRA), safetensors header included
-    memory: StepMemory
+    memory: StepMemory | None  # None when estimated with memory=False
     targets: list[str] = field(default_factory=list, repr=False)
 
     @property
@@ -117,7 +117,7 @@ class Estimate:
             "weights_by_dtype": self.weights_by_dtype,
             "checkpoint_bytes": self.checkpoint_bytes,
             "adapter_bytes": self.adapter_bytes,
-            "memory": dataclasses.asdict(self.memory),
+            "memory": dataclasses.asdict(self.memory) if self.memory else None,
         }
 
 
@@ -127,44 +127,51 @@ def _base_model(model: str, dtype: str, attention: str, task: str) -> nn.Module:
     return build_meta_model(config, task, attention).to(DTYPES[dtype])
 
 
-def _prepared(setup: PlanSetup) -> tuple[nn.Module, list[str]]:
-    """A fresh meta copy of the model with the setup's method applied (LoRA injected)."""
-    from ..inject import find_targets, inject
-
-    model = copy.deepcopy(_base_model(setup.model, setup.dtype, setup.attention, setup.task))
-    if setup.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, []
-    config = setup.lora_config()
-    with torch.device("meta"):
-        targets = find_targets(model, config)
-        inject(model, config)
-    return model, targets
-
-
-@lru_cache(maxsize=64)
-def _trace(setup: PlanSetup) -> ActivationTrace:
-    model, _ = _prepared(setup)
-    return trace_activations(model, setup.batch_size, setup.seq_len)
-
-
-def activation_trace(setup: PlanSetup) -> ActivationTrace:
-    """The activation trace of `setup` (cached; gradient checkpointing does not change it, it
-    changes what `step_memory` keeps, and LoRA and QLoRA keep the same tensors)."""
+def _structure(setup: PlanSetup) -> PlanSetup:
+    """`setup` reduced to what decides the prepared model's structure (LoRA and QLoRA build the
+    same meta model: NF4 storage is accounted for by `estimate`, not built)."""
     key = dataclasses.replace(
         setup,
+        method="lora" if setup.method == "qlora" else setup.method,
+        batch_size=1,
+        seq_len=1,
         gradient_checkpointing=False,
         optimizer="adamw",
         device="cuda",
         adapter_dtype=None,
         lora_alpha=None,
     )
-    if key.method == "qlora":
-        key = dataclasses.replace(key, method="lora")
+    return dataclasses.replace(key, r=1, target_modules="all-linear") if key.method == "full" else key
+
+
+@lru_cache(maxsize=8)
+def _prepared(key: PlanSetup) -> tuple[nn.Module, tuple[str, ...]]:
+    """A meta copy of the model with the method applied (LoRA injected); cached, never modified
+    afterwards (tracing only runs forward passes)."""
+    from ..inject import find_targets, inject
+
+    model = copy.deepcopy(_base_model(key.model, key.dtype, key.attention, key.task))
     if key.method == "full":
-        key = dataclasses.replace(key, r=1, target_modules="all-linear")
-    return _trace(key)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, ()
+    config = key.lora_config()
+    with torch.device("meta"):
+        targets = find_targets(model, config)
+        inject(model, config)
+    return model, tuple(targets)
+
+
+@lru_cache(maxsize=64)
+def _trace(key: PlanSetup, batch_size: int, seq_len: int) -> ActivationTrace:
+    return trace_activations(_prepared(key)[0], batch_size, seq_len)
+
+
+def activation_trace(setup: PlanSetup) -> ActivationTrace:
+    """The activation trace of `setup`, cached: gradient checkpointing does not change it (it
+    changes what `step_memory` keeps), LoRA and QLoRA keep the same tensors, and full fine-tuning's
+    does not depend on LoRA settings."""
+    return _trace(_structure(setup), setup.batch_size, setup.seq_len)
 
 
 def _quantized_weights(model: nn.Module) -> set[int]:
@@ -182,14 +189,15 @@ def _quantized_weights(model: nn.Module) -> set[int]:
     return out
 
 
-def estimate(setup: PlanSetup) -> Estimate:
+def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
     """Estimate `setup`: parameter counts, weights by dtype, checkpoint and adapter file sizes,
-    and the memory of one training step (see `lorakit.plan.memory`).
+    and (unless `memory` is False, which skips the activation trace) the memory of one training
+    step (see `lorakit.plan.memory`).
 
     Raises `ConfigError` for an invalid setup or an unreadable model, `TargetNotFoundError` when
     the target modules match nothing in the model.
     """
-    model, targets = _prepared(setup)
+    model, targets = _prepared(_structure(setup))
     quantized = _quantized_weights(model) if setup.method == "qlora" else set()
     by_dtype: dict[str, int] = {}
     total = trainable = trainable_bytes = largest = 0
@@ -213,18 +221,20 @@ def estimate(setup: PlanSetup) -> Estimate:
         sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
         for layer in decoder_layers(model)
     ]
-    memory = step_memory(
-        weights=sum(by_dtype.values()),
-        layer_grads=layer_grads,
-        other_grads=trainable_bytes - sum(layer_grads),
-        optimizer=optimizer_state_bytes(setup.optimizer, trainable, trainable_bytes),
-        largest_trainable=largest,
-        trace=activation_trace(setup),
-        gradient_checkpointing=setup.gradient_checkpointing,
-        logits_upcast=setup.dtype != "float32",
-        dequant_workspace=dequant,
-        device=setup.device,
-    )
+    step = None
+    if memory:
+        step = step_memory(
+            weights=sum(by_dtype.values()),
+            layer_grads=layer_grads,
+            other_grads=trainable_bytes - sum(layer_grads),
+            optimizer=optimizer_state_bytes(setup.optimizer, trainable, trainable_bytes),
+            largest_trainable=largest,
+            trace=activation_trace(setup),
+            gradient_checkpointing=setup.gradient_checkpointing,
+            logits_upcast=setup.dtype != "float32",
+            dequant_workspace=dequant,
+            device=setup.device,
+        )
     return Estimate(
         setup=setup,
         total_params=total,
@@ -232,8 +242,8 @@ def estimate(setup: PlanSetup) -> Estimate:
         weights_by_dtype=by_dtype,
         checkpoint_bytes=total * DTYPES[setup.dtype].itemsize,
         adapter_bytes=None if setup.method == "full" else _adapter_file_bytes(model, setup.adapter_dtype),
-        memory=memory,
-        targets=targets,
+        memory=step,
+        targets=list(targets),
     )
 
 

@@ -22,6 +22,22 @@ from torch import nn
 
 from ..errors import ConfigError
 
+
+def _seven_b(vocab: int, intermediate: int, kv_heads: int, context: int, **extra: Any) -> dict[str, Any]:
+    """The 32-layer, 4096-wide shape the 7-8B Llama-family models share."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=4096,
+        intermediate_size=intermediate,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
 # name -> (model_type, config kwargs)
 BUILTIN: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt3-175b": (
@@ -41,45 +57,11 @@ BUILTIN: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     "gpt2": ("gpt2", dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)),
-    "llama-2-7b": (
-        "llama",
-        dict(
-            vocab_size=32000,
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            max_position_embeddings=4096,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "llama-3-8b": (
-        "llama",
-        dict(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=8192,
-            tie_word_embeddings=False,
-        ),
-    ),
+    "llama-2-7b": ("llama", _seven_b(vocab=32000, intermediate=11008, kv_heads=32, context=4096)),
+    "llama-3-8b": ("llama", _seven_b(vocab=128256, intermediate=14336, kv_heads=8, context=8192)),
     "mistral-7b": (
         "mistral",
-        dict(
-            vocab_size=32000,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=32768,
-            tie_word_embeddings=False,
-            sliding_window=None,
-        ),
+        _seven_b(vocab=32000, intermediate=14336, kv_heads=8, context=32768, sliding_window=None),
     ),
 }
 
