@@ -111,7 +111,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lorakit-root", type=Path, default=ROOT)
     parser.add_argument("--malloc", choices=("both", "fixed_threshold", "glibc_default"), default="both")
-    parser.add_argument("--reuse", type=Path, nargs="*", help="JSON files of earlier runs: only predict again")
+    parser.add_argument(
+        "--reuse", type=Path, nargs="*", help="JSON files of earlier runs: only predict again"
+    )
     parser.add_argument("--cases", nargs="*", help="e.g. lora lora+gc (default: all six)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "plan_memory.json")
     args = parser.parse_args()
@@ -129,6 +131,22 @@ def main() -> int:
     for path in args.reuse or []:  # earlier measurements: predict again without training again
         reused.update({row["case"]: row for row in json.loads(path.read_text())["rows"]})
     rows = []
+
+    def write() -> None:  # after every case, so an interrupted run keeps what it measured
+        result = {
+            "model": "SmolLM2-135M shape, random weights, fp32, CPU, sdpa attention",
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "steps": args.steps,
+            "ratio": "predicted / measured; fixed_threshold runs with MALLOC_MMAP_THRESHOLD_=65536",
+            "r": args.r,
+            "target_modules": "all-linear",
+            "optimizer": "torch.optim.AdamW",
+            "rows": rows,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
     for method, gc in CASES:
         name = method + ("+gc" if gc else "")
         if args.cases and name not in args.cases:
@@ -154,20 +172,8 @@ def main() -> int:
                 f"  {label}: measured {human(measured['peak_bytes']):>11s} ratio {row[label]['ratio']:.3f}"
             )
         rows.append(row)
+        write()
         print(line, flush=True)
-    result = {
-        "model": "SmolLM2-135M shape, random weights, fp32, CPU, sdpa attention",
-        "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
-        "steps": args.steps,
-        "ratio": "predicted / measured; fixed_threshold runs with MALLOC_MMAP_THRESHOLD_=65536",
-        "r": args.r,
-        "target_modules": "all-linear",
-        "optimizer": "torch.optim.AdamW",
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 
