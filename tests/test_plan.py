@@ -43,10 +43,10 @@ def gpt2_dir(tmp_path_factory):
     return str(folder)
 
 
-def _real_model(path: str, method: str, r: int = 4, targets="all-linear"):
+def _real_model(path: str, method: str, r: int = 4, targets="all-linear", dtype=torch.float32):
     torch.manual_seed(0)
     config = lorakit.plan.models.load_config(path)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype).train()
     if method != "full":
         lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=r, target_modules=targets))
     return model
@@ -170,15 +170,25 @@ def _real_saved_bytes(model, batch, seq):
     return sum(seen.values()), out.logits
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-@pytest.mark.parametrize("which", ["llama", "gpt2"])
-def test_meta_trace_equals_what_a_real_cpu_forward_keeps(llama_json, gpt2_dir, which, method):
+@pytest.mark.parametrize(
+    "which, method, dtype",
+    [
+        ("llama", "full", "float32"),
+        ("llama", "lora", "float32"),
+        ("gpt2", "full", "float32"),
+        ("gpt2", "lora", "float32"),
+        ("llama", "full", "bfloat16"),
+        ("llama", "lora", "bfloat16"),  # fp32 adapters: each target keeps an fp32 copy of its input
+    ],
+)
+def test_meta_trace_equals_what_a_real_cpu_forward_keeps(llama_json, gpt2_dir, which, method, dtype):
     path = llama_json if which == "llama" else gpt2_dir
-    setup = PlanSetup(model=path, method=method, r=4, batch_size=2, seq_len=16, dtype="float32")
+    setup = PlanSetup(model=path, method=method, r=4, batch_size=2, seq_len=16, dtype=dtype)
     trace = activation_trace(setup)
-    saved, logits = _real_saved_bytes(_real_model(path, method), 2, 16)
+    model = _real_model(path, method, dtype=getattr(torch, dtype))
+    saved, logits = _real_saved_bytes(model, 2, 16)
     assert trace.total == saved
-    assert trace.logits == logits.numel() * 4
+    assert trace.logits == logits.numel() * logits.element_size()
 
 
 def test_eager_attention_keeps_the_probability_matrices(llama_json):
