@@ -18,7 +18,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
-from .memory import OPTIMIZERS, StepMemory, nf4_bytes, optimizer_state_bytes, step_memory
+from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, nf4_bytes, optimizer_state_bytes, step_memory
 from .models import ATTENTION, build_meta_model, load_config
 from .trace import ActivationTrace, decoder_layers, trace_activations
 
@@ -234,6 +234,7 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
             logits_upcast=setup.dtype != "float32",
             dequant_workspace=dequant,
             device=setup.device,
+            runtime=CPU_RUNTIME_BYTES if setup.device == "cpu" else 0,
         )
     return Estimate(
         setup=setup,

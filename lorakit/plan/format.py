@@ -71,6 +71,7 @@ def render(chosen: Estimate, all_methods: dict[str, Estimate]) -> str:
         ("optimizer state", "optimizer"),
         ("activations", "activations"),
         ("workspace", "workspace"),
+        ("runtime", "runtime"),
         ("predicted peak", "peak"),
     ):
         rows.append([label, *(human(getattr(all_methods[m].memory, attr)) for m in names)])
