@@ -1,0 +1,182 @@
+"""`lorakit plan`'s predicted peak training memory against the peak RSS of real training steps.
+
+For each case (full fine-tuning / LoRA / QLoRA, gradient checkpointing off / on) a subprocess
+builds a SmolLM2-135M-shaped model (the embedded model's config, random weights, fp32, CPU),
+applies the method with lorakit, and trains a few steps (forward with labels, backward, AdamW step,
+zero_grad). It reports its peak RSS during those steps (VmHWM, reset after the model is built)
+minus its RSS before the model was built, once with glibc's default allocator settings and once
+with a fixed mmap threshold (RSS then follows the live tensors, as GPU allocator statistics do). The parent predicts the same setup with
+`lorakit.plan.estimate` and prints both with their ratio; JSON goes to
+benchmarks/results/plan_memory.json.
+
+    python benchmarks/bench_plan_memory.py [--batch-size 2] [--seq-len 128] [--steps 2] [--malloc both]
+        [--lorakit-root PATH]   # train with another lorakit checkout (e.g. one with lorakit.quant)
+        [--reuse RUN.json ...]  # take the measurements from earlier runs, only predict again
+
+QLoRA needs `lorakit.quant` (quantize_model); without it its cases are reported as not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [(m, gc) for m in ("full", "lora", "qlora") for gc in (False, True)]
+
+
+def _rss_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())[1])
+
+
+def child(spec: dict) -> dict:
+    """Runs in the subprocess: build, apply the method, train, measure."""
+    import gc
+
+    import torch
+    import transformers
+
+    import lorakit
+
+    torch.manual_seed(0)
+    torch.set_num_threads(spec["threads"])
+    config = transformers.AutoConfig.from_pretrained(spec["config"])
+    ids = torch.randint(0, config.vocab_size, (spec["batch_size"], spec["seq_len"]))
+    gc.collect()
+    baseline = _rss_kib("VmRSS")
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float().train()
+    if spec["method"] == "qlora":
+        from lorakit.quant import quantize_model
+
+        quantize_model(model, compute_dtype=torch.float32)
+    if spec["method"] != "full":
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=spec["r"], lora_alpha=spec["r"], target_modules="all-linear")
+        )
+    if spec["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on
+    start_rss = _rss_kib("VmRSS")
+    t0 = time.perf_counter()
+    for _ in range(spec["steps"]):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    seconds = time.perf_counter() - t0
+    return {
+        "peak_bytes": (_rss_kib("VmHWM") - baseline) * 1024,
+        "model_ready_bytes": (start_rss - baseline) * 1024,
+        "seconds": seconds,
+        "loss": float(loss),
+    }
+
+
+def measure(spec: dict, lorakit_root: Path, fixed_mmap_threshold: bool) -> dict | None:
+    env = {**os.environ, "PYTHONPATH": str(lorakit_root)}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if fixed_mmap_threshold:
+        # every allocation over 64 KiB gets its own mapping, returned to the OS when freed, so RSS
+        # follows the live tensors; by default glibc raises the threshold as large blocks are
+        # freed and keeps later ones in its heap after they are freed
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        if "No module named 'lorakit.quant'" in proc.stderr:
+            return None
+        raise RuntimeError(f"measurement failed for {spec}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lorakit-root", type=Path, default=ROOT)
+    parser.add_argument("--malloc", choices=("both", "fixed_threshold", "glibc_default"), default="both")
+    parser.add_argument(
+        "--reuse", type=Path, nargs="*", help="JSON files of earlier runs: only predict again"
+    )
+    parser.add_argument("--cases", nargs="*", help="e.g. lora lora+gc (default: all six)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "plan_memory.json")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+
+    sys.path.insert(0, str(ROOT))
+    from lorakit.hf import resolve
+    from lorakit.plan import PlanSetup, estimate
+    from lorakit.plan.format import human
+
+    config = str(resolve("smollm2-135m") / "config.json")
+    reused = {}
+    for path in args.reuse or []:  # earlier measurements: predict again without training again
+        reused.update({row["case"]: row for row in json.loads(path.read_text())["rows"]})
+    rows = []
+
+    def write() -> None:  # after every case, so an interrupted run keeps what it measured
+        result = {
+            "model": "SmolLM2-135M shape, random weights, fp32, CPU, sdpa attention",
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "steps": args.steps,
+            "ratio": "predicted / measured; fixed_threshold runs with MALLOC_MMAP_THRESHOLD_=65536",
+            "r": args.r,
+            "target_modules": "all-linear",
+            "optimizer": "torch.optim.AdamW",
+            "rows": rows,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    for method, gc in CASES:
+        name = method + ("+gc" if gc else "")
+        if args.cases and name not in args.cases:
+            continue
+        setup = PlanSetup(
+            model=config, method=method, r=args.r, batch_size=args.batch_size, seq_len=args.seq_len,
+            dtype="float32", device="cpu", gradient_checkpointing=gc,
+        )  # fmt: skip
+        predicted = estimate(setup).memory
+        spec = {**{k: getattr(setup, k) for k in ("method", "r", "batch_size", "seq_len", "gradient_checkpointing")},
+                "config": config, "steps": args.steps, "threads": args.threads}  # fmt: skip
+        row = {"case": name, "predicted_peak_bytes": predicted.peak, "predicted_phase": predicted.peak_phase}
+        line = f"{name:9s} predicted {human(predicted.peak):>11s}"
+        for label, fixed in (("fixed_threshold", True), ("glibc_default", False)):
+            if args.malloc not in ("both", label):
+                continue
+            measured = reused.get(name, {}).get(label) if reused else measure(spec, args.lorakit_root, fixed)
+            if measured is None:
+                line += f"  {label}: not measured (no lorakit.quant, or not in --reuse)"
+                continue
+            row[label] = {**measured, "ratio": predicted.peak / measured["peak_bytes"]}
+            line += (
+                f"  {label}: measured {human(measured['peak_bytes']):>11s} ratio {row[label]['ratio']:.3f}"
+            )
+        rows.append(row)
+        write()
+        print(line, flush=True)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

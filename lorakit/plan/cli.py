@@ -1,0 +1,98 @@
+"""`lorakit plan`: parameters, file sizes and training memory of full fine-tuning, LoRA and QLoRA
+for a model, from its shape alone; with `--budget`, the settings that fit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..hf import DEFAULT_MODEL
+from .estimate import DEVICES, DTYPES, METHODS, PlanSetup, compare
+from .memory import OPTIMIZERS
+from .models import ATTENTION, BUILTIN
+
+
+def parse_targets(values: list[str]) -> str | tuple[str, ...]:
+    """`--target-modules` values as LoraConfig takes them (the rule of `lorakit train`):
+    "all-linear", a regex (any of \\^$*+?()[]| in it), or names, space- or comma-separated."""
+    text = ",".join(v.strip() for v in values)
+    if text == "all-linear" or any(c in text for c in "\\^$*+?()[]|"):
+        return text
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `lorakit plan` flags."""
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a built-in name ({DEFAULT_MODEL}, {', '.join(BUILTIN)}), a Hugging Face folder, "
+        "a config.json or a .gguf file (only its shape is read)",
+    )
+    parser.add_argument("--method", choices=METHODS, default="lora")
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r)")
+    parser.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=["all-linear"],
+        help="'all-linear', module names (q_proj v_proj, or q_proj,v_proj), or a regex",
+    )
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=[*DTYPES, "fp32", "bf16", "fp16"], help="base weights' dtype"
+    )
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--attention", choices=ATTENTION, default="sdpa")
+    parser.add_argument("--device", choices=DEVICES, default="cuda", help="where training runs")
+    parser.add_argument("--task", choices=("causal-lm", "classification"), default="causal-lm")
+    parser.add_argument(
+        "--adapter-dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="dtype of the saved adapter (default: fp32)",
+    )
+    parser.add_argument("--budget", help="memory budget, e.g. 8GiB or 24GB: recommend settings that fit")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Estimate, compare the methods, optionally fit the budget, print."""
+    from .format import render, render_recommendation
+    from .recommend import parse_size, recommend
+
+    setup = PlanSetup(
+        model=args.model,
+        method=args.method,
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        target_modules=parse_targets(args.target_modules),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        optimizer=args.optimizer,
+        gradient_checkpointing=args.gradient_checkpointing,
+        attention=args.attention,
+        device=args.device,
+        task=args.task,
+        adapter_dtype=args.adapter_dtype,
+    )
+    budget = parse_size(args.budget) if args.budget else None
+    methods = compare(setup)
+    rec = recommend(setup, budget) if budget else None
+    if args.json:
+        out = {
+            "plan": methods[setup.method].to_dict(),
+            "methods": {m: e.to_dict() for m, e in methods.items()},
+        }
+        if rec:
+            out["recommendation"] = rec.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        print(render(methods[setup.method], methods))
+        if rec:
+            print()
+            print(render_recommendation(rec))
+    return 0 if rec is None or rec.setup is not None else 3

@@ -1,0 +1,98 @@
+"""Tables for people: `lorakit plan`'s text output."""
+
+from __future__ import annotations
+
+from .estimate import Estimate
+from .recommend import Recommendation
+
+
+def human(n: float) -> str:
+    """Bytes in binary units: 1536 -> '1.50 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def decimal(n: float) -> str:
+    """File sizes in decimal units, as disks and papers give them: 37800320 -> '37.8 MB'."""
+    for div, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def count(n: int) -> str:
+    """Parameter count: 18874368 -> '18,874,368 (18.9M)'."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n:,} ({n / div:.1f}{suffix})"
+    return f"{n:,}"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render(chosen: Estimate, all_methods: dict[str, Estimate]) -> str:
+    """The report: the chosen setup in detail, then every method side by side."""
+    s = chosen.setup
+    targets = s.target_modules if isinstance(s.target_modules, str) else " ".join(s.target_modules)
+    lines = [
+        f"model {s.model}: {count(chosen.total_params)} parameters, dtype {s.dtype}",
+        f"setup: {s.method}"
+        + ("" if s.method == "full" else f", r={s.r}, targets {targets} ({len(chosen.targets)} modules)")
+        + f", batch {s.batch_size} x {s.seq_len} tokens, {s.optimizer}, attention {s.attention}, "
+        f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, device {s.device}",
+        f"trainable: {count(chosen.trainable_params)} = {100 * chosen.trainable_ratio:.4f}% of all parameters",
+        "weights: " + ", ".join(f"{k} {human(v)}" for k, v in chosen.weights_by_dtype.items()),
+    ]
+    if chosen.adapter_bytes is not None:
+        ratio = chosen.checkpoint_bytes / chosen.adapter_bytes
+        lines.append(
+            f"adapter file: {decimal(chosen.adapter_bytes)} in {s.adapter_dtype or 'float32'} "
+            f"(full {s.dtype} checkpoint {decimal(chosen.checkpoint_bytes)}, {ratio:,.0f}x smaller)"
+        )
+    lines.append("")
+    names = list(all_methods)
+    rows = [["", *names]]
+    rows.append(["trainable params", *(f"{all_methods[m].trainable_params:,}" for m in names)])
+    for label, attr in (
+        ("weights", "weights"),
+        ("gradients", "gradients"),
+        ("optimizer state", "optimizer"),
+        ("activations", "activations"),
+        ("workspace", "workspace"),
+        ("runtime", "runtime"),
+        ("predicted peak", "peak"),
+    ):
+        rows.append([label, *(human(getattr(all_methods[m].memory, attr)) for m in names)])
+    rows.append(["peak during", *(all_methods[m].memory.peak_phase for m in names)])
+    full = all_methods.get("full")
+    if full:
+        rows.append(
+            ["peak vs full", *(f"{all_methods[m].memory.peak / full.memory.peak:.2f}x" for m in names)]
+        )
+    lines.append(_table(rows))
+    return "\n".join(lines)
+
+
+def render_recommendation(rec: Recommendation) -> str:
+    """One paragraph: the recommended settings and their peak, or why nothing fits."""
+    if rec.setup is None:
+        return f"budget {human(rec.budget)}: {rec.reason}"
+    s, m = rec.setup, rec.estimate.memory
+    flags = f"--method {s.method} --batch-size {s.batch_size}" + ("" if s.method == "full" else f" --r {s.r}")
+    flags += " --gradient-checkpointing" if s.gradient_checkpointing else ""
+    return (
+        f"budget {human(rec.budget)}: recommended {flags} (predicted peak {human(m.peak)}, "
+        f"{100 * m.peak / rec.budget:.0f}% of the budget); {rec.reason}"
+    )
