@@ -22,7 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lorakit.serve.cli", "OpenAI-compatible server: one base model, many adapters, batched"),
     "data": ("lorakit.data.cli", "check a dataset: format, counts, token lengths, what the loss covers"),
     "train": ("lorakit.train.cli", "train a LoRA adapter (no arguments: the embedded sentiment demo)"),
-    "plan": ("lorakit.plan.cli", "parameters, file sizes and training memory of full / LoRA / QLoRA; fit a budget"),
+    "plan": (
+        "lorakit.plan.cli",
+        "parameters, file sizes and training memory of full / LoRA / QLoRA; fit a budget",
+    ),
 }
 
 

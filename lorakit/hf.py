@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ._packages import package_file
@@ -117,21 +118,23 @@ def load_model(
         raise ConfigError(f"quantize must be None or 'nf4', got {quantize!r}")
     folder = resolve(name_or_path)
     tok = load_tokenizer(folder)
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    if task == "classification":
-        kwargs["num_labels"] = num_labels or 2
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tok.pad_token_id
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    num_labels = (num_labels or 2) if task == "classification" else None
     if quantize == "nf4":
-        model = _quantize_nf4(model)
+        from .quant.loading import load_quantized
+
+        compute_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        model = load_quantized(
+            folder, task=task, num_labels=num_labels, dtype=dtype, compute_dtype=compute_dtype
+        )
+    elif task == "classification":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels, **({} if dtype is None else {"dtype": dtype})
+        )
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, **({} if dtype is None else {"dtype": dtype})
+        )
+    if task == "classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
     model.config._name_or_path = str(name_or_path)
     return model, tok
-
-
-def _quantize_nf4(model: nn.Module) -> nn.Module:
-    raise ConfigError(
-        "quantize='nf4' is not available yet in this version of lorakit (QLoRA lands with issue 3)"
-    )

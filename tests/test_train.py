@@ -467,18 +467,39 @@ def test_run_training_refuses_bad_data_before_writing(tiny_folder, tmp_path):
             resolve_config({}, dict(model=str(tiny_folder / "model"), data=str(bad), output=str(out)))
         )
     assert not out.exists()
-    with pytest.raises(ConfigError, match="nf4"):
-        run_training(
-            resolve_config(
-                {},
-                dict(
-                    model=str(tiny_folder / "model"),
-                    data=str(tiny_folder / "data.jsonl"),
-                    output=str(out),
-                    quantize="nf4",
-                ),
-            )
-        )
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "classification"])
+def test_run_training_qlora_on_a_4bit_base(tiny_folder, tmp_path, task):
+    """--quantize nf4: the base's linear layers are 4-bit, the adapter trains and saves as usual."""
+    from lorakit.hf import load_model
+    from lorakit.quant import Linear4bit
+    from lorakit.train import run_training
+
+    model, _ = load_model(tiny_folder / "model", task=task, quantize="nf4")
+    quantized = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert len(quantized) == 14  # 2 layers x (q, k, v, o, gate, up, down); head stays full precision
+    cfg = resolve_config(
+        {},
+        dict(
+            model=str(tiny_folder / "model"),
+            data=str(tiny_folder / "data.jsonl"),
+            task=task,
+            output=str(tmp_path),
+            max_steps=3,
+            batch_size=4,
+            eval_fraction=0.25,
+            threads=1,
+            quantize="nf4",
+        ),
+    )
+    s = run_training(cfg)
+    assert math.isfinite(s.final["eval_loss"]) and s.trainable > 0
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(s.adapter / "adapter_model.safetensors"))
+    assert any(k.endswith("q_proj.lora_A.weight") for k in tensors)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
 
 
 # ----------------------------------------------------------------------------- processes: kill/resume, torchrun
