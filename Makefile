@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/lorakit demo
+	$(VENV)/bin/lorakit train
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
