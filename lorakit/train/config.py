@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     resume: bool = False
-    demo_train: int = 2400  # demo only: pool of training reviews (100 steps of 16 see 1600)
+    demo_train: int = 2400  # demo only: pool of training reviews (60 steps of 16 see 960)
     demo_test: int = 200  # demo only: held-out reviews
 
     def validate(self) -> TrainConfig:
@@ -176,11 +176,11 @@ def _coerce(name: str, value: Any, path: Path) -> Any:
 
 # the embedded demo's settings (no --data): tuned to finish in minutes on 2 CPU cores
 DEMO_PRESET: dict[str, Any] = {
-    "max_steps": 100,
+    "max_steps": 60,
     "batch_size": 16,
     "lr": 1e-3,
     "max_length": 96,
-    "save_every": 50,
+    "save_every": 30,
     "max_minutes": 7.0,
 }
 
