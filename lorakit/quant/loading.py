@@ -3,7 +3,8 @@
     quantize_model(model, skip_modules=DEFAULT_SKIP, compute_dtype=None, blocksize=64,
                    double_quant=True) -> model
         Replace every `nn.Linear` of an already-loaded model by a `Linear4bit`, one layer at a
-        time (each full-precision weight is freed as soon as its layer is quantized).
+        time (each full-precision weight is freed, and the freed heap trimmed, as soon as its
+        layer is quantized).
 
     load_quantized(path, task="causal-lm", skip_modules=DEFAULT_SKIP, compute_dtype=torch.float32,
                    dtype=None, blocksize=64, double_quant=True, num_labels=None, model_cls=None) -> model
@@ -102,6 +103,7 @@ def quantize_model(
     for name in names:
         layer = Linear4bit.from_linear(model.get_submodule(name), compute_dtype, blocksize, double_quant)
         _replace(model, name, layer)
+        _release_freed_memory()  # the freed full-precision weight and quantize temporaries
     log.info("quantized %d linear layers to NF4", len(names))
     return model
 
