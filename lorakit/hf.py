@@ -119,6 +119,7 @@ def load_model(
     folder = resolve(name_or_path)
     tok = load_tokenizer(folder)
     num_labels = (num_labels or 2) if task == "classification" else None
+    kwargs = {} if dtype is None else {"dtype": dtype}
     if quantize == "nf4":
         from .quant.loading import load_quantized
 
@@ -128,12 +129,10 @@ def load_model(
         )
     elif task == "classification":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=num_labels, **({} if dtype is None else {"dtype": dtype})
+            folder, num_labels=num_labels, **kwargs
         )
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, **({} if dtype is None else {"dtype": dtype})
-        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if task == "classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.config._name_or_path = str(name_or_path)

@@ -12,7 +12,8 @@ from transformers import (
 )
 
 
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, cls: type = LlamaForCausalLM, **overrides) -> LlamaForCausalLM:
+    """A small random Llama; `overrides` replace config fields, `cls` picks the head class."""
     torch.manual_seed(seed)
     shape = dict(
         hidden_size=64,
@@ -23,7 +24,7 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
         vocab_size=128,
         max_position_embeddings=64,
     )
-    return LlamaForCausalLM(LlamaConfig(**{**shape, **overrides})).eval()
+    return cls(LlamaConfig(**{**shape, **overrides})).eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

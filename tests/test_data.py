@@ -581,17 +581,11 @@ def test_packed_mask_is_block_diagonal_causal():
 
 def _tiny_llama(attn: str = "sdpa", dtype=torch.float32, head: str = "LlamaForCausalLM", **config):
     import transformers
+    from conftest import tiny_llama
 
-    torch.manual_seed(0)
-    dims = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    config = transformers.LlamaConfig(**dims, vocab_size=128, attn_implementation=attn, **config)
-    return getattr(transformers, head)(config).to(dtype).eval()
+    shape = dict(intermediate_size=128, num_hidden_layers=2, max_position_embeddings=2048)
+    model = tiny_llama(0, getattr(transformers, head), attn_implementation=attn, **shape, **config)
+    return model.to(dtype)
 
 
 @pytest.mark.parametrize(

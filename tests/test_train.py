@@ -8,6 +8,7 @@ import math
 import random
 from types import SimpleNamespace
 
+import conftest
 import pytest
 import torch
 from torch import nn
@@ -35,18 +36,9 @@ def _one_thread():
 
 
 def tiny_llama(vocab: int = 128, seed: int = 0, cls: type | None = None, **kw) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=128,
-        **kw,
-    )
-    return (cls or transformers.LlamaForCausalLM)(cfg)
+    """conftest's tiny Llama, narrower (32 wide, 2 layers) so the training tests stay fast."""
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)
+    return conftest.tiny_llama(seed, cls or transformers.LlamaForCausalLM, vocab_size=vocab, **shape, **kw)
 
 
 def lm_examples(n: int, seed: int = 0, vocab: int = 128) -> list[dict]:
