@@ -4,16 +4,21 @@ For each case (full fine-tuning / LoRA / QLoRA, gradient checkpointing off / on)
 builds a SmolLM2-135M-shaped model (the embedded model's config, random weights, fp32, CPU),
 applies the method with lorakit, and trains a few steps (forward with labels, backward, AdamW step,
 zero_grad). It reports its peak RSS during those steps (VmHWM, reset after the model is built)
-minus its RSS before the model was built, once with glibc's default allocator settings and once
-with a fixed mmap threshold (RSS then follows the live tensors, as GPU allocator statistics do). The parent predicts the same setup with
-`lorakit.plan.estimate` and prints both with their ratio; JSON goes to
-benchmarks/results/plan_memory.json.
+minus its RSS before the model was built, in three modes:
 
-    python benchmarks/bench_plan_memory.py [--batch-size 2] [--seq-len 128] [--steps 2] [--malloc both]
-        [--lorakit-root PATH]   # train with another lorakit checkout (e.g. one with lorakit.quant)
-        [--reuse RUN.json ...]  # take the measurements from earlier runs, only predict again
+- `glibc_default`: glibc's malloc as it comes;
+- `trim_heap`: the same, with `lorakit.heap.heap_trimming` around the steps, as
+  `lorakit train --trim-heap` does;
+- `fixed_threshold`: `MALLOC_MMAP_THRESHOLD_=65536`, so RSS follows the live tensors (as a GPU
+  allocator's peak-allocated statistic does).
 
-QLoRA needs `lorakit.quant` (quantize_model); without it its cases are reported as not measured.
+The parent predicts the same setup with `lorakit.plan.estimate` and prints both with their ratio;
+JSON goes to benchmarks/results/plan_memory.json.
+
+    python benchmarks/bench_plan_memory.py [--batch-size 2] [--seq-len 128] [--steps 3]
+        [--modes glibc_default trim_heap fixed_threshold] [--cases lora qlora+gc ...]
+        [--lorakit-root PATH]   # train with another lorakit checkout
+        [--reuse RUN.json ...]  # take measurements from earlier runs; measure only what is missing
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def child(spec: dict) -> dict:
     import transformers
 
     import lorakit
+    from lorakit.heap import heap_trimming
 
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
@@ -67,11 +73,13 @@ def child(spec: dict) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on
     start_rss = _rss_kib("VmRSS")
     t0 = time.perf_counter()
-    for _ in range(spec["steps"]):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    with heap_trimming(model, enabled=spec["trim_heap"]) as trim_heap:  # as `lorakit train --trim-heap`
+        for _ in range(spec["steps"]):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            trim_heap()
     seconds = time.perf_counter() - t0
     return {
         "peak_bytes": (_rss_kib("VmHWM") - baseline) * 1024,
@@ -81,10 +89,15 @@ def child(spec: dict) -> dict:
     }
 
 
-def measure(spec: dict, lorakit_root: Path, fixed_mmap_threshold: bool) -> dict | None:
+# how each measurement runs: glibc's defaults, lorakit's heap trimming, or a fixed mmap threshold
+MODES = ("glibc_default", "trim_heap", "fixed_threshold")
+
+
+def measure(spec: dict, lorakit_root: Path, mode: str) -> dict | None:
     env = {**os.environ, "PYTHONPATH": str(lorakit_root)}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if fixed_mmap_threshold:
+    spec = {**spec, "trim_heap": mode == "trim_heap"}
+    if mode == "fixed_threshold":
         # every allocation over 64 KiB gets its own mapping, returned to the OS when freed, so RSS
         # follows the live tensors; by default glibc raises the threshold as large blocks are
         # freed and keeps later ones in its heap after they are freed
@@ -106,13 +119,13 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lorakit-root", type=Path, default=ROOT)
-    parser.add_argument("--malloc", choices=("both", "fixed_threshold", "glibc_default"), default="both")
+    parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
     parser.add_argument(
-        "--reuse", type=Path, nargs="*", help="JSON files of earlier runs: only predict again"
+        "--reuse", type=Path, nargs="*", help="JSON files of earlier runs: measure only what they lack"
     )
     parser.add_argument("--cases", nargs="*", help="e.g. lora lora+gc (default: all six)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "plan_memory.json")
@@ -138,7 +151,12 @@ def main() -> int:
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,
             "steps": args.steps,
-            "ratio": "predicted / measured; fixed_threshold runs with MALLOC_MMAP_THRESHOLD_=65536",
+            "ratio": "predicted / measured",
+            "modes": {
+                "glibc_default": "glibc's malloc as it comes",
+                "trim_heap": "glibc's defaults + lorakit.heap.heap_trimming, as `lorakit train --trim-heap`",
+                "fixed_threshold": "MALLOC_MMAP_THRESHOLD_=65536: RSS follows the live tensors",
+            },
             "r": args.r,
             "target_modules": "all-linear",
             "optimizer": "torch.optim.AdamW",
@@ -160,12 +178,10 @@ def main() -> int:
                 "config": config, "steps": args.steps, "threads": args.threads}  # fmt: skip
         row = {"case": name, "predicted_peak_bytes": predicted.peak, "predicted_phase": predicted.peak_phase}
         line = f"{name:9s} predicted {human(predicted.peak):>11s}"
-        for label, fixed in (("fixed_threshold", True), ("glibc_default", False)):
-            if args.malloc not in ("both", label):
-                continue
-            measured = reused.get(name, {}).get(label) if reused else measure(spec, args.lorakit_root, fixed)
+        for label in args.modes:
+            measured = reused.get(name, {}).get(label) or measure(spec, args.lorakit_root, label)
             if measured is None:
-                line += f"  {label}: not measured (no lorakit.quant, or not in --reuse)"
+                line += f"  {label}: not measured (this lorakit has no lorakit.quant)"
                 continue
             row[label] = {**measured, "ratio": predicted.peak / measured["peak_bytes"]}
             line += (

@@ -94,6 +94,12 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder (or encoder) blocks: its longest `nn.ModuleList`."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    return max(lists, key=len) if lists else nn.ModuleList()
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules `config` puts LoRA on. Raises `TargetNotFoundError` (listing the
     model's candidate names) when nothing matches, `ConfigError` when a match cannot be wrapped."""

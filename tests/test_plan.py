@@ -330,6 +330,9 @@ def test_cli_table_and_json(llama_json):
     assert rc == 0 and data["plan"]["setup"]["target_modules"] == ["q_proj", "v_proj"]
     assert set(data["methods"]) == {"full", "lora", "qlora"}
     assert data["recommendation"]["fits"] is True
+    assert "--trim-heap" not in _cli(argv)[1]  # the CPU note only on CPU
+    rc, out, _ = _cli([*argv, "--device", "cpu", "--budget", "1GiB"])
+    assert rc == 0 and "lorakit train --trim-heap" in out and "train with --trim-heap to stay near" in out
     assert (
         data["plan"]["trainable_params"]
         == estimate(

@@ -277,6 +277,20 @@ def test_gradient_checkpointing_and_bf16_autocast_against_plain_fp32(tmp_path):
     assert runs["bf16"][0] == pytest.approx(runs["plain"][0], rel=3e-2)
 
 
+def test_trim_heap_changes_no_numbers(tmp_path):
+    """`--trim-heap` only gives freed memory back to the OS: the same losses and adapter, bitwise."""
+    examples = lm_examples(8)
+    runs = []
+    for trim in (False, True):
+        model = lora(tiny_llama())
+        rows = train(model, examples, cfg_for(tmp_path / str(trim), max_steps=3, trim_heap=trim), collate)
+        runs.append(([r["loss"] for r in rows], adapter_tensors(model)))
+        assert not any(layer._forward_hooks for layer in model.model.layers)  # hooks removed after
+    assert runs[0][0] == runs[1][0]
+    for key, value in runs[0][1].items():
+        assert torch.equal(runs[1][1][key], value), key
+
+
 def test_time_budget_stops_early_and_still_saves_the_last_step(tmp_path):
     model = lora(tiny_llama())
     rows = train(model, lm_examples(16), cfg_for(tmp_path, max_steps=50, max_minutes=1e-9), collate)

@@ -82,7 +82,16 @@ def render(chosen: Estimate, all_methods: dict[str, Estimate]) -> str:
             ["peak vs full", *(f"{all_methods[m].memory.peak / full.memory.peak:.2f}x" for m in names)]
         )
     lines.append(_table(rows))
+    if s.device == "cpu":
+        lines.append(CPU_RSS_NOTE)
     return "\n".join(lines)
+
+
+# measured by benchmarks/bench_plan_memory.py (docs/plan.md, "Checked against real training")
+CPU_RSS_NOTE = (
+    "CPU: the peak counts live tensors. Process RSS stays near it with `lorakit train --trim-heap`; "
+    "with glibc's defaults, freed heap stays resident (RSS measured 1.1-1.6x the prediction)."
+)
 
 
 def render_recommendation(rec: Recommendation) -> str:
@@ -92,7 +101,8 @@ def render_recommendation(rec: Recommendation) -> str:
     s, m = rec.setup, rec.estimate.memory
     flags = f"--method {s.method} --batch-size {s.batch_size}" + ("" if s.method == "full" else f" --r {s.r}")
     flags += " --gradient-checkpointing" if s.gradient_checkpointing else ""
+    cpu = "; on CPU, train with --trim-heap to stay near that peak" if s.device == "cpu" else ""
     return (
         f"budget {human(rec.budget)}: recommended {flags} (predicted peak {human(m.peak)}, "
-        f"{100 * m.peak / rec.budget:.0f}% of the budget); {rec.reason}"
+        f"{100 * m.peak / rec.budget:.0f}% of the budget); {rec.reason}{cpu}"
     )

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..inject import decoder_layers
+
 
 @dataclass
 class ActivationTrace:
@@ -37,14 +39,6 @@ class ActivationTrace:
     def total(self) -> int:
         """Everything kept for backward without gradient checkpointing."""
         return self.before + sum(self.layers) + self.after
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder (or encoder) blocks: its longest `nn.ModuleList`."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        return nn.ModuleList()
-    return max(lists, key=len)
 
 
 def trace_activations(model: nn.Module, batch: int, seq: int) -> ActivationTrace:

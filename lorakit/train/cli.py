@@ -39,6 +39,8 @@ _HELP = {
     "quantize": "nf4: train QLoRA on a 4-bit base",
     "precision": "auto (bf16 autocast on a GPU that supports it, else fp32), fp32 or bf16",
     "gradient_checkpointing": "recompute activations in the backward to save memory",
+    "trim_heap": "CPU: return freed heap to the OS during each step, so memory stays at what "
+    "`lorakit plan` predicts (costs some speed; see docs/plan.md)",
     "eval_every": "evaluate every N steps (0: at the end only)",
     "eval_fraction": "fraction of --data held out for evaluation when there is no --eval-data",
     "max_eval": "evaluate on at most this many examples",
