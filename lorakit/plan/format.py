@@ -90,7 +90,7 @@ def render(chosen: Estimate, all_methods: dict[str, Estimate]) -> str:
 # measured by benchmarks/bench_plan_memory.py (docs/plan.md, "Checked against real training")
 CPU_RSS_NOTE = (
     "CPU: the peak counts live tensors. Process RSS stays near it with `lorakit train --trim-heap`; "
-    "with glibc's defaults, freed heap stays resident (RSS measured 1.1-1.6x the prediction)."
+    "with glibc's defaults, freed heap stays resident (RSS measured 1.1-1.7x the prediction)."
 )
 
 
