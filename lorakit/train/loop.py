@@ -108,9 +108,11 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**inputs, logits_to_keep=keep).logits
     else:
         logits = model(**inputs).logits[:, first - 1 :]
-    pred = logits[:, :-1].float()
+    # the targets are shifted, not the logits (the last position predicts nothing): slicing the
+    # logits would copy the [tokens, vocab] tensor in the forward and again in the backward
+    target = F.pad(labels[:, first:], (0, 1), value=IGNORE)
     return F.cross_entropy(
-        pred.reshape(-1, pred.shape[-1]), labels[:, first:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
 
 
