@@ -1,19 +1,18 @@
 """Give freed heap memory back to the OS while training on the CPU, so RSS follows the live tensors.
 
 Why this exists: glibc's malloc keeps freed blocks in its heap. A training step frees and
-allocates thousands of activation-sized blocks (64 KiB to a few MiB); long-lived ones (tensors
-saved for backward) land in the holes left by freed temporaries, the remainders do not fit the
-next request, and the heap grows while its free pages stay resident. On a SmolLM2-135M-shaped
-QLoRA step (2 x 128 tokens) peak RSS was 1,103 MiB against about 720 MiB of live tensors, and it
-grew from the first step to the second. `malloc_trim(0)` hands every whole free page back to the
-OS, wherever it sits in the heap, so trimming at decoder-layer boundaries keeps the peak at the live
-tensors (723 MiB) for about 2% of the step time. The other fix, a fixed `MALLOC_MMAP_THRESHOLD_`,
-gives the same peak but makes every activation a fresh mapping, and the page faults cost 1.3-1.8x
-in step time. With this, `lorakit plan`'s predicted peak (live tensors) is also what a CPU user sees
-in `top`.
+allocates thousands of activation-sized blocks (64 KiB to a few MiB); tensors saved for backward
+land in the holes left by freed temporaries, the remainders fit no later request, and the heap
+grows while its free pages stay resident. On a SmolLM2-135M-shaped QLoRA step (2 x 128 tokens)
+peak RSS was 1,113 MiB against about 720 MiB of live tensors, growing from the first step to the
+second. `malloc_trim(0)` hands every whole free page back to the OS wherever it sits in the heap,
+so trimming at decoder-block boundaries keeps the peak at the live tensors (`lorakit train
+--trim-heap` within 2% of `lorakit plan` for LoRA and QLoRA, docs/plan.md). The price is page
+faults when released pages are used again: +10-24% training time on the embedded demo. The other
+fix, a fixed `MALLOC_MMAP_THRESHOLD_`, gives the same peak but costs up to 1.8x. Hence opt-in.
 
 Off glibc (macOS, musl) `release_freed_memory` does nothing; on a GPU, device memory belongs to
-PyTorch's caching allocator, so `trim_heap_while_training` is only used for CPU training.
+PyTorch's caching allocator, so `lorakit train` trims only when training on the CPU.
 """
 
 from __future__ import annotations
