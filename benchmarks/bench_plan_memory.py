@@ -55,7 +55,7 @@ def child(spec: dict) -> dict:
     import transformers
 
     import lorakit
-    from lorakit.heap import heap_trimming
+    from lorakit.heap import HeapTrimmer, heap_trimming
 
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
@@ -80,13 +80,14 @@ def child(spec: dict) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here on
     start_rss = _rss_kib("VmRSS")
     t0 = time.perf_counter()
-    with heap_trimming(model, enabled=spec["trim_heap"]) as trim_heap:  # as `lorakit train --trim-heap`
-        for _ in range(spec["steps"]):
+    trim_heap = HeapTrimmer(enabled=spec["trim_heap"])
+    for _ in range(spec["steps"]):  # as `lorakit train --trim-heap` does
+        with heap_trimming(model, trim_heap):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            trim_heap()
+        optimizer.step()
+        optimizer.zero_grad()
+        trim_heap()
     seconds = time.perf_counter() - t0
     return {
         "peak_bytes": (_rss_kib("VmHWM") - baseline) * 1024,
@@ -152,12 +153,11 @@ def cli_inputs(config: str, seq_len: int, folder: Path) -> dict:
 
     from lorakit.hf import load_tokenizer
 
-    if not (folder / "model.safetensors").exists():
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.from_pretrained(config)
-        ).save_pretrained(folder)
-        load_tokenizer("smollm2-135m").save_pretrained(folder)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(config)
+    ).save_pretrained(folder)
+    load_tokenizer("smollm2-135m").save_pretrained(folder)
     words = "the a movie film story actor scene plot good bad great dull long short music light dark".split()
     rng = random.Random(0)
     data = folder / "data.jsonl"
@@ -214,8 +214,10 @@ def main() -> int:
     from lorakit.plan.format import human
 
     config = str(resolve("smollm2-135m") / "config.json")
-    tmp = tempfile.TemporaryDirectory(prefix="plan-cli-")  # removed when the script exits
-    cli = cli_inputs(config, args.seq_len, Path(tmp.name)) if args.cli else {}
+    cli = {}
+    if args.cli:
+        tmp = tempfile.TemporaryDirectory(prefix="plan-cli-")  # removed when the script exits
+        cli = cli_inputs(config, args.seq_len, Path(tmp.name))
     reused = {}
     for path in args.reuse or []:  # earlier measurements: predict again without training again
         reused.update({row["case"]: row for row in json.loads(path.read_text())["rows"]})

@@ -73,16 +73,12 @@ class HeapTrimmer:
 
 
 @contextmanager
-def heap_trimming(
-    model: nn.Module, enabled: bool = True, max_overhead: float = 0.05
-) -> Iterator[HeapTrimmer]:
-    """Yield a `HeapTrimmer` for a training loop to call after each optimizer step; while inside,
-    it is also called after every block of `model`'s layer stack in a forward pass that records
-    gradients, and when the backward pass reaches each block's output: the step's memory peaks
-    at the end of the forward and in the backward. Hooks are removed on exit; evaluation under
-    `torch.no_grad()` is left alone. With `enabled=False` nothing is hooked and the trimmer does
-    nothing."""
-    trimmer = HeapTrimmer(enabled, max_overhead)
+def heap_trimming(model: nn.Module, trimmer: HeapTrimmer) -> Iterator[None]:
+    """While inside, `trimmer` is called after every block of `model`'s layer stack in a forward
+    pass that records gradients, and when the backward pass reaches each block's output: the
+    step's memory peaks at the end of the forward and in the backward. Wrap a step's forward and
+    backward in it and call `trimmer` after the optimizer step. Hooks are removed on exit;
+    evaluation under `torch.no_grad()` is left alone; a disabled trimmer hooks nothing."""
 
     def on_grad(grad: torch.Tensor) -> None:
         trimmer()
@@ -98,7 +94,7 @@ def heap_trimming(
     blocks = decoder_layers(model) if trimmer.enabled else []
     handles = [block.register_forward_hook(after_block) for block in blocks]
     try:
-        yield trimmer
+        yield
     finally:
         for handle in handles:
             handle.remove()

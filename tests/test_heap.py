@@ -63,8 +63,8 @@ def test_heap_trimming_hooks_every_layer_forward_and_backward(monkeypatch, check
         enable_checkpointing(model)
     ids = torch.randint(0, 128, (2, 8))
     layers = model.config.num_hidden_layers
-    with heap.heap_trimming(model, max_overhead=1.0) as trimmer:
-        trimmer.cost = 0.0  # every request trims (the stub takes no time)
+    trimmer = heap.HeapTrimmer(max_overhead=1.0)  # every request trims (the stub takes no time)
+    with heap.heap_trimming(model, trimmer):
         with torch.no_grad():
             model(input_ids=ids)
         assert calls == []  # evaluation is left alone
@@ -78,7 +78,8 @@ def test_heap_trimming_hooks_every_layer_forward_and_backward(monkeypatch, check
 
 def test_heap_trimming_disabled_hooks_nothing():
     model = conftest.tiny_llama()
-    with heap.heap_trimming(model, enabled=False) as trimmer:
+    trimmer = heap.HeapTrimmer(enabled=False)
+    with heap.heap_trimming(model, trimmer):
         assert not any(layer._forward_hooks for layer in model.model.layers)
         trimmer()
     assert trimmer.trims == 0

@@ -18,9 +18,10 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
+from ..inject import decoder_layers
 from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, nf4_bytes, optimizer_state_bytes, step_memory
 from .models import ATTENTION, build_meta_model, load_config
-from .trace import ActivationTrace, decoder_layers, trace_activations
+from .trace import ActivationTrace, trace_activations
 
 METHODS = ("full", "lora", "qlora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError, TrainingError
-from ..heap import heap_trimming
+from ..heap import HeapTrimmer, heap_trimming
 from . import distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -178,79 +178,79 @@ def train(
         rows.append(metrics.write({"step": 0, **_evaluate(model, evaluate, 0)}))
     started, busy, tokens_at_start = time.perf_counter(), 0.0, prog.tokens
     model.train()
-    with heap_trimming(model, enabled=cfg.trim_heap and device.type == "cpu") as trim_heap:
-        while prog.step < total:
-            plan = batch_plan(lengths, cfg.batch_size, cfg.seed, prog.epoch)
-            while prog.position < len(plan) and prog.step < total:
-                batch_idx = plan[prog.position]
-                share = len(batch_idx) // world
-                mine = [examples[i] for i in batch_idx[rank * share : (rank + 1) * share]]
-                t0 = time.perf_counter()
-                loss, tokens = _step(model, mine, cfg, collate, device, autocast)
-                grad_norm = _update(params, optimizer, scheduler, cfg)
-                trim_heap()
-                busy += time.perf_counter() - t0  # tokens/s counts training only, not evals or saves
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    raise TrainingError(
-                        f"non-finite loss or gradient at step {prog.step + 1} (loss={loss}, grad norm={grad_norm}); "
-                        f"the last good checkpoint is kept in {out / 'checkpoints'}. Lower --lr, or use --precision fp32"
-                    )
-                prog.step += 1
-                prog.position += 1
-                prog.tokens += tokens
-                elapsed = time.perf_counter() - started
-                speed = (prog.tokens - tokens_at_start) / max(busy, 1e-9)
-                row = {
-                    "step": prog.step,
-                    "epoch": round(prog.epoch + prog.position / len(plan), 4),
-                    "loss": loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": round(speed, 1),
-                    "time_s": round(elapsed, 1),
-                    "train_s": round(busy, 3),
-                }
-                if (
-                    cfg.max_minutes
-                    and prog.step < total
-                    and _out_of_time(time.perf_counter() - entered, cfg.max_minutes)
-                ):
-                    log.warning(
-                        "time budget of %s min reached at step %d of %d; finishing now",
-                        cfg.max_minutes,
+    trim_heap = HeapTrimmer(enabled=cfg.trim_heap and device.type == "cpu")
+    while prog.step < total:
+        plan = batch_plan(lengths, cfg.batch_size, cfg.seed, prog.epoch)
+        while prog.position < len(plan) and prog.step < total:
+            batch_idx = plan[prog.position]
+            share = len(batch_idx) // world
+            mine = [examples[i] for i in batch_idx[rank * share : (rank + 1) * share]]
+            t0 = time.perf_counter()
+            loss, tokens = _step(model, mine, cfg, collate, device, autocast, trim_heap)
+            grad_norm = _update(params, optimizer, scheduler, cfg)
+            trim_heap()
+            busy += time.perf_counter() - t0  # tokens/s counts training only, not evals or saves
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise TrainingError(
+                    f"non-finite loss or gradient at step {prog.step + 1} (loss={loss}, grad norm={grad_norm}); "
+                    f"the last good checkpoint is kept in {out / 'checkpoints'}. Lower --lr, or use --precision fp32"
+                )
+            prog.step += 1
+            prog.position += 1
+            prog.tokens += tokens
+            elapsed = time.perf_counter() - started
+            speed = (prog.tokens - tokens_at_start) / max(busy, 1e-9)
+            row = {
+                "step": prog.step,
+                "epoch": round(prog.epoch + prog.position / len(plan), 4),
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": round(speed, 1),
+                "time_s": round(elapsed, 1),
+                "train_s": round(busy, 3),
+            }
+            if (
+                cfg.max_minutes
+                and prog.step < total
+                and _out_of_time(time.perf_counter() - entered, cfg.max_minutes)
+            ):
+                log.warning(
+                    "time budget of %s min reached at step %d of %d; finishing now",
+                    cfg.max_minutes,
+                    prog.step,
+                    total,
+                )
+                total = prog.step
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}")
+            if prog.step % cfg.log_every == 0 or prog.step == total:
+                rows.append(metrics.write(row))
+            last = prog.step == total
+            if last or (cfg.save_every and prog.step % cfg.save_every == 0):
+                if dist.is_main():
+                    save_checkpoint(
+                        out / "checkpoints",
                         prog.step,
-                        total,
+                        model,
+                        optimizer,
+                        scheduler,
+                        vars(prog),
+                        cfg.keep_checkpoints,
                     )
-                    total = prog.step
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}")
-                if prog.step % cfg.log_every == 0 or prog.step == total:
-                    rows.append(metrics.write(row))
-                last = prog.step == total
-                if last or (cfg.save_every and prog.step % cfg.save_every == 0):
-                    if dist.is_main():
-                        save_checkpoint(
-                            out / "checkpoints",
-                            prog.step,
-                            model,
-                            optimizer,
-                            scheduler,
-                            vars(prog),
-                            cfg.keep_checkpoints,
-                        )
-                    dist.barrier()
-                if evaluate is not None and (last or (cfg.eval_every and prog.step % cfg.eval_every == 0)):
-                    rows.append(metrics.write({"step": prog.step, **_evaluate(model, evaluate, prog.step)}))
-            if prog.position >= len(plan):
-                prog.epoch, prog.position = prog.epoch + 1, 0
+                dist.barrier()
+            if evaluate is not None and (last or (cfg.eval_every and prog.step % cfg.eval_every == 0)):
+                rows.append(metrics.write({"step": prog.step, **_evaluate(model, evaluate, prog.step)}))
+        if prog.position >= len(plan):
+            prog.epoch, prog.position = prog.epoch + 1, 0
     if bar is not None:
         bar.close()
     metrics.close()
     return rows
 
 
-def _step(model, mine, cfg, collate, device, autocast) -> tuple[float, int]:
+def _step(model, mine, cfg, collate, device, autocast, trim_heap) -> tuple[float, int]:
     """Forward and backward over this process's share of one global batch (in `grad_accum` pieces).
     Returns the step's global mean loss and its global input-token count."""
     counts = torch.tensor(
@@ -265,9 +265,10 @@ def _step(model, mine, cfg, collate, device, autocast) -> tuple[float, int]:
         if not piece:
             continue
         batch = {key: v.to(device) for key, v in collate(piece).items()}
-        with autocast:
-            loss = loss_sum(model, batch)
-        (loss / denom).backward()
+        with heap_trimming(model, trim_heap):  # hooks only when --trim-heap on a CPU
+            with autocast:
+                loss = loss_sum(model, batch)
+            (loss / denom).backward()
         total += loss.detach().float().cpu()
     dist.all_reduce_sum(total)
     return total.item() / denom, int(counts[1].item())
