@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
+from fixtures import tiny_llama
 
 import lorakit
 from lorakit import LoraConfig

@@ -581,7 +581,7 @@ def test_packed_mask_is_block_diagonal_causal():
 
 def _tiny_llama(attn: str = "sdpa", dtype=torch.float32, head: str = "LlamaForCausalLM", **config):
     import transformers
-    from conftest import tiny_llama
+    from fixtures import tiny_llama
 
     shape = dict(intermediate_size=128, num_hidden_layers=2, max_position_embeddings=2048)
     model = tiny_llama(0, getattr(transformers, head), attn_implementation=attn, **shape, **config)

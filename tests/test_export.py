@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from inference_helpers import make_adapter, tiny_chat_model
+from fixtures import make_adapter, tiny_chat_model
 from transformers import AutoModelForCausalLM
 
 import lorakit

@@ -3,7 +3,7 @@ mixed adapters, rows leaving the batch), seeded sampling, EOS/length/cancel, str
 
 import pytest
 import torch
-from inference_helpers import make_adapter, tiny_chat_model
+from fixtures import make_adapter, tiny_chat_model
 
 import lorakit
 import lorakit.hf

@@ -6,7 +6,7 @@ import re
 import time
 from pathlib import Path
 
-import conftest
+import fixtures
 import pytest
 import torch
 
@@ -55,7 +55,7 @@ def test_heap_trimming_hooks_every_layer_forward_and_backward(monkeypatch, check
     calls = []
     monkeypatch.setattr(heap, "release_freed_memory", lambda: calls.append(1))
     model = lorakit.inject(
-        conftest.tiny_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear")
+        fixtures.tiny_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear")
     ).train()
     if checkpointing:
         from lorakit.train.run import enable_checkpointing
@@ -77,7 +77,7 @@ def test_heap_trimming_hooks_every_layer_forward_and_backward(monkeypatch, check
 
 
 def test_heap_trimming_disabled_hooks_nothing():
-    model = conftest.tiny_llama()
+    model = fixtures.tiny_llama()
     trimmer = heap.HeapTrimmer(enabled=False)
     with heap.heap_trimming(model, trimmer):
         assert not any(layer._forward_hooks for layer in model.model.layers)

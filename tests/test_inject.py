@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from fixtures import tiny_bert_classifier, tiny_gpt2, tiny_llama
 from transformers import LlamaForCausalLM
 
 import lorakit

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from fixtures import tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import lorakit

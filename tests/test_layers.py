@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt2, tiny_llama
+from fixtures import tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit import LoraConfig

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from fixtures import tiny_llama
 
 import lorakit
 from lorakit.errors import AdapterStateError, ConfigError, ShapeMismatchError

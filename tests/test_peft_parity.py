@@ -3,7 +3,7 @@
 import peft
 import pytest
 import torch
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from fixtures import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit.inject import lora_layers

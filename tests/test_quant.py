@@ -8,7 +8,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from conftest import tiny_llama
+from fixtures import tiny_llama
 from torch import nn
 
 from lorakit.errors import QuantizationError

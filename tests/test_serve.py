@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from inference_helpers import make_adapter, tiny_chat_model
+from fixtures import make_adapter, tiny_chat_model
 
 import lorakit
 import lorakit.hf

@@ -8,7 +8,7 @@ import math
 import random
 from types import SimpleNamespace
 
-import conftest
+import fixtures
 import pytest
 import torch
 from torch import nn
@@ -36,9 +36,9 @@ def _one_thread():
 
 
 def tiny_llama(vocab: int = 128, seed: int = 0, cls: type | None = None, **kw) -> nn.Module:
-    """conftest's tiny Llama, narrower (32 wide, 2 layers) so the training tests stay fast."""
+    """fixtures.tiny_llama, narrower (32 wide, 2 layers) so the training tests stay fast."""
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)
-    return conftest.tiny_llama(seed, cls or transformers.LlamaForCausalLM, vocab_size=vocab, **shape, **kw)
+    return fixtures.tiny_llama(seed, cls or transformers.LlamaForCausalLM, vocab_size=vocab, **shape, **kw)
 
 
 def lm_examples(n: int, seed: int = 0, vocab: int = 128) -> list[dict]:

@@ -1,0 +1,90 @@
+"""Shared builders for the tests: tiny random-weight models (fast on CPU, real transformers classes),
+and tiny chat models and adapters on disk for the inference tests (generate, export, serve).
+
+A tiny chat model is a 2-layer random Llama with SmolLM2's real tokenizer (vocab 49152) so chat
+templates and detokenization are the real thing, while a forward pass takes milliseconds. Weights are
+drawn with a large std so greedy decoding has clear winners (no float near-ties between batch shapes).
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+import lorakit
+import lorakit.hf
+
+
+def tiny_llama(seed: int = 0, cls: type = LlamaForCausalLM, **overrides) -> LlamaForCausalLM:
+    """A small random Llama; `overrides` replace config fields, `cls` picks the head class."""
+    torch.manual_seed(seed)
+    shape = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    return cls(LlamaConfig(**{**shape, **overrides})).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=100, n_positions=32)).eval()
+
+
+def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_chat_model(folder: Path) -> Path:
+    """Save a tiny random Llama + SmolLM2's tokenizer in `folder`; returns it."""
+    tok = lorakit.hf.load_tokenizer(lorakit.hf.DEFAULT_MODEL)
+    model = tiny_llama(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        vocab_size=len(tok),
+        max_position_embeddings=512,
+        initializer_range=0.5,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_adapter(model_folder: Path, out: Path, seed: int, r: int = 4) -> Path:
+    """An adapter with random nonzero A and B for the model in `model_folder`, saved in `out`."""
+    model, _ = lorakit.hf.load_model(model_folder)
+    lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lorakit.io.adapter_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    lorakit.save_adapter(model, out)
+    return out
