@@ -88,3 +88,12 @@ def make_adapter(model_folder: Path, out: Path, seed: int, r: int = 4) -> Path:
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     lorakit.save_adapter(model, out)
     return out
+
+
+def assert_close_through_foreign_kernels(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Outputs computed through another library's kernels (bitsandbytes, transformers' 4-bit path):
+    those kernels pick a different CPU code path per instruction set (AVX2, AVX-512, NEON), so
+    logits differ across machines (measured: up to 3e-3 on logits of magnitude ~1 without AVX2).
+    Bytes and dequantized weights are compared exactly where they are made; outputs with this
+    tolerance, 3x the largest difference seen."""
+    torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)
