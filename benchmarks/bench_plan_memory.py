@@ -7,7 +7,7 @@ zero_grad). It reports its peak RSS during those steps (VmHWM, reset after the m
 minus its RSS before the model was built, in three modes:
 
 - `glibc_default`: glibc's malloc as it comes;
-- `trim_heap`: the same, with `lorakit.heap.heap_trimming` around the steps, as
+- `trim_heap`: the same, with `lorakit._heap.heap_trimming` around the steps, as
   `lorakit train --trim-heap` does;
 - `fixed_threshold`: `MALLOC_MMAP_THRESHOLD_=65536`, so RSS follows the live tensors (as a GPU
   allocator's peak-allocated statistic does).
@@ -55,7 +55,8 @@ def child(spec: dict) -> dict:
     import transformers
 
     import lorakit
-    from lorakit.heap import HeapTrimmer, heap_trimming
+    from lorakit._heap import HeapTrimmer, heap_trimming, release_freed_memory
+    from lorakit.inject import decoder_layers
 
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
@@ -67,7 +68,7 @@ def child(spec: dict) -> dict:
     if spec["method"] == "qlora":
         from lorakit.quant import quantize_model
 
-        quantize_model(model, compute_dtype=torch.float32)
+        quantize_model(model, compute_dtype=torch.float32, after_layer=release_freed_memory)
     if spec["method"] != "full":
         lorakit.inject(
             model, lorakit.LoraConfig(r=spec["r"], lora_alpha=spec["r"], target_modules="all-linear")
@@ -82,7 +83,7 @@ def child(spec: dict) -> dict:
     t0 = time.perf_counter()
     trim_heap = HeapTrimmer(enabled=spec["trim_heap"])
     for _ in range(spec["steps"]):  # as `lorakit train --trim-heap` does
-        with heap_trimming(model, trim_heap):
+        with heap_trimming(decoder_layers(model), trim_heap):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         optimizer.step()
@@ -211,7 +212,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from lorakit.hf import resolve
     from lorakit.plan import PlanSetup, estimate
-    from lorakit.plan.format import human
+    from lorakit.plan.units import human
 
     config = str(resolve("smollm2-135m") / "config.json")
     cli = {}
@@ -233,7 +234,7 @@ def main() -> int:
             "ratio": "predicted / measured",
             "modes": {
                 "glibc_default": "glibc's malloc as it comes",
-                "trim_heap": "glibc's defaults + lorakit.heap.heap_trimming, as `lorakit train --trim-heap`",
+                "trim_heap": "glibc's defaults + lorakit._heap.heap_trimming, as `lorakit train --trim-heap`",
                 "fixed_threshold": "MALLOC_MMAP_THRESHOLD_=65536: RSS follows the live tensors",
             },
             "r": args.r,

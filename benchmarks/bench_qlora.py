@@ -84,8 +84,8 @@ def storage() -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lorakit.quant.linear4bit import Linear4bit
-    from lorakit.quant.loading import quantize_model
     from lorakit.quant.nf4 import quantize_nf4
+    from lorakit.quant.quantize import quantize_model
 
     out = {}
     w = torch.randn(4096, 4096)
@@ -185,9 +185,9 @@ def _load(impl: str, folder: Path):
     """SmolLM2-135M in 4-bit with a LoRA adapter (r=16, all linear layers): lorakit or PEFT + bnb."""
     if impl == "lorakit":
         import lorakit
-        from lorakit.quant.loading import load_quantized
+        from lorakit.quant.hf_loading import load_quantized
 
-        return lorakit.inject(load_quantized(folder), lorakit.LoraConfig(**LORA))
+        return lorakit.inject(load_quantized(folder, trim_heap=True), lorakit.LoraConfig(**LORA))
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -240,7 +240,7 @@ def worker_train(impl: str) -> dict:
 def merge_error() -> dict:
     """Re-quantized merge vs exact merge on SmolLM2-135M with a random (non-zero) r=16 adapter."""
     import lorakit
-    from lorakit.quant.loading import load_quantized
+    from lorakit.quant.hf_loading import load_quantized
     from lorakit.quant.merging import requantization_error
 
     torch.manual_seed(0)
@@ -281,9 +281,9 @@ def worker_load(impl: str) -> dict:
     base_rss = _rss_mb()
     t = time.perf_counter()
     if impl == "lorakit nf4":
-        from lorakit.quant.loading import load_quantized
+        from lorakit.quant.hf_loading import load_quantized
 
-        model = load_quantized(folder)
+        model = load_quantized(folder, trim_heap=True)  # as measured in benchmarks/README.md
     elif impl == "transformers fp32":
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     else:

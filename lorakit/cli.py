@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("lorakit.data.cli", "check a dataset: format, counts, token lengths, what the loss covers"),
     "train": ("lorakit.train.cli", "train a LoRA adapter (no arguments: the embedded sentiment demo)"),
     "plan": (
-        "lorakit.plan.cli",
+        "lorakit.commands.plan",
         "parameters, file sizes and training memory of full / LoRA / QLoRA; fit a budget",
     ),
 }

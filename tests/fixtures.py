@@ -97,3 +97,51 @@ def assert_close_through_foreign_kernels(actual: torch.Tensor, expected: torch.T
     Bytes and dequantized weights are compared exactly where they are made; outputs with this
     tolerance, 3x the largest difference seen."""
     torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)
+
+
+# NF4 / bitsandbytes builders (tests/test_quant_*.py) ---------------------------------------------
+
+
+def random_weight(shape, dtype, seed=0):
+    """A random weight whose rows have different scales, so block maxima (and their double
+    quantization) vary."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    if len(shape) == 2:
+        w = w * torch.rand(shape[0], 1, generator=g) * 3
+    return w.to(dtype)
+
+
+def bnb_quantize(w, blocksize=64, dq=True):
+    """bitsandbytes' own NF4 quantization of `w`: (packed, QuantState)."""
+    import bitsandbytes.functional as bnbF
+
+    return bnbF.quantize_4bit(w, quant_type="nf4", blocksize=blocksize, compress_statistics=dq)
+
+
+def bnb_linear(layer, compute_dtype):
+    """bitsandbytes' Linear4bit holding exactly `layer`'s (a lorakit Linear4bit) bytes, read from
+    its state dict."""
+    import bitsandbytes as bnb
+
+    sd = layer.state_dict()
+    ref = bnb.nn.Linear4bit(
+        layer.in_features,
+        layer.out_features,
+        bias=layer.bias is not None,
+        compute_dtype=compute_dtype,
+        quant_type="nf4",
+    )
+    stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
+    ref.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, requires_grad=False, device="cpu")
+    if layer.bias is not None:
+        ref.bias = torch.nn.Parameter(sd["bias"].clone(), requires_grad=False)
+    return ref
+
+
+def tiny_llama_2layer(seed=0, tie=True):
+    """The 2-layer tiny Llama the 4-bit loading and merging tests use."""
+    return tiny_llama(seed, intermediate_size=128, num_hidden_layers=2, tie_word_embeddings=tie)
+
+
+QUANT_IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))

@@ -1,4 +1,4 @@
-"""lorakit.heap: giving freed heap back to the OS during CPU training."""
+"""lorakit._heap: giving freed heap back to the OS during CPU training."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import heap
+from lorakit import _heap as heap
+from lorakit.inject import decoder_layers
 
 glibc = pytest.mark.skipif(not heap._libc_malloc_trim(), reason="needs glibc's malloc_trim")
 
@@ -64,7 +65,7 @@ def test_heap_trimming_hooks_every_layer_forward_and_backward(monkeypatch, check
     ids = torch.randint(0, 128, (2, 8))
     layers = model.config.num_hidden_layers
     trimmer = heap.HeapTrimmer(max_overhead=1.0)  # every request trims (the stub takes no time)
-    with heap.heap_trimming(model, trimmer):
+    with heap.heap_trimming(decoder_layers(model), trimmer):
         with torch.no_grad():
             model(input_ids=ids)
         assert calls == []  # evaluation is left alone
@@ -79,7 +80,7 @@ def test_heap_trimming_hooks_every_layer_forward_and_backward(monkeypatch, check
 def test_heap_trimming_disabled_hooks_nothing():
     model = fixtures.tiny_llama()
     trimmer = heap.HeapTrimmer(enabled=False)
-    with heap.heap_trimming(model, trimmer):
+    with heap.heap_trimming(decoder_layers(model), trimmer):
         assert not any(layer._forward_hooks for layer in model.model.layers)
         trimmer()
     assert trimmer.trims == 0

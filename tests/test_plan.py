@@ -114,17 +114,17 @@ def test_gradient_and_adamw_state_bytes_equal_a_real_step(llama_json):
     assert est.memory.weights == sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("shape", [(192, 576), (96, 64), (7, 9)])
-def test_nf4_bytes_equal_bitsandbytes(shape, double_quant):
-    bnb = pytest.importorskip("bitsandbytes.functional")
-    q, st = bnb.quantize_4bit(
-        torch.randn(shape), quant_type="nf4", compress_statistics=double_quant, blocksize=64
-    )
-    parts = [q, st.absmax] + ([st.state2.absmax, st.offset] if double_quant else [])
-    assert nf4_bytes(shape[0] * shape[1], double_quant=double_quant) == sum(
-        t.numel() * t.element_size() for t in parts
-    )
+def test_qlora_nf4_bytes_are_what_lorakit_quant_stores(llama_json):
+    """plan asks quant what gets quantized: its NF4 bytes are the buffers quantize_model makes."""
+    from lorakit.quant import Linear4bit, quantize_model
+
+    est = estimate(PlanSetup(model=llama_json, method="qlora", seq_len=8, dtype="float32"), memory=False)
+    model = quantize_model(_real_model(llama_json, "full"))
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    buffers = [b for m in layers for b in (m.weight, m.absmax, m.nested_absmax) if b is not None]
+    offsets = 4 * sum(m.double_quant for m in layers)  # the fp32 offset of each layer's nested scales
+    stored = sum(b.numel() * b.element_size() for b in buffers) + offsets
+    assert est.weights_by_dtype["nf4 (with scales)"] == stored
 
 
 def test_qlora_weights_are_nf4_except_embeddings_norms_and_head(llama_json):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..quant.linear4bit import Linear4bit
 from .base import LoraLayer
 from .conv import LoraConv
 from .embedding import LoraEmbedding
@@ -25,15 +26,10 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return utils is not None and isinstance(module, utils.Conv1D)
 
 
-def _is_4bit_linear(module: nn.Module) -> bool:
-    quant = sys.modules.get("lorakit.quant.linear4bit")
-    return quant is not None and isinstance(module, quant.Linear4bit)
-
-
 _BUILTIN: list[tuple[Matcher, type[LoraLayer]]] = [
     (nn.Linear, LoraLinear),
     (_is_hf_conv1d, LoraLinear),
-    (_is_4bit_linear, LoraLinear),
+    (Linear4bit, LoraLinear),
     (nn.Embedding, LoraEmbedding),
     (nn.Conv1d, LoraConv),
     (nn.Conv2d, LoraConv),

@@ -8,9 +8,11 @@ The model is built on PyTorch's `meta` device (no weights read, no memory used),
 with lorakit's own `inject`, and activation memory is traced from a meta forward pass.
 """
 
+from ..quant.nf4 import nf4_bytes
 from .estimate import METHODS, Estimate, PlanSetup, compare, estimate
-from .memory import StepMemory, nf4_bytes
-from .recommend import Recommendation, parse_size, recommend
+from .memory import StepMemory
+from .recommend import Recommendation, recommend
+from .units import parse_size
 
 __all__ = [
     "METHODS",

@@ -19,7 +19,8 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
 from ..inject import decoder_layers
-from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, nf4_bytes, optimizer_state_bytes, step_memory
+from ..quant import DEFAULT_BLOCKSIZE, nf4_bytes, quantized_weights
+from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, optimizer_state_bytes, step_memory
 from .models import ATTENTION, build_meta_model, load_config
 from .trace import ActivationTrace, trace_activations
 
@@ -27,7 +28,6 @@ METHODS = ("full", "lora", "qlora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEVICES = ("cuda", "cpu")
-QUANT_SKIP = ("lm_head", "score", "classifier")  # output heads stay in full precision (QLoRA)
 
 
 @dataclass(frozen=True)
@@ -176,18 +176,8 @@ def activation_trace(setup: PlanSetup) -> ActivationTrace:
 
 
 def _quantized_weights(model: nn.Module) -> set[int]:
-    """ids of the linear weights QLoRA stores in NF4: every frozen linear layer (LoRA's own A and B
-    train) but the output heads and any layer whose weight is tied to an embedding (lorakit.quant's
-    rule)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    out = set()
-    for name, module in model.named_modules():
-        frozen = not module.weight.requires_grad if type(module) is nn.Linear else False  # not an adapter
-        if frozen and id(module.weight) not in embeddings:
-            parts = name.split(".")
-            if not any(s in parts for s in QUANT_SKIP):
-                out.add(id(module.weight))
-    return out
+    """ids of the weights QLoRA stores in NF4, by lorakit.quant's own rule (`quantized_weights`)."""
+    return {id(model.get_submodule(name).weight) for name in quantized_weights(model)}
 
 
 def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
@@ -207,7 +197,7 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
         n, size = p.numel(), p.numel() * p.element_size()
         total += n
         if id(p) in quantized:
-            key, size = "nf4 (with scales)", nf4_bytes(n)
+            key, size = "nf4 (with scales)", nf4_bytes(n, DEFAULT_BLOCKSIZE)
             dequant = max(dequant, n * p.element_size())
         else:
             key = str(p.dtype).removeprefix("torch.")

@@ -4,31 +4,7 @@ from __future__ import annotations
 
 from .estimate import Estimate
 from .recommend import Recommendation
-
-
-def human(n: float) -> str:
-    """Bytes in binary units: 1536 -> '1.50 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def decimal(n: float) -> str:
-    """File sizes in decimal units, as disks and papers give them: 37800320 -> '37.8 MB'."""
-    for div, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def count(n: int) -> str:
-    """Parameter count: 18874368 -> '18,874,368 (18.9M)'."""
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n:,} ({n / div:.1f}{suffix})"
-    return f"{n:,}"
+from .units import count, decimal, human
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -20,28 +20,12 @@ from dataclasses import dataclass
 
 from .trace import ActivationTrace
 
-NF4_BLOCKSIZE = 64
-NESTED_BLOCKSIZE = 256
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 # What PyTorch's CPU runtime itself adds while training (thread pools, the autograd engine, allocator
 # arenas): peak RSS over baseline minus predicted tensors, measured with a 2-layer 64-wide Llama
 # (2 threads) where the tensors are negligible: 51 MiB. A GPU's CUDA context (outside PyTorch's
 # allocator statistics) is not included: it was not measured here.
 CPU_RUNTIME_BYTES = 51 * 2**20
-
-
-def nf4_bytes(numel: int, blocksize: int = NF4_BLOCKSIZE, double_quant: bool = True) -> int:
-    """Bytes of a weight of `numel` elements in NF4: 4-bit codes plus the per-block absmax scales.
-
-    Without double quantization each block of `blocksize` has an fp32 absmax (0.5 bit/param at 64);
-    with it the absmax are 8-bit codes plus an fp32 scale per 256 of them and one fp32 offset
-    (about 0.127 bit/param), as QLoRA and bitsandbytes store them.
-    """
-    codes = (numel + 1) // 2
-    blocks = -(-numel // blocksize)
-    if not double_quant:
-        return codes + 4 * blocks
-    return codes + blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4
 
 
 def optimizer_state_bytes(optimizer: str, trainable_numel: int, trainable_bytes: int) -> int:

@@ -10,25 +10,11 @@ smaller batch loses nothing with gradient accumulation, which the recommendation
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .estimate import Estimate, PlanSetup, estimate
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_BINARY = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as "8GiB", "24 GB", "512MiB", "1.5T" (binary with an i, else decimal).
-
-    Raises `ConfigError` for anything else."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT][iI]?)?[bB]?\s*", str(text))
-    if not m:
-        raise ConfigError(f"budget {text!r} is not a size; write e.g. 8GiB, 24GB or 512MiB")
-    unit = (m[2] or "").lower()
-    return int(float(m[1]) * (_BINARY.get(unit) or _UNITS[unit]))
+from .units import human
 
 
 @dataclass
@@ -101,8 +87,6 @@ def _why_fits(asked: PlanSetup, chosen: PlanSetup) -> str:
 
 
 def _why_not(smallest: Estimate, budget: int) -> str:
-    from .format import human
-
     s, mem = smallest.setup, smallest.memory
     fixed = mem.weights + mem.gradients + mem.optimizer
     culprit = (

@@ -332,3 +332,18 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
         values[full:].mul_(scales[nfull])
     out = values.view(state.shape)
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes of a weight of `numel` elements in NF4 as `quantize_nf4` stores it: 4-bit codes plus
+    the per-block absmax scales.
+
+    Without double quantization each block of `blocksize` has an fp32 absmax (0.5 bit/param at 64);
+    with it the absmax are 8-bit codes plus an fp32 scale per `NESTED_BLOCKSIZE` of them and one
+    fp32 offset (about 0.127 bit/param), as QLoRA and bitsandbytes store them.
+    """
+    codes = (numel + 1) // 2
+    blocks = -(-numel // blocksize)
+    if not double_quant:
+        return codes + 4 * blocks
+    return codes + blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4

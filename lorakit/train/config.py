@@ -52,7 +52,7 @@ class TrainConfig:
     quantize: str | None = None
     precision: str = "auto"
     gradient_checkpointing: bool = False
-    trim_heap: bool = False  # CPU only: hand freed heap back to the OS during steps (lorakit.heap)
+    trim_heap: bool = False  # CPU only: hand freed heap back to the OS during steps (lorakit._heap)
     eval_every: int = 0  # 0: evaluate at the end only
     eval_fraction: float = 0.1  # held out from --data when there is no --eval-data
     max_eval: int | None = None

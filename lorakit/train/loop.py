@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._heap import HeapTrimmer, heap_trimming
 from ..errors import ConfigError, DataError, TrainingError
-from ..heap import HeapTrimmer, heap_trimming
+from ..inject import decoder_layers
 from . import distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -265,7 +266,7 @@ def _step(model, mine, cfg, collate, device, autocast, trim_heap) -> tuple[float
         if not piece:
             continue
         batch = {key: v.to(device) for key, v in collate(piece).items()}
-        with heap_trimming(model, trim_heap):  # hooks only when --trim-heap on a CPU
+        with heap_trimming(decoder_layers(model), trim_heap):  # hooks only when --trim-heap on a CPU
             with autocast:
                 loss = loss_sum(model, batch)
             (loss / denom).backward()

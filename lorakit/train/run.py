@@ -147,7 +147,11 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, label_map = load_data(cfg, tokenizer)
     model, tokenizer = load_model(
-        cfg.model, task=cfg.task, quantize=cfg.quantize, num_labels=len(label_map) if label_map else None
+        cfg.model,
+        task=cfg.task,
+        quantize=cfg.quantize,
+        num_labels=len(label_map) if label_map else None,
+        trim_heap=cfg.trim_heap,
     )
     model.to(device)
     if label_map:

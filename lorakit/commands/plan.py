@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..hf import DEFAULT_MODEL
-from .estimate import DEVICES, DTYPES, METHODS, PlanSetup, compare
-from .memory import OPTIMIZERS
-from .models import ATTENTION, BUILTIN
+from ..hf import DEFAULT_MODEL, TASKS
+from ..plan.estimate import DEVICES, DTYPES, METHODS, PlanSetup, compare
+from ..plan.memory import OPTIMIZERS
+from ..plan.models import ATTENTION, BUILTIN
 
 
 def parse_targets(values: list[str]) -> str | tuple[str, ...]:
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--attention", choices=ATTENTION, default="sdpa")
     parser.add_argument("--device", choices=DEVICES, default="cuda", help="where training runs")
-    parser.add_argument("--task", choices=("causal-lm", "classification"), default="causal-lm")
+    parser.add_argument("--task", choices=TASKS, default="causal-lm")
     parser.add_argument(
         "--adapter-dtype",
         choices=list(DTYPES),
@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Estimate, compare the methods, optionally fit the budget, print."""
-    from .format import render, render_recommendation
-    from .recommend import parse_size, recommend
+    from ..plan.format import render, render_recommendation
+    from ..plan.recommend import recommend
+    from ..plan.units import parse_size
 
     setup = PlanSetup(
         model=args.model,

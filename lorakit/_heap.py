@@ -13,19 +13,21 @@ fix, a fixed `MALLOC_MMAP_THRESHOLD_`, gives the same peak but costs up to 1.8x.
 
 Off glibc (macOS, musl) `release_freed_memory` does nothing; on a GPU, device memory belongs to
 PyTorch's caching allocator, so `lorakit train` trims only when training on the CPU.
+
+Private and dependency-free (ctypes and torch only): an allocator policy of the process, so only
+the training loop and loaders asked to (`load_quantized(trim_heap=True)`, `quantize_model(...,
+after_layer=release_freed_memory)`) call it; no core module imports it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-
-from .inject import decoder_layers
 
 _malloc_trim = None  # glibc's malloc_trim once looked up; False where there is none
 
@@ -73,8 +75,8 @@ class HeapTrimmer:
 
 
 @contextmanager
-def heap_trimming(model: nn.Module, trimmer: HeapTrimmer) -> Iterator[None]:
-    """While inside, `trimmer` is called after every block of `model`'s layer stack in a forward
+def heap_trimming(blocks: Iterable[nn.Module], trimmer: HeapTrimmer) -> Iterator[None]:
+    """While inside, `trimmer` is called after every one of `blocks` (a model's decoder layers) in a forward
     pass that records gradients, and when the backward pass reaches each block's output: the
     step's memory peaks at the end of the forward and in the backward. Wrap a step's forward and
     backward in it and call `trimmer` after the optimizer step. Hooks are removed on exit;
@@ -91,8 +93,7 @@ def heap_trimming(model: nn.Module, trimmer: HeapTrimmer) -> Iterator[None]:
         if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
             hidden.register_hook(on_grad)
 
-    blocks = decoder_layers(model) if trimmer.enabled else []
-    handles = [block.register_forward_hook(after_block) for block in blocks]
+    handles = [block.register_forward_hook(after_block) for block in blocks] if trimmer.enabled else []
     try:
         yield
     finally:

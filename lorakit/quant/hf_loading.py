@@ -1,17 +1,16 @@
-"""Put a model's linear layers in 4-bit: in place, or while reading a checkpoint.
+"""Load a Hugging Face checkpoint straight into 4-bit, and save one transformers + bitsandbytes read.
 
-    quantize_model(model, skip_modules=DEFAULT_SKIP, compute_dtype=None, blocksize=64,
-                   double_quant=True) -> model
-        Replace every `nn.Linear` of an already-loaded model by a `Linear4bit`, one layer at a
-        time (each full-precision weight is freed, and the freed heap trimmed, as soon as its
-        layer is quantized).
+The transformers integration of `lorakit.quant` (the core, nf4/linear4bit/quantize/bnb_format/
+safetensors_io, imports only torch and safetensors); `transformers` is imported inside the functions.
 
     load_quantized(path, task="causal-lm", skip_modules=DEFAULT_SKIP, compute_dtype=torch.float32,
-                   dtype=None, blocksize=64, double_quant=True, num_labels=None, model_cls=None) -> model
+                   dtype=None, blocksize=64, double_quant=True, num_labels=None, model_cls=None,
+                   trim_heap=False) -> model
         Build a Hugging Face model from `path` (a folder with config.json and *.safetensors) on the
-        meta device, swap its linear layers for empty `Linear4bit`s, then read the checkpoint one
-        tensor at a time, quantizing each linear weight as it arrives. Peak memory is about the
-        4-bit model + the full-precision layers (embeddings, norms, head) + one linear weight.
+        meta device, swap the linear layers QLoRA quantizes (`quantize.should_quantize`) for empty
+        `Linear4bit`s, then read the checkpoint one tensor at a time, quantizing each linear weight
+        as it arrives. Peak memory is about the 4-bit model + the full-precision layers
+        (embeddings, norms, head) + one linear weight (+ glibc's retained heap unless `trim_heap`).
         A checkpoint that transformers + bitsandbytes saved in 4-bit (`weight.absmax`, ...,
         `weight.quant_state.bitsandbytes__nf4`) is read as it is, without re-quantizing.
 
@@ -19,11 +18,6 @@
         Write `model.safetensors` (4-bit layers in bitsandbytes' form) and, for a Hugging Face
         model, config.json with the matching `quantization_config`, which transformers +
         bitsandbytes and `load_quantized` read back.
-
-What stays in full precision follows QLoRA: embeddings and norms (they are not `nn.Linear`), and
-the modules named in `skip_modules` (default: the output heads `lm_head`, `score`, `classifier`).
-An output head tied to the input embeddings is never quantized, so tying keeps working.
-`transformers` is imported only inside `load_quantized` / `save_quantized`.
 """
 
 from __future__ import annotations
@@ -36,90 +30,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._heap import release_freed_memory
 from ..errors import QuantizationError
-from ..heap import release_freed_memory
+from ..hf import auto_model_class
 from .linear4bit import Linear4bit
+from .quantize import DEFAULT_BLOCKSIZE, DEFAULT_SKIP, replace_module, should_quantize, tied_heads
 from .safetensors_io import SafetensorsReader, save_file
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SKIP = ("lm_head", "score", "classifier")
-_TASKS = {"causal-lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification"}
-
-
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    """A module is skipped if a skip entry is its full name, its last dotted part(s), or a parent."""
-    return any(
-        name == s or name.endswith("." + s) or name.startswith(s + ".") or f".{s}." in name for s in skip
-    )
-
-
-def _tied_heads(model: nn.Module) -> set[str]:
-    """Names of linear layers whose weight is an embedding's weight (tied output heads)."""
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in embedding_weights
-    }
-
-
-def _check_quantizable(model: nn.Module) -> None:
-    if any(isinstance(m, Linear4bit) for m in model.modules()):
-        raise QuantizationError(
-            "the model already has 4-bit (Linear4bit) layers; quantize the original full-precision model instead"
-        )
-    if any(hasattr(m, "base_layer") and hasattr(m, "lora_A") for m in model.modules()):
-        raise QuantizationError(
-            "the model already has LoRA layers; quantize the base model first, then inject the adapter"
-        )
-
-
-def _targets(model: nn.Module, skip: Iterable[str]) -> list[str]:
-    tied = _tied_heads(model)
-    return [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and n and n not in tied and not _skipped(n, skip)
-    ]
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def quantize_model(
-    model: nn.Module,
-    skip_modules: Iterable[str] = DEFAULT_SKIP,
-    compute_dtype: torch.dtype | None = None,
-    blocksize: int = 64,
-    double_quant: bool = True,
-) -> nn.Module:
-    """Replace the `nn.Linear` layers of `model` by `Linear4bit`, in place; returns `model`.
-
-    `compute_dtype` defaults to each weight's dtype. Raises `QuantizationError` if the model is
-    already quantized or already has LoRA layers (quantize first, then inject).
-    """
-    _check_quantizable(model)
-    names = _targets(model, skip_modules)
-    for name in names:
-        layer = Linear4bit.from_linear(model.get_submodule(name), compute_dtype, blocksize, double_quant)
-        _replace(model, name, layer)
-        release_freed_memory()  # the freed full-precision weight and quantize temporaries
-    log.info("quantized %d linear layers to NF4", len(names))
-    return model
-
-
-# streaming load ---------------------------------------------------------------------------------
-
-
-def _model_class(task: str, model_cls):
-    import transformers
-
-    if model_cls is not None:
-        return model_cls
-    if task not in _TASKS:
-        raise QuantizationError(f"task must be one of {sorted(_TASKS)}, got {task!r}")
-    return getattr(transformers, _TASKS[task])
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.dtype | None) -> None:
@@ -144,17 +62,20 @@ def load_quantized(
     skip_modules: Iterable[str] = DEFAULT_SKIP,
     compute_dtype: torch.dtype = torch.float32,
     dtype: torch.dtype | None = None,
-    blocksize: int = 64,
+    blocksize: int = DEFAULT_BLOCKSIZE,
     double_quant: bool = True,
     num_labels: int | None = None,
     model_cls=None,
+    trim_heap: bool = False,
 ) -> nn.Module:
     """Load the Hugging Face model in folder `path` with its linear layers in NF4 (see module doc).
 
     `dtype` converts the full-precision tensors (default: as stored). Keys the checkpoint lacks
     (a new classification head) are initialized the way transformers does it and kept in full
-    precision. Raises `QuantizationError` for a folder without safetensors weights, or a
-    checkpoint that does not fit the model.
+    precision. `trim_heap` hands each layer's freed temporaries back to the OS (glibc; measured
+    on SmolLM2-135M: the peak was ~230 MB over the live tensors without it, about one layer with
+    it). Raises `ConfigError` for an unknown task, `QuantizationError` for a folder without
+    safetensors weights or a checkpoint that does not fit the model.
     """
     import transformers
 
@@ -165,18 +86,19 @@ def load_quantized(
     config.quantization_config = None  # the 4-bit layers are ours; keep transformers' quantizer out
     if num_labels is not None:
         config.num_labels = num_labels
-    cls = _model_class(task, model_cls)
+    cls = model_cls or auto_model_class(task)
+    release = release_freed_memory if trim_heap else None
     with torch.device("meta"):
         model = cls.from_config(config)
     keys = _key_map(model, reader.keys())
-    tied = _tied_heads(model)
+    tied = tied_heads(model)
     missing = {k for k in model.state_dict() if k not in keys.values()}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or not name or name in tied:
             continue
         has_4bit = f"{name}.weight.quant_state.bitsandbytes__nf4" in keys.values()
         fresh = f"{name}.weight" in missing  # a new head: trained, so never quantized
-        if has_4bit or (not prequantized and not fresh and not _skipped(name, skip_modules)):
+        if has_4bit or (not prequantized and not fresh and should_quantize(name, module, skip_modules, tied)):
             layer = Linear4bit(
                 module.in_features,
                 module.out_features,
@@ -187,7 +109,7 @@ def load_quantized(
                 weight_dtype=dtype or torch.float32,
                 device="meta",
             )
-            _replace(model, name, layer)
+            replace_module(model, name, layer)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     by_module: dict[str, dict[str, str]] = {}
     for file_key, key in keys.items():
@@ -205,9 +127,8 @@ def load_quantized(
             raise QuantizationError(f"checkpoint in {path} has no weight for {name!r}")
         layer.load_state_dict(tensors)  # quantizes a full-precision weight here, then drops it
         del tensors
-        # glibc keeps the freed per-layer temporaries resident: measured on SmolLM2-135M, the peak
-        # was ~230 MB over the live tensors without this, about one layer over them with it
-        release_freed_memory()
+        if release is not None:  # glibc keeps the freed per-layer temporaries resident otherwise
+            release()
     _finish(model, missing)
     return model.eval()
 
@@ -277,7 +198,7 @@ def save_quantized(model: nn.Module, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tied = _tied_heads(model)
+    tied = tied_heads(model)
     for name in tied:  # tied heads are stored once, as transformers does
         state.pop(f"{name}.weight", None)
     save_file(state, folder / "model.safetensors")
