@@ -13,6 +13,8 @@ Loading reads safetensors only; pickle (`.bin`) files are refused unless `allow_
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,10 +23,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from ._atomic import atomic_write, atomic_write_text
+from ._atomic import atomic_folder, clean_stale
 from .adapters import delete_adapter, list_adapters, set_adapter
 from .config import CONFIG_NAME, LoraConfig
-from .errors import AdapterFileError, AdapterStateError, LorakitError, ShapeMismatchError
+from .errors import (
+    AdapterFileError,
+    AdapterStateError,
+    ConfigError,
+    LorakitError,
+    ShapeMismatchError,
+    storage_errors,
+)
 from .inject import CONFIGS_ATTR, inject, lora_layers
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import unload
@@ -92,9 +101,20 @@ def fingerprint(model: nn.Module, adapter: str = "default") -> dict:
 def save_adapter(model: nn.Module, path: str | Path, adapter: str | list[str] | None = None) -> list[Path]:
     """Write adapters as PEFT folders; returns the folders written.
 
-    `adapter=None` saves every adapter. "default" goes to `path`, any other name to `path/name`.
-    Each file is written atomically: a crash mid-save leaves the previous files intact.
-    Raises `AdapterStateError` for an unknown adapter.
+    Where each goes: saving one adapter (`adapter="alpha"`, or `None` on a model that has only
+    one) writes it to `path` itself, whatever its name: the folder you name is the adapter folder.
+    Saving several keeps PEFT's layout: "default" in `path`, every other one in `path/<name>`.
+    `load_adapter` reads both layouts.
+
+    All-or-nothing: the new `path` is built complete under a temporary name and swapped in as a
+    whole (`_atomic.atomic_folder`), so a crash at any moment leaves the old folder or the new
+    one, never a mix. What `path` held that this save does not rewrite (other adapters'
+    subfolders, other files) is hard-linked into the new folder, so it is kept. Temporary folders
+    that killed saves left beside `path` are removed first.
+
+    Raises `AdapterStateError` for an unknown adapter or one with NaN/Inf weights,
+    `StorageError` when the folder cannot be written (disk full: "no space left on device"),
+    leaving `path` as it was.
     """
     path = Path(path)
     names = (
@@ -102,29 +122,68 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | list[str] | 
     )
     if not names:
         raise AdapterStateError("the model has no adapters to save; call lorakit.inject first")
-    written = []
-    for name in names:
-        config = _config(model, name)
-        folder = path if name == "default" else path / name
-        tensors = {
-            k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()
-        }
-        data = config.to_dict()
-        if config.target_modules == "all-linear":  # what PEFT writes: the resolved module names
-            data["target_modules"] = sorted(n for n, m in lora_layers(model) if name in m.r)
-        # lorakit detects the transposed GPT-2 layout per layer; PEFT readers want the flag
-        data["fan_in_fan_out"] = any(
-            getattr(m, "fan_in_fan_out", False) for _, m in lora_layers(model) if name in m.r
+    files = {name: _adapter_files(model, name) for name in names}
+    subfolder = {name: "" if len(names) == 1 or name == "default" else name for name in names}
+    replaced = {subfolder[n] or f for n in names for f in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)}
+    with storage_errors(path):
+        clean_stale(path.parent)
+        with atomic_folder(path) as tmp:
+            _carry_over(path, tmp, replaced)
+            for name, (tensors, data) in files.items():
+                folder = tmp / subfolder[name]
+                folder.mkdir(exist_ok=True)
+                save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+                (folder / CONFIG_NAME).write_text(
+                    json.dumps(data, indent=2, sort_keys=True, default=list), encoding="utf-8"
+                )
+    return [path / subfolder[name] if subfolder[name] else path for name in names]
+
+
+def _adapter_files(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, adapter_config.json content) of adapter `name`, copied off the model."""
+    config = _config(model, name)
+    tensors = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()
+    }
+    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise AdapterStateError(
+            f"adapter {name!r}: tensor {bad} holds NaN or Inf values; refusing to save it "
+            "(training diverged: lower the learning rate, or save an earlier checkpoint)"
         )
-        data[FINGERPRINT_KEY] = fingerprint(model, name)
-        data["lorakit_version"] = __version__
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(
-            folder / WEIGHTS_NAME, lambda tmp, t=tensors: save_file(t, str(tmp), metadata={"format": "pt"})
-        )
-        atomic_write_text(folder / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True, default=list))
-        written.append(folder)
-    return written
+    data = config.to_dict()
+    if config.target_modules == "all-linear":  # what PEFT writes: the resolved module names
+        data["target_modules"] = sorted(n for n, m in lora_layers(model) if name in m.r)
+    # lorakit detects the transposed GPT-2 layout per layer; PEFT readers want the flag
+    data["fan_in_fan_out"] = any(
+        getattr(m, "fan_in_fan_out", False) for _, m in lora_layers(model) if name in m.r
+    )
+    data[FINGERPRINT_KEY] = fingerprint(model, name)
+    data["lorakit_version"] = __version__
+    return tensors, data
+
+
+def _carry_over(old: Path, new: Path, replaced: set[str]) -> None:
+    """Hard-link what folder `old` holds into `new`, but for the top-level entries in `replaced`."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if entry.name not in replaced:
+            _link_tree(entry, new / entry.name)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        dst.mkdir()
+        for child in src.iterdir():
+            _link_tree(child, dst / child.name)
+    else:
+        try:
+            os.link(src, dst)  # files are never rewritten in place, so sharing them is safe
+        except OSError:  # a file system without hard links
+            shutil.copy2(src, dst)
 
 
 def read_adapter_tensors(folder: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -183,18 +242,18 @@ def load_adapter(
 ) -> nn.Module:
     """Load the adapter folder `path` onto `model` as `adapter` (default "default").
 
-    The whole file must fit: a fingerprint that disagrees with the model, a missing or unexpected
-    tensor, or a wrong shape raises (`ShapeMismatchError` / `AdapterFileError`) and leaves the model
-    as it was. Returns `model`.
+    `path` is the adapter folder itself, or (PEFT's layout for named adapters) a folder whose
+    subfolder `path/<adapter>` holds it; the subfolder wins when both hold an adapter_config.json.
+    The whole file must fit: a bad adapter name, a fingerprint that disagrees with the model, a
+    missing or unexpected tensor, a wrong shape or NaN/Inf values raise (`ConfigError`,
+    `ShapeMismatchError`, `AdapterFileError`) and leave the model as it was. Returns `model`.
     """
-    path = Path(path)
-    name = adapter or "default"
-    if not path.is_dir():
-        raise AdapterFileError(
-            f"{path}: not an adapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)"
-        )
+    name = "default" if adapter is None else adapter
+    check_adapter_name(name)
+    path = adapter_folder(path, name)
     config = LoraConfig.from_json_file(path / CONFIG_NAME)
     tensors = read_adapter_tensors(path, allow_pickle=allow_pickle)
+    _check_finite(tensors, path)
     _check_fingerprint(model, config, path)
     had_adapters = bool(list_adapters(model))
     previous_active = list(getattr(model, "_lorakit_active", []))
@@ -209,6 +268,40 @@ def load_adapter(
             set_adapter(model, previous_active)
         raise
     return model
+
+
+def check_adapter_name(name: object) -> None:
+    """Raise `ConfigError` unless `name` can name an adapter: a non-empty string without '.'
+    (module and tensor names are dotted paths, so a dot would split the name) that is not an
+    attribute of the `nn.ModuleDict` holding adapters ('forward', 'keys', ...)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(
+            f"adapter name {name!r} is not usable: give a non-empty name without '.' (e.g. 'sql_v2')"
+        )
+    if hasattr(nn.ModuleDict(), name):
+        raise ConfigError(f"adapter name {name!r} is reserved (a torch ModuleDict attribute); pick another")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterFileError(
+                f"{source}: tensor {key} holds NaN or Inf values; the adapter is corrupt (did its "
+                "training diverge?): retrain it or load an earlier checkpoint"
+            )
+
+
+def adapter_folder(path: str | Path, name: str = "default") -> Path:
+    """The folder that holds adapter `name` for `path`: `path/<name>` if it holds an
+    adapter_config.json (PEFT's layout for named adapters), else `path`. Raises `AdapterFileError`
+    if `path` is not a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(
+            f"{path}: not an adapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)"
+        )
+    nested = path / name
+    return nested if name != "default" and (nested / CONFIG_NAME).is_file() else path
 
 
 def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -231,6 +324,7 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
             raise AdapterFileError(
                 f"{source}: tensor {key} has dtype {value.dtype}; adapter weights must be floating point"
             )
+
         if value.shape != target.shape:
             raise ShapeMismatchError(
                 f"{source}: tensor {key} has shape {list(value.shape)} but the model expects {list(target.shape)}; "

@@ -195,3 +195,152 @@ def test_a_crash_mid_save_leaves_the_previous_adapter_intact(tmp_path, ids, monk
         lorakit.save_adapter(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left either
     assert lorakit.list_adapters(lorakit.load_adapter(tiny_llama(), tmp_path)) == ["default"]
+
+
+# the folder you name, both layouts ---------------------------------------------------------------
+
+
+def test_one_named_adapter_is_saved_in_the_folder_named(tmp_path, ids):
+    model = lorakit.inject(
+        tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "alpha"
+    )
+    assert lorakit.save_adapter(model, tmp_path / "alpha", adapter="alpha") == [tmp_path / "alpha"]
+    assert (tmp_path / "alpha" / "adapter_config.json").is_file()
+    assert not (tmp_path / "alpha" / "alpha").exists()
+    fresh = lorakit.load_adapter(tiny_llama(), tmp_path / "alpha", "alpha")
+    assert torch.equal(_logits(fresh, ids), _logits(model, ids))
+
+
+def test_loaders_accept_the_nested_layout(tmp_path, ids):
+    """PEFT's layout (path/<name>/adapter_config.json) loads with `path` and the name."""
+    model = _trained()
+    lorakit.inject(model, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False), "style")
+    lorakit.save_adapter(model, tmp_path)  # several: default in tmp_path, style in tmp_path/style
+    fresh = lorakit.load_adapter(tiny_llama(), tmp_path, "style")
+    lorakit.set_adapter(model, "style")
+    assert torch.equal(_logits(fresh, ids), _logits(model, ids))
+
+
+def test_saving_one_adapter_keeps_the_sibling_adapter_folders(tmp_path, ids):
+    model = _trained()
+    lorakit.inject(model, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False), "style")
+    lorakit.save_adapter(model, tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    style = (tmp_path / "style" / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        adapter_state_dict(model)["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].add_(1.0)
+    lorakit.save_adapter(model, tmp_path, "default")
+    assert (tmp_path / "style" / "adapter_model.safetensors").read_bytes() == style
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    lorakit.set_adapter(model, "default")
+    assert torch.equal(_logits(lorakit.load_adapter(tiny_llama(), tmp_path), ids), _logits(model, ids))
+    lorakit.load_adapter(tiny_llama(), tmp_path, "style")
+
+
+# all-or-nothing saves ----------------------------------------------------------------------------
+
+_KILLED_SAVE = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+import lorakit, lorakit.io
+from fixtures import tiny_llama
+
+model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=8, target_modules=["q_proj", "k_proj"]))
+real_dumps = lorakit.io.json.dumps
+
+
+class KillAtConfig:  # the weights are written; die (no cleanup, like SIGKILL) at the config
+    def __getattr__(self, name):
+        return getattr(__import__("json"), name)
+
+    def dumps(self, *args, **kwargs):
+        os._exit(9)
+
+
+lorakit.io.json = KillAtConfig()
+lorakit.save_adapter(model, sys.argv[1])
+"""
+
+
+def test_a_kill_mid_save_leaves_the_old_adapter_whole_and_the_next_save_cleans_up(tmp_path, ids):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "out"
+    model = _trained()
+    lorakit.save_adapter(model, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    tests = str(Path(__file__).parent)
+    root = str(Path(__file__).parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_SAVE, str(folder), tests], cwd=root, env={"PYTHONPATH": root}
+    )
+    assert done.returncode == 9
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert torch.equal(_logits(lorakit.load_adapter(tiny_llama(), folder), ids), _logits(model, ids))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]  # the dead save's
+    lorakit.save_adapter(model, folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_disk_full_says_so_names_the_folder_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from lorakit.errors import StorageError
+
+    folder = tmp_path / "out"
+    model = _trained()
+    lorakit.save_adapter(model, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def full(tensors, filename, metadata=None):  # what safetensors raises on ENOSPC (measured)
+        with open(filename, "wb") as f:
+            f.write(b"part")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("lorakit.io.save_file", full)
+    with pytest.raises(StorageError, match=f"cannot write {folder}: no space left on device"):
+        lorakit.save_adapter(model, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .tmp leftovers
+
+
+# refused before anything changes -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_tensors_are_refused_on_load(tmp_path, value):
+    lorakit.save_adapter(_trained(), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key][3, 1] = value
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = tiny_llama()
+    with pytest.raises(AdapterFileError, match=f"{key} holds NaN or Inf"):
+        lorakit.load_adapter(model, tmp_path)
+    assert lorakit.list_adapters(model) == []
+
+
+def test_non_finite_adapters_are_not_saved(tmp_path):
+    from lorakit.errors import AdapterStateError
+
+    model = _trained()
+    with torch.no_grad():
+        adapter_state_dict(model)["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][0, 0] = (
+            float("nan")
+        )
+    with pytest.raises(AdapterStateError, match="q_proj.lora_A.weight holds NaN or Inf"):
+        lorakit.save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["a.b", "", "keys", 3])
+def test_unusable_adapter_names_are_refused_before_anything_changes(tmp_path, name):
+    from lorakit.errors import ConfigError
+
+    lorakit.save_adapter(_trained(), tmp_path)
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="adapter name"):
+        lorakit.load_adapter(model, tmp_path, name)
+    assert lorakit.list_adapters(model) == [] and not hasattr(model, "_lorakit_configs")

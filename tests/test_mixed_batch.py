@@ -181,7 +181,7 @@ def test_add_weighted_adapter_matches_peft(tmp_path, combination):
         expected = sum(w * layer.delta_weight(a) for a, w in zip(["x", "y"], weights))
         torch.testing.assert_close(layer.delta_weight("mix"), expected, atol=1e-6, rtol=1e-5)
     lorakit.save_adapter(base, tmp_path / "out", "mix")  # round-trips as a normal adapter
-    assert (tmp_path / "out" / "mix" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()  # one adapter: the folder named
 
 
 def test_add_weighted_adapter_errors():

@@ -18,7 +18,7 @@ from torch import nn
 from ..adapters import delete_adapter
 from ..config import CONFIG_NAME
 from ..errors import AdapterFileError, AdapterStateError, ConfigError
-from ..io import load_adapter
+from ..io import adapter_folder, load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class AdapterCache:
         self.known: dict[str, Path] = {}
         self.loaded: OrderedDict[str, None] = OrderedDict()
         for name, folder in (adapters or {}).items():
-            folder = Path(folder)
+            folder = adapter_folder(folder, name)  # the folder itself, or PEFT's folder/<name>
             if not (folder / CONFIG_NAME).is_file():
                 raise AdapterFileError(f"adapter {name!r}: {folder} has no {CONFIG_NAME}")
             self.known[check_name(name)] = folder
