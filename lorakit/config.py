@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,33 +62,33 @@ class LoraConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
-        if isinstance(self.modules_to_save, (set, tuple)):
-            self.modules_to_save = list(self.modules_to_save)
+        for key in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform"):
+            value = getattr(self, key)
+            if isinstance(value, (set, frozenset, tuple)):  # to JSON's list; names sorted, as before
+                names = key.endswith("_modules") and all(isinstance(v, str) for v in value)
+                setattr(self, key, sorted(value) if names else list(value))
         self.validate()
 
     def validate(self) -> None:
-        """Check every value; raise `ConfigError` naming the field and what is allowed."""
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        for key, rank in self.rank_pattern.items():
-            if not isinstance(rank, int) or rank <= 0:
-                raise ConfigError(
-                    f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}"
-                )
-        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
-            raise ConfigError(f"LoraConfig.lora_alpha must be a finite number, got {self.lora_alpha!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in BIAS_CHOICES:
-            raise ConfigError(f"LoraConfig.bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ConfigError(
-                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
-            )
+        """Check every value's type and range; raise `ConfigError` naming the field, what it must
+        be, and what it got."""
+        for key, check, expected in _CHECKS:
+            value = getattr(self, key)
+            if not check(value):
+                raise ConfigError(f"LoraConfig.{key} must be {expected}, got {_show(value)}")
+        for key, expected, check in (
+            ("rank_pattern", f"a positive integer up to {MAX_RANK}", _is_rank),
+            ("alpha_pattern", "a positive finite number", _is_alpha),
+        ):
+            for pattern, value in getattr(self, key).items():
+                if not isinstance(pattern, str) or _regex_error(rf"(.*\.)?({pattern})$"):
+                    raise ConfigError(f"LoraConfig.{key} key {_show(pattern)} is not a valid regex")
+                if not check(value):
+                    raise ConfigError(f"LoraConfig.{key}[{pattern!r}] must be {expected}, got {_show(value)}")
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value != "all-linear" and (error := _regex_error(value)):
+                raise ConfigError(f"LoraConfig.{key} {_show(value)} is not a valid regex ({error})")
         if self.use_dora:
             raise ConfigError(
                 "use_dora=True is not supported by lorakit yet; use plain LoRA (use_dora=False)"
@@ -128,11 +129,11 @@ class LoraConfig:
         Raises `ConfigError` if `peft_type` is not LORA or a value is invalid; `source` names the
         file in the message.
         """
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise ConfigError(f"{source}: expected a JSON object with string keys, got {_show(data)}")
         peft_type = data.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            raise ConfigError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only")
+        if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+            raise ConfigError(f"{source}: peft_type is {_show(peft_type)}; lorakit reads LoRA adapters only")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known and k != "peft_type"}
@@ -162,7 +163,8 @@ class LoraConfig:
     def from_json_file(cls, path: str | Path) -> LoraConfig:
         """Read an `adapter_config.json` (or a folder holding one).
 
-        Raises `AdapterFileError` if the file is missing or not valid JSON, `ConfigError` if a value is invalid.
+        Raises `AdapterFileError` if the file is missing, unreadable, not UTF-8, not valid JSON or
+        not a JSON object; `ConfigError` naming the key if a value has the wrong type or range.
         """
         from .errors import AdapterFileError
 
@@ -172,18 +174,104 @@ class LoraConfig:
         if not path.is_file():
             raise AdapterFileError(f"{path}: no such file; an adapter folder needs {CONFIG_NAME}")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise AdapterFileError(
+                f"{path}: not UTF-8 text ({e}); re-save the adapter or fix the file"
+            ) from None
+        except (json.JSONDecodeError, RecursionError) as e:
             raise AdapterFileError(
                 f"{path}: not valid JSON ({e}); re-save the adapter or fix the file"
             ) from None
+        except OSError as e:
+            raise AdapterFileError(f"{path}: cannot be read ({e.strerror or e})") from None
+        if not isinstance(data, dict):
+            raise AdapterFileError(
+                f'{path}: expected a JSON object ({{"r": 8, ...}}), got a JSON {type(data).__name__}'
+            )
         return cls.from_dict(data, source=str(path))
+
+
+MAX_RANK = 1 << 16  # far above any useful rank; a typo like r=10**9 must not try to allocate it
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return (
+        f"{text[:60]}... ({type(value).__name__})" if len(text) > 64 else f"{text} ({type(value).__name__})"
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_rank(v: Any) -> bool:
+    return _is_int(v) and 0 < v <= MAX_RANK
+
+
+def _is_alpha(v: Any) -> bool:
+    return _is_number(v) and v > 0
+
+
+def _is_names(v: Any, allow_str: bool = True) -> bool:
+    """None, a string (if allowed), or a list of non-empty strings."""
+    if v is None or (allow_str and isinstance(v, str)):
+        return True
+    return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+
+
+def _regex_error(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def _is_layers(v: Any) -> bool:
+    if v is None or (_is_int(v) and v >= 0):
+        return True
+    return isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_opt_str(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+# (field, check, what it must be): the type and range of every field, in the order they are told
+_CHECKS: tuple[tuple[str, Any, str], ...] = (
+    ("r", _is_rank, f"a positive integer up to {MAX_RANK}"),
+    ("lora_alpha", _is_alpha, "a positive finite number"),
+    ("lora_dropout", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("target_modules", _is_names, "a list of module names, a regex string, or 'all-linear'"),
+    ("exclude_modules", _is_names, "None, a list of module names, or a regex string"),
+    ("fan_in_fan_out", _is_bool, "true or false"),
+    ("bias", lambda v: isinstance(v, str) and v in BIAS_CHOICES, f"one of {BIAS_CHOICES}"),
+    ("use_rslora", _is_bool, "true or false"),
+    ("modules_to_save", lambda v: _is_names(v, allow_str=False), "None or a list of module names"),
+    ("init_lora_weights", lambda v: _is_bool(v) or v == "gaussian", "True, False or 'gaussian'"),
+    ("layers_to_transform", _is_layers, "None, a layer index or a list of layer indices (integers >= 0)"),
+    ("layers_pattern", _is_names, "None, a name or a list of names"),
+    ("rank_pattern", lambda v: isinstance(v, dict), "a {regex: rank} object"),
+    ("alpha_pattern", lambda v: isinstance(v, dict), "a {regex: alpha} object"),
+    ("use_dora", _is_bool, "true or false"),
+    ("task_type", _is_opt_str, "None or a string"),
+    ("base_model_name_or_path", _is_opt_str, "None or a string"),
+    ("inference_mode", _is_bool, "true or false"),
+)
 
 
 def pattern_key(patterns: dict[str, Any], module_name: str) -> str:
     """PEFT's rule for rank/alpha patterns: the first key `k` with `(.*\\.)?(k)$` matching the name."""
-    import re
-
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key

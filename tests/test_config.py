@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 
 import pytest
 
@@ -77,3 +78,85 @@ def test_patterns_and_scaling_follow_peft_rules():
     assert cfg.rank_for("model.layers.11.q_proj") == 8  # "layers.1." must not match layer 11
     assert cfg.scaling_for("model.layers.1.q_proj") == 4 / 2
     assert LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["q"]).scaling_for("q") == 8 / 4
+
+
+# every wrong type or range is a ConfigError naming the key, in Python and in adapter_config.json
+
+WRONG = [
+    ("lora_dropout", "x", "a number in"),
+    ("lora_dropout", True, "a number in"),
+    ("lora_dropout", -0.1, "a number in"),
+    ("rank_pattern", ["q_proj", 2], "a {regex: rank} object"),
+    ("rank_pattern", {"q": "2"}, "positive integer"),
+    ("rank_pattern", {"q(": 2}, "not a valid regex"),
+    ("alpha_pattern", {"q": -1}, "positive finite number"),
+    ("target_modules", 5, "a list of module names"),
+    ("target_modules", ["q_proj", 3], "a list of module names"),
+    ("target_modules", "q_proj(", "not a valid regex"),
+    ("exclude_modules", "[", "not a valid regex"),
+    ("exclude_modules", {"a": 1}, "None, a list of module names"),
+    ("r", 10**12, "up to 65536"),
+    ("r", 4.0, "positive integer"),
+    ("r", True, "positive integer"),
+    ("r", "8", "positive integer"),
+    ("lora_alpha", -8, "positive finite number"),
+    ("lora_alpha", "16", "positive finite number"),
+    ("lora_alpha", float("nan"), "positive finite number"),
+    ("bias", "some", "one of"),
+    ("bias", ["none"], "one of"),
+    ("layers_to_transform", ["0", "1"], "layer indices"),
+    ("layers_to_transform", -1, "layer indices"),
+    ("layers_to_transform", 1.5, "layer indices"),
+    ("layers_pattern", 3, "None, a name or a list of names"),
+    ("modules_to_save", "score", "None or a list of module names"),
+    ("init_lora_weights", 1, "True, False or 'gaussian'"),
+    ("use_rslora", "yes", "true or false"),
+    ("fan_in_fan_out", 0, "true or false"),
+    ("inference_mode", None, "true or false"),
+    ("task_type", 3, "None or a string"),
+    ("base_model_name_or_path", ["x"], "None or a string"),
+]
+
+
+@pytest.mark.parametrize("key, value, expected", WRONG)
+def test_wrong_types_and_ranges_name_the_key_and_what_it_must_be(key, value, expected):
+    kwargs = {"target_modules": ["q_proj"], key: value}
+    with pytest.raises(ConfigError, match=f"LoraConfig.{key}.*{re.escape(expected)}"):
+        LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "key, value, expected", [w for w in WRONG if w[2] != "positive finite number" or w[1] == -8]
+)
+def test_wrong_types_in_a_file_name_the_file_and_the_key(tmp_path, key, value, expected):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["q_proj"], key: value}))
+    with pytest.raises(ConfigError, match=f"adapter_config.json: LoraConfig.{key}.*{re.escape(expected)}"):
+        LoraConfig.from_json_file(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"[1, 2]", "expected a JSON object"),
+        (b'"r"', "expected a JSON object"),
+        (b"8", "expected a JSON object"),
+        (b"null", "expected a JSON object"),
+        (b'{"r": 8, "target_modules": ["q"], "bias": "\xff\xfe"}', "not UTF-8"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (b"", "not valid JSON"),
+    ],
+)
+def test_unreadable_config_files_are_adapter_file_errors(tmp_path, content, says):
+    (tmp_path / "adapter_config.json").write_bytes(content)
+    with pytest.raises(AdapterFileError, match=f"adapter_config.json: {says}"):
+        LoraConfig.from_json_file(tmp_path)
+
+
+def test_sets_and_tuples_become_lists():
+    cfg = LoraConfig(
+        target_modules={"v_proj", "q_proj"}, layers_to_transform=(0, 2), modules_to_save=("score",)
+    )
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    assert cfg.layers_to_transform == [0, 2] and cfg.modules_to_save == ["score"]
+    with pytest.raises(ConfigError, match="target_modules"):
+        LoraConfig(target_modules={"q_proj", 1})  # mixed types: a clear error, not a sort TypeError
