@@ -213,10 +213,18 @@ def read_adapter_tensors(folder: str | Path, *, allow_pickle: bool = False) -> d
 
 def _check_fingerprint(model: nn.Module, config: LoraConfig, source: Path) -> None:
     fp = config.extra.get(FINGERPRINT_KEY)
-    if not isinstance(fp, dict):
+    if fp is None:
         return  # a PEFT-saved adapter: the tensor shapes are checked after injection instead
+    modules = fp.get("modules") if isinstance(fp, dict) else None
+    if not isinstance(modules, dict) or not all(
+        isinstance(s, list) and all(type(d) is int for d in s) for s in modules.values()
+    ):
+        raise AdapterFileError(
+            f"{source}: {FINGERPRINT_KEY} in {CONFIG_NAME} is malformed (expected "
+            '{"modules": {name: [out, in]}}); re-save the adapter, or delete the key to skip the check'
+        )
     bad = []
-    for name, shape in (fp.get("modules") or {}).items():
+    for name, shape in modules.items():
         try:
             have = _module_shape(model.get_submodule(name))
         except AttributeError:

@@ -44,15 +44,8 @@ class SafetensorsReader:
             )
         self._index: dict[str, tuple[Path, int, dict]] = {}
         for f in files:
-            with open(f, "rb") as fh:
-                (size,) = struct.unpack("<Q", fh.read(8))
-                try:
-                    header = json.loads(fh.read(size))
-                except json.JSONDecodeError as e:
-                    raise QuantizationError(f"{f}: corrupt safetensors header ({e})") from None
-            header.pop("__metadata__", None)
-            for name, info in header.items():
-                self._index[name] = (f, 8 + size, info)
+            for name, info in _read_header(f).items():
+                self._index[name] = (f, info.pop("base"), info)
 
     def keys(self) -> list[str]:
         """Every tensor name, in file order."""
@@ -62,10 +55,7 @@ class SafetensorsReader:
         """Read tensor `name` into fresh memory (no memory map)."""
         path, base, info = self._index[name]
         start, end = info["data_offsets"]
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise QuantizationError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        out = torch.empty(info["shape"], dtype=dtype)
+        out = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
         if end > start:
             with open(path, "rb") as fh:
                 fh.seek(base + start)
@@ -73,6 +63,54 @@ class SafetensorsReader:
             if read != end - start:
                 raise QuantizationError(f"{path}: tensor {name!r} is truncated; the file is corrupt")
         return out
+
+
+def _read_header(path: Path) -> dict[str, dict]:
+    """name -> {dtype, shape, data_offsets, base}, every entry checked against the file's size, so
+    a corrupt header is a `QuantizationError` naming the file and tensor, never a crash or a huge
+    allocation."""
+    size_on_disk = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        (size,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+        if size is None or size > size_on_disk - 8:
+            raise QuantizationError(
+                f"{path}: not a safetensors file (its header length does not fit the file)"
+            )
+        raw = fh.read(size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise QuantizationError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise QuantizationError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_size = size_on_disk - 8 - size
+    for name, info in header.items():
+        problem = _entry_problem(info, data_size)
+        if problem:
+            raise QuantizationError(f"{path}: tensor {name!r} {problem}; the file is corrupt")
+        info["base"] = 8 + size
+    return header
+
+
+def _entry_problem(info: object, data_size: int) -> str | None:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        return "has no valid dtype/shape/data_offsets entry"
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        return f"has unsupported dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"has an invalid shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        return f"has invalid data_offsets {offsets!r}"
+    start, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not 0 <= start <= end <= data_size or end - start != numel * _DTYPES[dtype].itemsize:
+        return f"data_offsets {offsets} do not fit its shape {shape} and {dtype} within the file"
+    return None
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
