@@ -2,12 +2,14 @@
 
 Tensor names are the module path prefixed with `base_model.model.`, without the adapter name
 (`...q_proj.lora_A.weight`, `...embed_tokens.lora_embedding_A`, `modules_to_save` copies under the
-module's plain name). The adapter "default" is saved in the given folder, any other in a subfolder
-named after it (PEFT's layout).
+module's plain name). One adapter is saved in the folder given, whatever its name; several in
+PEFT's layout ("default" in the folder, any other in a subfolder named after it); loading reads
+both. A save builds the whole folder under a temporary name and swaps it in (all-or-nothing).
 
 lorakit adds `lorakit_fingerprint` to the config: the adapted modules' names and base shapes (and
 the base model's name when known), so loading onto the wrong model fails before any tensor moves.
-Loading reads safetensors only; pickle (`.bin`) files are refused unless `allow_pickle=True`.
+Loading reads safetensors only; pickle (`.bin`) files are refused unless `allow_pickle=True`;
+NaN/Inf tensors and unusable adapter names are refused before the model changes.
 """
 
 from __future__ import annotations
