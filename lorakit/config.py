@@ -267,6 +267,7 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("task_type", _is_opt_str, "None or a string"),
     ("base_model_name_or_path", _is_opt_str, "None or a string"),
     ("inference_mode", _is_bool, "true or false"),
+    ("extra", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a {key: value} object"),
 )
 
 

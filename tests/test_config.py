@@ -115,6 +115,7 @@ WRONG = [
     ("inference_mode", None, "true or false"),
     ("task_type", 3, "None or a string"),
     ("base_model_name_or_path", ["x"], "None or a string"),
+    ("extra", [1], "a {key: value} object"),
 ]
 
 

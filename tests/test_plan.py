@@ -292,6 +292,7 @@ def test_bad_inputs_raise_lorakit_errors(tmp_path, llama_json):
         dict(dtype="int8"),
         dict(batch_size=-1),
         dict(optimizer="lion"),
+        dict(task="seq2seq"),  # was accepted and planned as a causal LM
     ):
         with pytest.raises(ConfigError):
             PlanSetup(model=llama_json, **bad)

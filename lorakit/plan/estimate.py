@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..hf import DEFAULT_MODEL
+from ..hf import DEFAULT_MODEL, TASKS
 from ..inject import decoder_layers
 from ..quant import DEFAULT_BLOCKSIZE, nf4_bytes, quantized_weights
 from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, optimizer_state_bytes, step_memory
@@ -65,6 +65,7 @@ class PlanSetup:
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("attention", self.attention, ATTENTION),
             ("device", self.device, DEVICES),
+            ("task", self.task, TASKS),
         ]
         if self.adapter_dtype is not None:
             checks.append(("adapter_dtype", self.adapter_dtype, tuple(DTYPES)))
