@@ -30,6 +30,16 @@ def is_target(config: LoraConfig, name: str, head_names: frozenset[str] = frozen
     return _name_match(config, name, head_names) and _in_selected_layer(config, name)
 
 
+def _in_selected_layer(config: LoraConfig, name: str) -> bool:
+    """Whether `layers_to_transform` keeps `name`; as in PEFT, a list entry that is the module's
+    full name selects it whatever its layer."""
+    wanted = _wanted_layers(config)
+    if wanted is None or (isinstance(config.target_modules, list) and name in config.target_modules):
+        return True
+    idx = _layer_index(config, name)
+    return idx is not None and idx in wanted
+
+
 def _name_match(config: LoraConfig, name: str, head_names: frozenset[str]) -> bool:
     """`is_target` without the layer selection (`layers_to_transform`)."""
     if config.exclude_modules:
@@ -109,14 +119,6 @@ def _layer_index(config: LoraConfig, name: str) -> int | None:
             if match:
                 break
     return int(match["idx"]) if match else None
-
-
-def _in_selected_layer(config: LoraConfig, name: str) -> bool:
-    wanted = _wanted_layers(config)
-    if wanted is None:
-        return True
-    idx = _layer_index(config, name)
-    return idx is not None and idx in wanted
 
 
 def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
