@@ -54,6 +54,8 @@ def _merge_layers(model: nn.Module, names: list[str]) -> None:
 
 
 def _check_finite(model: nn.Module, names: list[str]) -> None:
+    """Refuse, before any weight changes, an adapter whose weights or delta are NaN/Inf (the delta
+    is computed once here: a merge is rare, a non-finite base weight is forever)."""
     for layer_name, layer in lora_layers(model):
         for adapter in names:
             if adapter not in layer.r or adapter in layer.merged_adapters:
@@ -62,9 +64,16 @@ def _check_finite(model: nn.Module, names: list[str]) -> None:
                 for key, t in _tensors(getattr(layer, container)[adapter]):
                     if not bool(torch.isfinite(t).all()):
                         raise AdapterStateError(
-                            f"cannot merge adapter {adapter!r}: {layer_name}.{container}{key} holds NaN/Inf "
-                            "values, which would make the base weights non-finite. Retrain or reload the adapter"
+                            f"cannot merge adapter {adapter!r}: {layer_name}.{container}.{adapter}{key} holds "
+                            "NaN/Inf values, which would make the base weights non-finite. Retrain or reload it"
                         )
+            with torch.no_grad():
+                finite = bool(torch.isfinite(layer.delta_weight(adapter)).all())
+            if not finite:
+                raise AdapterStateError(
+                    f"cannot merge adapter {adapter!r}: its delta for {layer_name} overflows to non-finite "
+                    "values (the weights are finite but their product is not). Retrain or reload it"
+                )
 
 
 def _tensors(item: nn.Module | nn.Parameter) -> list[tuple[str, torch.Tensor]]:

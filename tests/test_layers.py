@@ -3,12 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures import tiny_gpt2, tiny_llama
 
-import lorakit
-from lorakit import LoraConfig
-from lorakit.errors import AdapterStateError
-from lorakit.inject import lora_layers
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear, conv_delta, embedding_delta, linear_delta
 
 
@@ -59,50 +54,6 @@ def test_conv_delta_equals_composing_the_two_convolutions():
     merged_weight = base.weight + conv_delta(layer.lora_A["a"].weight, layer.lora_B["a"].weight, 2.0)
     expected = F.conv2d(x, merged_weight, base.bias, stride=2, padding=1)
     assert torch.allclose(layer(x), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "make, targets", [(tiny_gpt2, ["c_attn", "c_fc"]), (tiny_llama, ["embed_tokens", "q_proj"])]
-)
-def test_merge_unmerge_round_trip(make, targets, ids):
-    model = lorakit.inject(make(), LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    unmerged = model(input_ids=ids).logits
-    lorakit.merge(model)
-    assert all(m.merged_adapters == ["default"] for _, m in lora_layers(model))
-    assert torch.allclose(model(input_ids=ids).logits, unmerged, atol=1e-5)
-    lorakit.unmerge(model)
-    for k, v in model.state_dict().items():
-        assert torch.allclose(v, before[k], atol=1e-6), k
-
-
-def test_merging_into_a_tied_embedding_is_refused():
-    model = lorakit.inject(tiny_gpt2(), LoraConfig(r=2, target_modules=["wte"], init_lora_weights=False))
-    with pytest.raises(
-        AdapterStateError, match=r"shared by \['transformer.wte.base_layer.weight', 'lm_head.weight'\]"
-    ):
-        lorakit.merge(model)
-    assert not model.transformer.wte.merged_adapters
-
-
-def test_unload_returns_the_plain_model_with_merged_outputs(ids):
-    model = tiny_gpt2()
-    cls = type(model)
-    lorakit.inject(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj"], init_lora_weights=False))
-    expected = model(input_ids=ids).logits
-    plain = lorakit.unload(model)
-    assert plain is model and type(plain) is cls
-    assert not any(isinstance(m, LoraLinear) for m in plain.modules())
-    assert not hasattr(plain, "_lorakit_configs")
-    assert set(plain.state_dict()) == set(tiny_gpt2().state_dict())
-    assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-5)
-
-
-def test_unload_without_merge_restores_the_base(ids):
-    model = tiny_gpt2()
-    base = model(input_ids=ids).logits
-    lorakit.inject(model, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
-    assert torch.equal(lorakit.unload(model, merge=False)(input_ids=ids).logits, base)
 
 
 def test_bf16_base_gets_fp32_adapters_and_keeps_its_dtype():
