@@ -56,7 +56,7 @@ def child(spec: dict) -> dict:
 
     import lorakit
     from lorakit._heap import HeapTrimmer, heap_trimming, release_freed_memory
-    from lorakit.inject import decoder_layers
+    from lorakit.modeling import decoder_layers
 
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])

@@ -24,21 +24,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, _state
 from ._atomic import atomic_folder, clean_stale
 from .adapters import delete_adapter, list_adapters, set_adapter
 from .config import CONFIG_NAME, LoraConfig
 from .errors import (
     AdapterFileError,
     AdapterStateError,
-    ConfigError,
     LorakitError,
     ShapeMismatchError,
     storage_errors,
 )
-from .inject import CONFIGS_ATTR, inject, lora_layers
+from .inject import inject, lora_layers
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import unload
+from .modeling import is_conv1d
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -74,10 +74,7 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
 
 
 def _config(model: nn.Module, adapter: str) -> LoraConfig:
-    configs = getattr(model, CONFIGS_ATTR, {})
-    if adapter not in configs:
-        raise AdapterStateError(f"model has no adapter named {adapter!r}; it has {list(configs)}")
-    return configs[adapter]
+    return _state.config(model, adapter)
 
 
 def _module_shape(module: nn.Module) -> list[int]:
@@ -88,7 +85,7 @@ def _module_shape(module: nn.Module) -> list[int]:
         module = module.base_layer
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return [module.out_features, module.in_features]
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return [module.weight.shape[1], module.weight.shape[0]]
     w = getattr(module, "weight", None)
     return list(w.shape) if isinstance(w, torch.Tensor) else []
@@ -259,14 +256,14 @@ def load_adapter(
     `ShapeMismatchError`, `AdapterFileError`) and leave the model as it was. Returns `model`.
     """
     name = "default" if adapter is None else adapter
-    check_adapter_name(name)
+    _state.check_name(name)  # before anything changes
     path = adapter_folder(path, name)
     config = LoraConfig.from_json_file(path / CONFIG_NAME)
     tensors = read_adapter_tensors(path, allow_pickle=allow_pickle)
     _check_finite(tensors, path)
     _check_fingerprint(model, config, path)
     had_adapters = bool(list_adapters(model))
-    previous_active = list(getattr(model, "_lorakit_active", []))
+    previous_active = _state.active(model)
     inject(model, config, name, activate=activate)
     try:
         _copy_into(model, name, tensors, path)
@@ -278,18 +275,6 @@ def load_adapter(
             set_adapter(model, previous_active)
         raise
     return model
-
-
-def check_adapter_name(name: object) -> None:
-    """Raise `ConfigError` unless `name` can name an adapter: a non-empty string without '.'
-    (module and tensor names are dotted paths, so a dot would split the name) that is not an
-    attribute of the `nn.ModuleDict` holding adapters ('forward', 'keys', ...)."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise ConfigError(
-            f"adapter name {name!r} is not usable: give a non-empty name without '.' (e.g. 'sql_v2')"
-        )
-    if hasattr(nn.ModuleDict(), name):
-        raise ConfigError(f"adapter name {name!r} is reserved (a torch ModuleDict attribute); pick another")
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 
 import lorakit
 from lorakit import _heap as heap
-from lorakit.inject import decoder_layers
+from lorakit.modeling import decoder_layers
 
 glibc = pytest.mark.skipif(not heap._libc_malloc_trim(), reason="needs glibc's malloc_trim")
 

@@ -7,11 +7,11 @@ table name layers of optional packages (transformers' `Conv1D`) without importin
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 from torch import nn
 
+from ..modeling import is_conv1d
 from ..quant.linear4bit import Linear4bit
 from .base import LoraLayer
 from .conv import LoraConv
@@ -21,14 +21,9 @@ from .linear import LoraLinear
 Matcher = type | Callable[[nn.Module], bool]
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    utils = sys.modules.get("transformers.pytorch_utils")
-    return utils is not None and isinstance(module, utils.Conv1D)
-
-
 _BUILTIN: list[tuple[Matcher, type[LoraLayer]]] = [
     (nn.Linear, LoraLinear),
-    (_is_hf_conv1d, LoraLinear),
+    (is_conv1d, LoraLinear),
     (Linear4bit, LoraLinear),
     (nn.Embedding, LoraEmbedding),
     (nn.Conv1d, LoraConv),

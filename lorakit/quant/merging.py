@@ -24,11 +24,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .. import _state
 from ..layers import LoraLayer
 from ..merge import unload
+from ..modeling import replace_module
 from .linear4bit import Linear4bit
 from .nf4 import quantize_nf4
-from .quantize import replace_module
 
 
 def _merged_weight(wrapper: LoraLayer) -> torch.Tensor:
@@ -45,7 +46,7 @@ def _merge_4bit(model: nn.Module, build) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer) and isinstance(module.base_layer, Linear4bit):
             replace_module(model, name, build(module.base_layer, _merged_weight(module)))
-    if any(isinstance(m, LoraLayer) for m in model.modules()) or hasattr(model, "_lorakit_configs"):
+    if any(isinstance(m, LoraLayer) for m in model.modules()) or _state.has_adapters(model):
         unload(model, merge=True)  # the remaining (full-precision) LoRA layers, configs, modules_to_save
 
 

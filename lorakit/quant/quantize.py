@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from ..errors import QuantizationError
+from ..modeling import HEAD_NAMES, replace_module, tied_heads
 from .linear4bit import Linear4bit
 from .nf4 import NESTED_BLOCKSIZE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SKIP = ("lm_head", "score", "classifier")
+DEFAULT_SKIP = HEAD_NAMES  # the output heads
 DEFAULT_BLOCKSIZE = 64
 __all__ = [
     "DEFAULT_BLOCKSIZE",
@@ -41,7 +42,6 @@ __all__ = [
     "quantize_model",
     "quantized_weights",
     "should_quantize",
-    "tied_heads",
 ]
 
 
@@ -50,14 +50,6 @@ def is_skipped(name: str, skip: Iterable[str]) -> bool:
     return any(
         name == s or name.endswith("." + s) or name.startswith(s + ".") or f".{s}." in name for s in skip
     )
-
-
-def tied_heads(model: nn.Module) -> set[str]:
-    """Names of linear layers whose weight is an embedding's weight (tied output heads)."""
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in embedding_weights
-    }
 
 
 def should_quantize(
@@ -98,12 +90,6 @@ def _check_quantizable(model: nn.Module) -> None:
         raise QuantizationError(
             "the model already has LoRA layers; quantize the base model first, then inject the adapter"
         )
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` in place of the submodule `name`."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def quantize_model(

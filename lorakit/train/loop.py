@@ -25,7 +25,7 @@ from torch import nn
 
 from .._heap import HeapTrimmer, heap_trimming
 from ..errors import ConfigError, DataError, TrainingError
-from ..inject import decoder_layers
+from ..modeling import decoder_layers
 from . import distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
