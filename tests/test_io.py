@@ -344,3 +344,12 @@ def test_unusable_adapter_names_are_refused_before_anything_changes(tmp_path, na
     with pytest.raises(ConfigError, match="adapter name"):
         lorakit.load_adapter(model, tmp_path, name)
     assert lorakit.list_adapters(model) == [] and not hasattr(model, "_lorakit_configs")
+
+
+def test_saving_onto_a_file_is_a_storage_error_and_keeps_the_file(tmp_path):
+    from lorakit.errors import StorageError
+
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(StorageError, match="cannot write .*out: the write failed .*is a file"):
+        lorakit.save_adapter(_trained(), tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "not a folder"

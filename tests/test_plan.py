@@ -253,6 +253,9 @@ def test_parse_size():
     for bad in ("lots", "8 parsecs", "-1GB", ""):
         with pytest.raises(ConfigError, match="not a size"):
             parse_size(bad)
+    for huge in ("9" * 400, "99999999999TiB"):  # was a raw OverflowError (int of inf)
+        with pytest.raises(ConfigError, match="too large"):
+            parse_size(huge)
 
 
 def test_recommend_keeps_what_fits_and_changes_what_must(llama_json):

@@ -133,3 +133,16 @@ def test_heap_trimming_while_loading_is_opt_in(llama_folder, monkeypatch):
     assert len(calls) == sum(isinstance(m, Linear4bit) for m in trimmed.modules()) > 0
     a, b = default.state_dict(), trimmed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("config", [None, "{not json", '{"model_type": "no-such-architecture"}'])
+def test_a_folder_without_a_readable_config_is_a_clear_error(tmp_path, config):
+    from safetensors.torch import save_file
+
+    from lorakit.quant.hf_loading import load_quantized
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    if config is not None:
+        (tmp_path / "config.json").write_text(config)
+    with pytest.raises(QuantizationError, match="cannot read the model's config.json"):
+        load_quantized(tmp_path)

@@ -22,7 +22,10 @@ def parse_size(text: str) -> int:
     if not m:
         raise ConfigError(f"budget {text!r} is not a size; write e.g. 8GiB, 24GB or 512MiB")
     unit = (m[2] or "").lower()
-    return int(float(m[1]) * (_BINARY.get(unit) or _UNITS[unit]))
+    size = float(m[1]) * (_BINARY.get(unit) or _UNITS[unit])
+    if size >= 2**63:  # also inf, for a number with hundreds of digits
+        raise ConfigError(f"budget {text[:40]!r} is too large to be a size")
+    return int(size)
 
 
 def human(n: float) -> str:

@@ -82,7 +82,10 @@ def load_quantized(
 
     path = Path(path)
     reader = SafetensorsReader(path)
-    config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:  # no config.json, or one transformers cannot read
+        raise QuantizationError(f"{path}: cannot read the model's config.json ({e})") from None
     prequantized = getattr(config, "quantization_config", None) is not None
     config.quantization_config = None  # the 4-bit layers are ours; keep transformers' quantizer out
     if num_labels is not None:
