@@ -1,4 +1,4 @@
-"""The only module that knows `transformers`: load models and tokenizers, convert GGUF once.
+"""Load models and tokenizers with `transformers`, convert GGUF once; the task -> model-class table.
 
 `load_model(name_or_path, task=..., quantize=...)` is shared by the CLI, the server and users. It
 takes a local Hugging Face folder, a `.gguf` file, or `"smollm2-135m"`: SmolLM2-135M-Instruct shipped
