@@ -123,7 +123,11 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | list[str] | 
         raise AdapterStateError("the model has no adapters to save; call lorakit.inject first")
     files = {name: _adapter_files(model, name) for name in names}
     subfolder = {name: "" if len(names) == 1 or name == "default" else name for name in names}
-    replaced = {subfolder[n] or f for n in names for f in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)}
+    # what the new folder rewrites; an old nested copy of an adapter now saved at the top goes too,
+    # or load_adapter(path, name) would still find the stale one in path/<name>
+    replaced = {n for n in names if subfolder[n] or (path / n / CONFIG_NAME).is_file()}
+    if not all(subfolder.values()):
+        replaced |= {CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME}
     with storage_errors(path):
         clean_stale(path.parent)
         with atomic_folder(path) as tmp:

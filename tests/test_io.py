@@ -353,3 +353,17 @@ def test_saving_onto_a_file_is_a_storage_error_and_keeps_the_file(tmp_path):
     with pytest.raises(StorageError, match="cannot write .*out: the write failed .*is a file"):
         lorakit.save_adapter(_trained(), tmp_path / "out")
     assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_saving_one_adapter_over_the_old_nested_layout_leaves_no_stale_copy(tmp_path, ids):
+    """out/alpha/alpha/ from the old layout must not shadow the adapter now saved in out/alpha."""
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    old = lorakit.inject(tiny_llama(), config, "alpha")
+    lorakit.save_adapter(old, tmp_path / "alpha" / "alpha", "alpha")  # where the old layout put it
+    base = tiny_llama()
+    torch.manual_seed(5)  # another adapter on the same base
+    new = lorakit.inject(base, config, "alpha")
+    lorakit.save_adapter(new, tmp_path / "alpha", "alpha")
+    assert not (tmp_path / "alpha" / "alpha").exists()
+    loaded = lorakit.load_adapter(tiny_llama(), tmp_path / "alpha", "alpha")
+    assert torch.equal(_logits(loaded, ids), _logits(new, ids))
