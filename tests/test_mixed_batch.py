@@ -219,21 +219,26 @@ def test_embedding_adapters_work_in_mixed_batches_and_generation():
     assert [together[i] for i in range(4)] == batch
 
 
-def test_modules_to_save_serve_uniform_batches_only():
+@torch.no_grad()
+def test_modules_to_save_copies_serve_mixed_batches_row_by_row():
     model = lorakit.inject(
         tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), "h"
     )
+    lorakit.inject(
+        model, lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"]), "e"
+    )
     lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"]), "p")
-    with torch.no_grad():
-        model.lm_head.modules_to_save["h"].weight.mul_(2)
-    ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad(), adapter_rows(model, ["h", "h"]):
+    model.lm_head.modules_to_save["h"].weight.mul_(2)
+    model.model.embed_tokens.modules_to_save["e"].weight.add_(0.5)
+    ids = torch.randint(0, 128, (5, 4), generator=torch.Generator().manual_seed(8))
+    rows = ["h", "p", None, "e", "h"]
+    with adapter_rows(model, rows):
         got = model(ids).logits
-    with torch.no_grad():
-        torch.testing.assert_close(got, alone(model, "h", ids))
-    with pytest.raises(ConfigError, match="lm_head has modules_to_save copies"):
-        with adapter_rows(model, ["h", "p"]):
-            pass
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(got[i], alone(model, name, ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+    with adapter_rows(model, ["h", "h"]):  # uniform: the copy itself, the plain path
+        torch.testing.assert_close(model(ids[:2]).logits, alone(model, "h", ids[:2]))
+    lorakit.set_adapter(model, "h")
     assert model.lm_head.current() is model.lm_head.modules_to_save["h"]  # routing undone
 
 
