@@ -132,11 +132,7 @@ class LoraLayer(nn.Module):
         rows = self._rows
         if rows is None:
             return self._lora_active()
-        if x.shape[0] != len(rows):
-            raise ShapeMismatchError(
-                f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
-                "give one adapter name (or None) per batch row"
-            )
+        check_rows(rows, x)
         mine = {n if n in self.r else None for n in rows}
         if len(mine) == 1:  # uniform batch: the plain path
             (name,) = mine
@@ -241,6 +237,15 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={ {a: self.r[a] for a in self.r} }, active={self.active_adapters}"
+
+
+def check_rows(rows: list[str | None], x: torch.Tensor) -> None:
+    """Raise `ShapeMismatchError` unless batch `x` has one row per entry of `rows`."""
+    if x.shape[0] != len(rows):
+        raise ShapeMismatchError(
+            f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
+            "give one adapter name (or None) per batch row"
+        )
 
 
 def _params_of(obj: nn.Module | nn.Parameter) -> list[nn.Parameter]:

@@ -13,7 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ShapeMismatchError
+from ..errors import ConfigError
+from .base import check_rows
 
 
 class ModulesToSave(nn.Module):
@@ -67,11 +68,7 @@ class ModulesToSave(nn.Module):
         if rows is None or self.disabled or len(set(rows)) <= 1:
             return self.current()(*args, **kwargs)
         x, rest = args[0], args[1:]
-        if x.shape[0] != len(rows):
-            raise ShapeMismatchError(
-                f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
-                "give one adapter name (or None) per batch row"
-            )
+        check_rows(rows, x)
         out = None
         for name in dict.fromkeys(rows):
             idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
