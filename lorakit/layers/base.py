@@ -212,7 +212,9 @@ class LoraLayer(nn.Module):
         using the weights as they were merged; the adapters become trainable again if active."""
         for name in reversed(list(self.merged_adapters)):
             if adapters is None or name in adapters:
-                self._add_to_base(-self._delta(name, *self._merged_weights.pop(name)))
+                device = self._adapter_params(name)[0].device  # the model may have moved since
+                merged = [w.to(device) for w in self._merged_weights.pop(name)]
+                self._add_to_base(-self._delta(name, *merged))
                 self.merged_adapters.remove(name)
         self._update_trainable()
 
