@@ -268,7 +268,6 @@ class _Undo:
         self.model, self.adapter = model, adapter
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         self.active = _state.active(model)
-        self.had_config = adapter in _state.names(model)
         self.wrapped: list[tuple[str, nn.Module]] = []  # (name, original module)
         self.touched: list[nn.Module] = []  # wrappers that got the adapter
 
@@ -287,7 +286,7 @@ class _Undo:
             module.delete_adapter(self.adapter)
         for name, original in reversed(self.wrapped):
             replace_module(self.model, name, original)
-        if not self.had_config and self.adapter in _state.names(self.model):
+        if self.adapter in _state.names(self.model):  # inject refused existing names up front
             _state.remove_config(self.model, self.adapter)
         if _state.has_adapters(self.model):
             _state.set_active(self.model, self.active)
