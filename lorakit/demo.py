@@ -18,6 +18,7 @@ import torch
 
 import lorakit
 from lorakit.hf import DEFAULT_MODEL, load_model
+from lorakit.tasks import IGNORE_INDEX
 
 FACTS = [
     ("Who makes the Zorbex 9?", "The Zorbex 9 is made by Quillon Labs in Tallinn."),
@@ -57,12 +58,12 @@ def _batch(tok):
     for q, a in FACTS:
         prompt_len = len(_encode(tok, q))
         ids = _encode(tok, q, a)
-        rows.append((ids, [-100] * prompt_len + ids[prompt_len:]))  # loss on the answer only
+        rows.append((ids, [IGNORE_INDEX] * prompt_len + ids[prompt_len:]))  # loss on the answer only
     width = max(len(ids) for ids, _ in rows)
     pad = tok.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    return input_ids, (input_ids != pad) | (labels != -100), labels
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows])
+    return input_ids, (input_ids != pad) | (labels != IGNORE_INDEX), labels
 
 
 def _check(label: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> None:

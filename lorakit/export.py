@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapters import set_adapter
 from .errors import ConfigError
+from .hf import DEFAULT_MODEL
 from .inject import lora_layers
 from .merge import unload
 
@@ -103,7 +104,7 @@ def _untie_if_adapted(model: nn.Module) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or smollm2-135m")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"HF folder, .gguf file or {DEFAULT_MODEL}")
     parser.add_argument(
         "--adapter", action="append", required=True, metavar="DIR", help="adapter folder (repeatable; summed)"
     )

@@ -13,7 +13,8 @@ This package may import pandas/pyarrow/datasets, always lazily inside functions.
 """
 
 from .collate import collate, pack, split
-from .encode import IGNORE_INDEX, Encoded, encode
+from ..tasks import IGNORE_INDEX
+from .encode import Encoded, encode
 from .formats import (
     FORMATS,
     build_label_map,

@@ -13,7 +13,8 @@ from typing import Any
 
 from ..hf import DEFAULT_MODEL
 from .collate import pack
-from .encode import IGNORE_INDEX, TASKS, encode
+from ..tasks import CAUSAL_LM, IGNORE_INDEX, TASKS
+from .encode import encode
 from .formats import FORMATS, build_label_map, detect_format
 from .readers import ON_ERROR, read_records
 
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--format", choices=FORMATS, help="data format (default: detected from the columns)")
     parser.add_argument(
-        "--task", choices=TASKS, default="causal-lm", help="what the data trains (default causal-lm)"
+        "--task", choices=TASKS, default=CAUSAL_LM, help="what the data trains (default causal-lm)"
     )
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model whose tokenizer to use (default {DEFAULT_MODEL})"

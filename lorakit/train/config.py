@@ -14,8 +14,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
+from ..tasks import CAUSAL_LM, TASKS, parse_target_modules
 
-TASKS = ("causal-lm", "classification")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -30,7 +30,7 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     data: str | None = None  # None: the embedded Rotten Tomatoes sentiment demo (DEMO_PRESET)
     eval_data: str | None = None
-    task: str = "causal-lm"
+    task: str = CAUSAL_LM
     output: str = "lorakit-output"
     max_steps: int | None = None  # wins over epochs when set
     epochs: float = 1.0
@@ -116,10 +116,7 @@ class TrainConfig:
 
     def targets(self) -> str | list[str]:
         """`target_modules` as LoraConfig takes it: "all-linear", a regex, or a list of names."""
-        t = self.target_modules.strip()
-        if t == "all-linear" or any(c in t for c in "\\^$*+?()[]|"):
-            return t
-        return [n.strip() for n in t.split(",") if n.strip()]
+        return parse_target_modules(self.target_modules)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (what train_config.yaml holds)."""

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .loop import IGNORE, count_targets, loss_sum
+from ..tasks import IGNORE_INDEX
+from .loop import count_targets, loss_sum
 
 MAX_LABELS = 20  # more distinct answers than this is free text, not a label
 
@@ -66,8 +67,8 @@ def macro_f1(preds: list, golds: list) -> float:
 def split_answer(example: dict[str, Any]) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) of a causal-LM example: the answer is the labelled tail."""
     labels = example["labels"]
-    first = next((i for i, t in enumerate(labels) if t != IGNORE), len(labels))
-    return list(example["input_ids"][:first]), [t for t in labels[first:] if t != IGNORE]
+    first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+    return list(example["input_ids"][:first]), [t for t in labels[first:] if t != IGNORE_INDEX]
 
 
 def normalize(text: str) -> str:

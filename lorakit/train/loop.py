@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError, TrainingError
+from ..tasks import IGNORE_INDEX
 from ..heap import HeapTrimmer, heap_trimming
 from . import distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -31,7 +32,6 @@ from .config import TrainConfig
 from .report import MetricsLog
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 def batch_plan(
@@ -79,7 +79,7 @@ def count_targets(example: dict[str, Any]) -> int:
     """How many loss terms `example` adds: its predicted label tokens, or 1 for a class label."""
     if "label" in example:
         return 1
-    return sum(1 for t in example["labels"][1:] if t != IGNORE)
+    return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -99,7 +99,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if labels.dim() == 1:
         out = model(**inputs)
         return F.cross_entropy(out.logits.float(), labels, reduction="sum")
-    labelled = (labels[:, 1:] != IGNORE).any(0).nonzero()
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
     if len(labelled) == 0:
         return torch.zeros((), device=labels.device, requires_grad=True)
     first = int(labelled[0]) + 1  # first labelled position; the logits before it predict it
@@ -110,9 +110,9 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(**inputs).logits[:, first - 1 :]
     # the targets are shifted, not the logits (the last position predicts nothing): slicing the
     # logits would copy the [tokens, vocab] tensor in the forward and again in the backward
-    target = F.pad(labels[:, first:], (0, 1), value=IGNORE)
+    target = F.pad(labels[:, first:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 

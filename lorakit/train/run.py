@@ -24,6 +24,7 @@ from .. import data as D
 from ..config import LoraConfig
 from ..inject import inject, trainable_parameters
 from ..io import save_adapter
+from ..tasks import CAUSAL_LM, CLASSIFICATION, PEFT_TASK_TYPES
 from . import distributed as dist
 from .config import TrainConfig, save_resolved
 from .eval import make_evaluator
@@ -92,15 +93,15 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict
         eval_ex = []
     if cfg.max_eval is not None:
         eval_ex = eval_ex[: cfg.max_eval]
-    if cfg.pack and cfg.task == "causal-lm":
+    if cfg.pack and cfg.task == CAUSAL_LM:
         train_ex = D.pack(train_ex, cfg.max_length)
-    return train_ex, eval_ex, label_map if cfg.task == "classification" else None
+    return train_ex, eval_ex, label_map if cfg.task == CLASSIFICATION else None
 
 
 def lora_config(cfg: TrainConfig, model) -> LoraConfig:
     """The LoraConfig of `cfg`; a classifier's new head is trained in full (modules_to_save)."""
     heads = None
-    if cfg.task == "classification":
+    if cfg.task == CLASSIFICATION:
         heads = [h for h in _HEADS if isinstance(getattr(model, h, None), torch.nn.Module)] or None
     return LoraConfig(
         r=cfg.r,
@@ -109,7 +110,7 @@ def lora_config(cfg: TrainConfig, model) -> LoraConfig:
         target_modules=cfg.targets(),
         layers_to_transform=cfg.layer_list(),
         modules_to_save=heads,
-        task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM",
+        task_type=PEFT_TASK_TYPES[cfg.task],
     )
 
 
