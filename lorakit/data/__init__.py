@@ -12,8 +12,8 @@ Typical use::
 This package may import pandas/pyarrow/datasets, always lazily inside functions.
 """
 
-from .collate import collate, pack, split
 from ..tasks import IGNORE_INDEX
+from .collate import collate, pack, split
 from .encode import Encoded, encode
 from .formats import (
     FORMATS,

@@ -12,8 +12,8 @@ import statistics
 from typing import Any
 
 from ..hf import DEFAULT_MODEL
-from .collate import pack
 from ..tasks import CAUSAL_LM, IGNORE_INDEX, TASKS
+from .collate import pack
 from .encode import encode
 from .formats import FORMATS, build_label_map, detect_format
 from .readers import ON_ERROR, read_records

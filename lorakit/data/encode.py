@@ -26,7 +26,6 @@ from .formats import (
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Encoded:
     """Tokenized examples; `truncated` counts sequences cut to max_length, `dropped` those left with no
