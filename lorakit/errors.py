@@ -25,6 +25,10 @@ class ShapeMismatchError(LorakitError):
     """An adapter or checkpoint does not fit the model it is loaded onto."""
 
 
+class StorageError(LorakitError, OSError):
+    """A file or folder cannot be written: no space left on the device, no permission, not a folder."""
+
+
 class AdapterStateError(LorakitError, KeyError):
     """An adapter name is unknown, duplicated, or used in a state that forbids the call."""
 

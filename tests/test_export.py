@@ -13,7 +13,7 @@ import lorakit
 import lorakit.hf
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.export import export_merged
+from lorakit.export import export_hf
 
 IDS = torch.tensor([[1, 50, 300, 7000, 12, 9]])
 
@@ -68,7 +68,7 @@ def test_dtype_cast(setup, tmp_path, dtype, torch_dtype, tol):
     for i, a in enumerate((a1, a2)):  # two adapters, both merged
         lorakit.load_adapter(model, a, f"a{i}")
     lorakit.set_adapter(model, ["a0", "a1"])
-    export_merged(model, tok, tmp_path / "m", dtype=dtype)
+    export_hf(model, tok, tmp_path / "m", dtype=dtype)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch_dtype
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_adapter_on_tied_embedding_is_untied(setup, tmp_path):
     )
     with torch.no_grad():
         expected = model(IDS).logits
-    export_merged(model, tok, tmp_path / "m")
+    export_hf(model, tok, tmp_path / "m")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, expected, atol=1e-4, rtol=1e-4)
@@ -103,7 +103,7 @@ def test_refuses_to_overwrite_and_bad_dtype(setup, tmp_path, capsys):
     assert (out / "precious.txt").read_text() == "keep me"
     model, tok = lorakit.hf.load_model(folder)
     with pytest.raises(ConfigError, match="dtype"):
-        export_merged(model, tok, tmp_path / "x", dtype="int3")
+        export_hf(model, tok, tmp_path / "x", dtype="int3")
     assert (
         main(
             [

@@ -20,7 +20,6 @@ def test_yaml_values_then_flags_win(tmp_path):
     path.write_text("lr: 1e-3\nmax-steps: 7\nr: 4\ndata: d.jsonl\n")
     cfg = resolve_config(load_yaml(path), {"r": 8})
     assert (cfg.lr, cfg.max_steps, cfg.r, cfg.data) == (1e-3, 7, 8, "d.jsonl")
-    assert resolve_config({}, {}).max_steps == 60  # no data: the demo preset
     assert resolve_config({}, {"data": "x"}).max_steps is None
 
 

@@ -75,6 +75,22 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return f
 
 
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig) -> None:
+    """After a resume: give the restored optimizer and scheduler `cfg`'s peak lr and weight decay
+    (the checkpoint holds the old ones), so the next steps use exactly what a run started with these
+    settings would at this step. Untouched when they are unchanged (a resume stays bitwise exact)."""
+    if scheduler.base_lrs == [cfg.lr] * len(scheduler.base_lrs) and all(
+        g["weight_decay"] == cfg.weight_decay for g in optimizer.param_groups
+    ):
+        return
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+        group["weight_decay"] = cfg.weight_decay
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr reports
+
+
 def count_targets(example: dict[str, Any]) -> int:
     """How many loss terms `example` adds: its predicted label tokens, or 1 for a class label."""
     if "label" in example:
@@ -168,6 +184,7 @@ def train(
     ckpt = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     if ckpt is not None:
         prog = Progress(**load_checkpoint(ckpt, model, optimizer, scheduler))
+        apply_settings(optimizer, scheduler, cfg)
         log.info("resuming from %s (step %d)", ckpt, prog.step)
     elif cfg.resume:
         log.warning("--resume: no complete checkpoint in %s; starting from step 0", out / "checkpoints")
