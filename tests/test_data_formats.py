@@ -100,3 +100,9 @@ def test_instruction_prompt_is_alpaca():
     assert instruction_prompt({"instruction": "Hi", "output": "x"}).endswith(
         "### Instruction:\nHi\n\n### Response:\n"
     )
+
+
+@pytest.mark.parametrize("label", [[1], {"a": 1}])
+def test_label_that_is_not_a_scalar_is_a_data_error(label):
+    with pytest.raises(DataError, match="record 1: column 'label' must be a string or a number, got"):
+        detect_format([{"text": "a", "label": 0}, {"text": "b", "label": label}])

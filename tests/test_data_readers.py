@@ -189,3 +189,30 @@ def test_reader_bad_inputs(tmp_path):
         read_records(allbad, on_error="skip")
     with pytest.raises(ConfigError, match="on_error"):
         read_records(allbad, on_error="ignore")
+
+
+@pytest.mark.parametrize("on_error", ["stop", "skip"])
+def test_csv_unterminated_quote_names_its_line_and_never_drops_later_rows(tmp_path, on_error):
+    """csv reads everything after an unclosed quote into one field: skipping it would silently drop
+    every later row, so it is an error in both modes, naming the line the quote opened on."""
+    p = tmp_path / "d.csv"
+    p.write_text('text,label\nok,positive\n"good film,positive\nbad,negative\nfine,positive\n')
+    with pytest.raises(DataError, match=r"d\.csv:3: unterminated quote.*the 2 lines after it"):
+        read_records(p, on_error=on_error)
+
+
+def test_csv_quoted_field_over_several_lines_still_reads(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('text,label\n"two\nlines",positive\nbad,negative\n')
+    assert read_records(p).records == [
+        {"text": "two\nlines", "label": "positive"},
+        {"text": "bad", "label": "negative"},
+    ]
+
+
+@pytest.mark.parametrize("name", ["deep.jsonl", "deep.json"])
+def test_deeply_nested_json_is_a_data_error(tmp_path, name):
+    p = tmp_path / name
+    p.write_text("[" * 100_000 + "\n")
+    with pytest.raises(DataError, match="nested too deeply"):
+        read_records(p)

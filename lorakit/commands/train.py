@@ -13,7 +13,15 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from ..train.config import CONFIGS, DEFAULT_CONFIG, FIELD_TYPES, TrainConfig, load_yaml, resolve_config
+from ..train.config import (
+    CONFIG_FILE,
+    CONFIGS,
+    DEFAULT_CONFIG,
+    FIELD_TYPES,
+    TrainConfig,
+    load_yaml,
+    resolve_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +114,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resolve_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's `TrainConfig`: `--config` (or, with neither it nor `--data`, the packaged
-    sentiment config), overridden by the flags given. Raises `ConfigError`."""
+    """The run's `TrainConfig`: `--config`, overridden by the flags given. Without `--config`, a
+    `--resume` reads the run's `OUTPUT/train_config.yaml`, and a run without `--data` the packaged
+    sentiment config. Raises `ConfigError`."""
     flags = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
     config = args.config
-    if config is None and "data" not in flags:
+    saved = Path(flags.get("output", TrainConfig.output)) / CONFIG_FILE
+    if config is None and flags.get("resume") and saved.is_file():
+        config = saved  # a resume continues the run's own settings; the flags given change them
+    elif config is None and "data" not in flags:
         config = DEFAULT_CONFIG
         log.info("no --data or --config: running %s (the embedded sentiment demo)", config)
     return resolve_config(load_yaml(config_path(config)) if config else {}, flags)
