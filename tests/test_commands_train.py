@@ -27,6 +27,10 @@ def test_cli_help_documents_every_setting(capsys):
         (["--config", "/nonexistent/run.yaml"], "--config /nonexistent/run.yaml: cannot read it"),
         (["--task", "regression"], "task must be one of"),
         (["--batch-size", "6", "--grad-accum", "4"], "multiple of grad_accum"),
+        (["--lr", "nan"], "lr (--lr) must be a finite number > 0, got nan"),
+        (["--max-minutes", "-1"], "max_minutes (--max-minutes) must be a finite number > 0"),
+        (["--layers", "5-2"], "the range '5-2' is reversed"),
+        (["--config", "sentiment", "--pack", "--resume", "--overwrite"], "exclude each other"),
     ],
 )
 def test_cli_reports_bad_settings_without_a_traceback(capsys, tmp_path, argv, message):

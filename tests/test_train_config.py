@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorakit.errors import ConfigError
-from lorakit.train import resolve_config
+from lorakit.train import TrainConfig, resolve_config
 from lorakit.train.config import load_yaml
 
 transformers = pytest.importorskip("transformers")
@@ -51,3 +51,94 @@ def test_bad_yaml_is_a_config_error(tmp_path, text, message):
 def test_bad_settings_are_config_errors(flags, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config({}, flags)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"lr": float("nan")}, r"lr \(--lr\) must be a finite number > 0, got nan"),
+        ({"lr": 0.0}, r"lr \(--lr\) must be a finite number > 0"),
+        ({"epochs": float("inf")}, r"epochs \(--epochs\) must be a finite number > 0, got inf"),
+        ({"weight_decay": -1.0}, r"weight_decay \(--weight-decay\) must be a finite number >= 0"),
+        ({"max_length": 1}, r"max_length \(--max-length\) must be a finite number >= 2"),
+        ({"max_minutes": -1.0}, r"max_minutes \(--max-minutes\) must be a finite number > 0"),
+        ({"max_eval": -1}, r"max_eval \(--max-eval\) must be a finite number >= 0"),
+        ({"max_grad_norm": float("nan")}, r"max_grad_norm \(--max-grad-norm\) must be a finite number >= 0"),
+        ({"batch_size": 0}, r"batch_size \(--batch-size\) must be a finite number >= 1"),
+        ({"batch_size": -4}, r"batch_size \(--batch-size\) must be a finite number >= 1"),
+        ({"eval_batch_size": 0}, r"eval_batch_size \(--eval-batch-size\) must be"),
+        ({"lora_dropout": 1.0}, r"lora_dropout \(--lora-dropout\) must be a finite number >= 0 and < 1"),
+        ({"lora_alpha": float("-inf")}, r"lora_alpha \(--lora-alpha\) must be a finite number > 0"),
+        ({"seed": -1}, r"seed \(--seed\) must be a finite number >= 0 and <= 4294967295"),
+        ({"seed": 2**40}, r"seed \(--seed\) must be"),
+        ({"threads": 0}, r"threads \(--threads\) must be"),
+        ({"keep_checkpoints": 0}, r"keep_checkpoints \(--keep-checkpoints\) must be"),
+        ({"max_steps": 5, "warmup_steps": 20}, r"warmup_steps \(20\) must be <= max_steps \(5\)"),
+        ({"r": 4.5}, r"r \(--r\) must be an integer, got 4.5"),
+        ({"pack": "no"}, r"pack \(--pack\) must be true or false, got 'no'"),
+        ({"lr": True}, r"lr \(--lr\) must be a number, got True"),
+        ({"target_modules": " , "}, "target_modules is empty"),
+        ({"model": " "}, r"model \(--model\) is empty"),
+    ],
+)
+def test_nonsense_numbers_and_types_name_the_flag_and_the_valid_range(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config({}, {"data": "d.jsonl", **flags})
+    if "warmup_steps" not in flags:  # the Python API validates the same way
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(data="d.jsonl", **flags).validate()
+
+
+def test_default_warmup_is_cut_to_a_short_run_not_refused():
+    assert resolve_config({}, {"data": "d", "max_steps": 4}).warmup_steps == 10
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ("5-2", r"the range '5-2' is reversed; write 2-5"),
+        ("a-b", "layers must look like"),
+        ("-1", "layers must look like"),
+        ("1,,2", "layers must look like"),
+        ("1-", "layers must look like"),
+    ],
+)
+def test_bad_layer_ranges_are_refused_at_parse(layers, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config({}, {"layers": layers})
+
+
+def test_layer_list_is_sorted_and_unique():
+    assert TrainConfig(layers="4,0,2-3,2").layer_list() == [0, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("pack: 'no'\n", False), ('pack: "Yes"\n', True), ("pack: no\n", False), ("pack: true\n", True)],
+)
+def test_yaml_booleans_are_parsed_strictly(tmp_path, text, value):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert load_yaml(path) == {"pack": value}
+
+
+def test_yaml_boolean_that_is_no_boolean_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("pack: 'maybe'\n")
+    with pytest.raises(ConfigError, match=r"pack must be true or false \(or yes/no\), got 'maybe'"):
+        load_yaml(path)
+
+
+def test_non_utf8_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes("model: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_yaml(path)
+
+
+def test_saved_config_never_records_resume_or_overwrite(tmp_path):
+    from lorakit.train.config import save_resolved
+
+    save_resolved(TrainConfig(data="d", resume=True, overwrite=True), tmp_path)
+    saved = load_yaml(tmp_path / "train_config.yaml")
+    assert saved["resume"] is False and saved["overwrite"] is False and saved["data"] == "d"
