@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 
 import pytest
 import torch
@@ -27,6 +29,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _optimizer_and_scheduler(model):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+_NEEDS_DEV_FULL = pytest.mark.skipif(
+    not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)),
+    reason="needs /dev/full (a device whose every write fails with ENOSPC)",
+)
 
 
 def test_checkpoints_keep_last_k_and_ignore_half_written(tmp_path):
@@ -68,3 +76,47 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
     opt2, sched2 = _optimizer_and_scheduler(other)
     with pytest.raises(ShapeMismatchError, match="other trainable parameters"):
         load_checkpoint(latest_checkpoint(tmp_path), other, opt2, sched2)
+
+
+def test_a_non_finite_tensor_is_never_saved_as_a_checkpoint(tmp_path):
+    from lorakit.errors import TrainingError
+
+    model = lora(tiny_llama())
+    opt, sched = _optimizer_and_scheduler(model)
+    save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1})
+    name, param = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        param[0, 0] = float("inf")
+    with pytest.raises(TrainingError, match=rf"step 2: trainable tensor '{name}' holds NaN or Inf"):
+        save_checkpoint(tmp_path, 2, model, opt, sched, {"step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["step-0000001"]  # no partial folder either
+    assert latest_checkpoint(tmp_path).name == "step-0000001"
+
+
+@_NEEDS_DEV_FULL
+def test_disk_full_is_a_storage_error_naming_the_path_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    """The state file's bytes go to /dev/full, which fails every write with ENOSPC like a full disk."""
+    from pathlib import Path
+
+    from lorakit.errors import StorageError
+
+    model = lora(tiny_llama())
+    opt, sched = _optimizer_and_scheduler(model)
+    save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1})
+    real = Path.write_bytes
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: real(Path("/dev/full"), data))
+    with pytest.raises(StorageError, match=r"step-0000002: no space left on the device \(\d+ MiB free in"):
+        save_checkpoint(tmp_path, 2, model, opt, sched, {"step": 2})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["step-0000001"]  # the temporary folder is gone
+    assert latest_checkpoint(tmp_path).name == "step-0000001"
+
+
+def test_a_rerun_of_a_step_replaces_its_checkpoint_whole(tmp_path):
+    model = lora(tiny_llama())
+    opt, sched = _optimizer_and_scheduler(model)
+    save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1})
+    (tmp_path / "step-0000001" / "stray.txt").write_text("from the older write")
+    save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1, "position": 5})
+    assert not (tmp_path / "step-0000001" / "stray.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000001"]

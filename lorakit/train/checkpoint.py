@@ -12,6 +12,7 @@ ones beyond `keep` are deleted only after the new one is in place.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -102,7 +103,9 @@ def save_checkpoint(
             "rng": rng_state(),
             "progress": progress,
         }
-        torch.save(state, tmp / STATE)
+        buffer = io.BytesIO()  # torch.save ignores some failed writes on a full disk; Python's do not
+        torch.save(state, buffer)
+        (tmp / STATE).write_bytes(buffer.getbuffer())
         if getattr(model, "_lorakit_configs", None):
             from ..io import save_adapter
 
