@@ -186,3 +186,17 @@ def test_time_budget_stops_early_and_still_saves_the_last_step(tmp_path):
     rows = train(model, lm_examples(16), cfg_for(tmp_path, max_steps=50, max_minutes=1e-9), collate)
     assert rows[-1]["step"] == 1
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000001"
+
+
+def test_resume_with_a_new_lr_applies_it_to_the_optimizer_and_schedule(tmp_path):
+    """Steps 5-6 after resuming with lr 5e-3 use the lr a run started with 5e-3 has at those steps
+    (the checkpoint holds the old peak lr in the optimizer and the scheduler)."""
+    examples = lm_examples(16)
+    model = lora(tiny_llama())
+    train(model, examples, cfg_for(tmp_path / "a", max_steps=4, save_every=2), collate)
+    resumed = train(model, examples, cfg_for(tmp_path / "a", max_steps=6, lr=5e-3, resume=True), collate)
+    fresh = train(lora(tiny_llama()), examples, cfg_for(tmp_path / "b", max_steps=6, lr=5e-3), collate)
+    assert [r["step"] for r in resumed] == [5, 6]
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in fresh[4:]], rel=1e-12)
+    f = lr_lambda(cfg_for(tmp_path, max_steps=6), 6)
+    assert [r["lr"] for r in resumed] == pytest.approx([5e-3 * f(5), 5e-3 * f(6)], rel=1e-12)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from fixtures import train_llama as tiny_llama
 
-from lorakit.errors import DataError
+from lorakit.errors import ConfigError, DataError
 from lorakit.train import resolve_config
 
 transformers = pytest.importorskip("transformers")
@@ -79,6 +79,58 @@ def test_run_training_refuses_bad_data_before_writing(tiny_folder, tmp_path):
             resolve_config({}, dict(model=str(tiny_folder / "model"), data=str(bad), output=str(out)))
         )
     assert not out.exists()
+
+
+def _tiny_run(tiny_folder, out, **kw):
+    from lorakit.train import run_training
+
+    settings = dict(
+        model=str(tiny_folder / "model"),
+        data=str(tiny_folder / "data.jsonl"),
+        output=str(out),
+        max_steps=2,
+        batch_size=4,
+        eval_fraction=0.25,
+        eval_base=False,
+        threads=1,
+    )
+    return run_training(resolve_config({}, {**settings, **kw}))
+
+
+def test_integer_class_labels_keep_their_values(tiny_folder, tmp_path):
+    """Labels 1 and 2 (no 0) need a 3-way head; the saved config names every id."""
+    data = tmp_path / "ints.jsonl"
+    rows = [json.loads(line) for line in (tiny_folder / "data.jsonl").read_text().splitlines()]
+    data.write_text(
+        "".join(json.dumps({"text": r["text"], "label": 1 + i % 2}) + "\n" for i, r in enumerate(rows))
+    )
+    s = _tiny_run(tiny_folder, tmp_path / "out", data=str(data), task="classification")
+    assert {"eval_accuracy", "eval_macro_f1"} <= set(s.final)
+    from safetensors.torch import load_file
+
+    head = load_file(str(s.adapter / "adapter_model.safetensors"))["base_model.model.score.weight"]
+    assert head.shape[0] == 3
+
+
+def test_a_second_run_into_the_same_output_is_refused_then_overwrites(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    _tiny_run(tiny_folder, out)
+    before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        _tiny_run(tiny_folder, out, seed=1)
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    with pytest.raises(ConfigError, match=r"--resume: these settings differ .*--seed 0 -> 1"):
+        _tiny_run(tiny_folder, out, seed=1, resume=True)
+    _tiny_run(tiny_folder, out, seed=1, overwrite=True)
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != before
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+
+
+def test_run_training_into_a_file_is_refused(tiny_folder, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file; give a folder"):
+        _tiny_run(tiny_folder, f)
 
 
 @pytest.mark.parametrize("task", ["causal-lm", "classification"])
