@@ -115,15 +115,29 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if labels.dim() == 1:
         out = model(**inputs)
         return F.cross_entropy(out.logits.float(), labels, reduction="sum")
+    logits, first = answer_logits(model, inputs, labels)
+    if logits is None:
+        return torch.zeros((), device=labels.device, requires_grad=True)
+    return lm_loss_sum(logits, labels, first)
+
+
+def answer_logits(
+    model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor | None, int]:
+    """(logits of positions `first - 1` on, `first`): `first` is the batch's first labelled position,
+    so `logits[:, j]` predicts the token at `first + j`. (None, 0) when nothing is labelled."""
     labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
     if len(labelled) == 0:
-        return torch.zeros((), device=labels.device, requires_grad=True)
+        return None, 0
     first = int(labelled[0]) + 1  # first labelled position; the logits before it predict it
     keep = labels.shape[1] - first + 1
     if _accepts_logits_to_keep(model):
-        logits = model(**inputs, logits_to_keep=keep).logits
-    else:
-        logits = model(**inputs).logits[:, first - 1 :]
+        return model(**inputs, logits_to_keep=keep).logits, first
+    return model(**inputs).logits[:, first - 1 :], first
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, first: int) -> torch.Tensor:
+    """Summed next-token loss of `answer_logits`' output against `labels`."""
     # the targets are shifted, not the logits (the last position predicts nothing): slicing the
     # logits would copy the [tokens, vocab] tensor in the forward and again in the backward
     target = F.pad(labels[:, first:], (0, 1), value=IGNORE_INDEX)
