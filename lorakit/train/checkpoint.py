@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import _state
 from .._atomic import atomic_folder
 from .._storage import writing
 from ..errors import AdapterFileError, ShapeMismatchError, TrainingError
@@ -106,7 +107,7 @@ def save_checkpoint(
         buffer = io.BytesIO()  # torch.save ignores some failed writes on a full disk; Python's do not
         torch.save(state, buffer)
         (tmp / STATE).write_bytes(buffer.getbuffer())
-        if getattr(model, "_lorakit_configs", None):
+        if _state.has_adapters(model):
             from ..io import save_adapter
 
             save_adapter(model, tmp / "adapter")

@@ -26,6 +26,7 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 from ..inject import inject, trainable_parameters
 from ..io import save_adapter
+from ..modeling import classifier_heads
 from ..tasks import CAUSAL_LM, CLASSIFICATION, PEFT_TASK_TYPES
 from . import distributed as dist
 from .config import TrainConfig, save_resolved
@@ -35,7 +36,6 @@ from .outputs import check_output, claim_output
 from .report import METRICS, plot_training
 
 log = logging.getLogger(__name__)
-_HEADS = ("score", "classifier")
 
 
 @dataclass
@@ -83,7 +83,7 @@ def lora_config(cfg: TrainConfig, model) -> LoraConfig:
     """The LoraConfig of `cfg`; a classifier's new head is trained in full (modules_to_save)."""
     heads = None
     if cfg.task == CLASSIFICATION:
-        heads = [h for h in _HEADS if isinstance(getattr(model, h, None), torch.nn.Module)] or None
+        heads = classifier_heads(model) or None
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
