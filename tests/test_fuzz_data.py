@@ -110,7 +110,7 @@ def test_random_csv_quoting(text):
         path = Path(d) / "data.csv"
         path.write_text(text)
         for on_error in ("stop", "skip"):
-            _clean(lambda: read_records(path, on_error=on_error))
+            _clean(lambda mode=on_error: read_records(path, on_error=mode))
 
 
 @FUZZ
