@@ -142,3 +142,8 @@ def test_saved_config_never_records_resume_or_overwrite(tmp_path):
     save_resolved(TrainConfig(data="d", resume=True, overwrite=True), tmp_path)
     saved = load_yaml(tmp_path / "train_config.yaml")
     assert saved["resume"] is False and saved["overwrite"] is False and saved["data"] == "d"
+
+
+def test_paths_are_accepted_where_path_strings_go(tmp_path):
+    cfg = TrainConfig(data=tmp_path / "d.jsonl", output=tmp_path / "o").validate()
+    assert (cfg.data, cfg.output) == (str(tmp_path / "d.jsonl"), str(tmp_path / "o"))

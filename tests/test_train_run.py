@@ -126,6 +126,13 @@ def test_a_second_run_into_the_same_output_is_refused_then_overwrites(tiny_folde
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
 
 
+def test_layers_beyond_the_model_are_a_config_error_before_anything_is_written(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="99"):
+        _tiny_run(tiny_folder, out, layers="99-100")
+    assert not out.exists()
+
+
 def test_run_training_into_a_file_is_refused(tiny_folder, tmp_path):
     f = tmp_path / "file"
     f.write_text("not a folder")

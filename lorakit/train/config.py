@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ class TrainConfig:
         """Check every value (type and range); raise `ConfigError` naming the setting, its flag and
         what is allowed. Returns self."""
         for f in fields(self):
+            if isinstance(getattr(self, f.name), os.PathLike):  # a Path where a path string goes
+                setattr(self, f.name, os.fspath(getattr(self, f.name)))
             _check_type(f.name, getattr(self, f.name))
         _choice("task", self.task, TASKS)
         _choice("schedule", self.schedule, SCHEDULES)
