@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from .._atomic import atomic_folder, clean_stale
-from .._storage import writing
-from ..errors import ConfigError
+from ..errors import ConfigError, storage_errors
 from ..inject import lora_layers
 from ..merge import unload
 from ..modeling import tied_embeddings
@@ -52,7 +51,7 @@ def export_hf(
     if dtype is not None:
         model.to(DTYPES[dtype])
     clean_stale(output.parent)  # what a killed export left beside `output`
-    with writing(output), atomic_folder(output) as tmp:
+    with storage_errors(output), atomic_folder(output) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -28,8 +28,7 @@ from torch import nn
 
 from .. import _state
 from .._atomic import atomic_folder
-from .._storage import writing
-from ..errors import AdapterFileError, ShapeMismatchError, TrainingError
+from ..errors import AdapterFileError, ShapeMismatchError, TrainingError, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def save_checkpoint(
             f"(the last good one is kept in {root}). Lower --lr, or use --precision fp32"
         )
     final = root / f"step-{step:07d}"
-    with writing(final), atomic_folder(final) as tmp:  # a rerun of the same step replaces it whole
+    with storage_errors(final), atomic_folder(final) as tmp:  # a rerun of the same step replaces it whole
         save_file(tensors, str(tmp / TENSORS))
         state = {
             "optimizer": optimizer.state_dict(),

@@ -16,8 +16,7 @@ import shutil
 from pathlib import Path
 
 from .._atomic import clean_stale
-from .._storage import writing
-from ..errors import ConfigError
+from ..errors import ConfigError, storage_errors
 from .config import CONFIG_FILE, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ def check_output(cfg: TrainConfig) -> None:
         )
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: continue the run or replace it")
-    with writing(out):
+    with storage_errors(out):
         for folder in (out, out / "checkpoints"):
             for path in clean_stale(folder):
                 log.info("removed %s (left by a killed run)", path)
@@ -76,7 +75,7 @@ def claim_output(cfg: TrainConfig) -> Path:
     """Create `cfg.output` (checked by `check_output`) for the run; with `overwrite`, first remove
     the previous run's checkpoints, metrics and plot. Returns the folder. Raises `StorageError`."""
     out = Path(cfg.output)
-    with writing(out):
+    with storage_errors(out):
         if cfg.overwrite and previous_run(out):
             log.warning("--overwrite: replacing the run in %s", out)
             for name in RUN_FILES:

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from .. import data as D
-from .._storage import writing
 from ..config import LoraConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, storage_errors
 from ..inject import inject, trainable_parameters
 from ..io import save_adapter
 from ..modeling import classifier_heads
@@ -171,10 +170,10 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     adapter = out / "adapter"
     plot = out / "training.png"
     if dist.is_main():
-        with writing(adapter):
+        with storage_errors(adapter):
             save_adapter(model, adapter)  # swaps the whole folder in (lorakit.io)
             save_resolved(cfg, adapter)
-        with writing(plot):
+        with storage_errors(plot):
             plot_training(out / METRICS, plot)
     dist.barrier()
     evals = [r for r in rows if len(r) > 1 and any(k.startswith("eval_") for k in r)]
