@@ -191,19 +191,8 @@ def train(
     lengths = [len(e["input_ids"]) for e in examples]
     per_epoch = len(batch_plan(lengths, cfg.batch_size, cfg.seed, 0))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    optimizer, scheduler, prog = _start(model, params, cfg, total)
     metrics = MetricsLog(out, enabled=dist.is_main())
-    prog = Progress()
-    ckpt = latest_checkpoint(out / "checkpoints") if cfg.resume else None
-    if ckpt is not None:
-        prog = Progress(**load_checkpoint(ckpt, model, optimizer, scheduler))
-        apply_settings(optimizer, scheduler, cfg)
-        log.info("resuming from %s (step %d)", ckpt, prog.step)
-    elif cfg.resume:
-        log.warning("--resume: no complete checkpoint in %s; starting from step 0", out / "checkpoints")
-    else:
-        dist.broadcast_params(params)
     metrics.start(prog.step)
     autocast = _autocast(cfg, device)
     bar = _progress_bar(total, prog.step, dist.is_main())
@@ -224,11 +213,7 @@ def train(
             grad_norm = _update(params, optimizer, scheduler, cfg)
             trim_heap()
             busy += time.perf_counter() - t0  # tokens/s counts training only, not evals or saves
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise TrainingError(
-                    f"non-finite loss or gradient at step {prog.step + 1} (loss={loss}, grad norm={grad_norm}); "
-                    f"the last good checkpoint is kept in {out / 'checkpoints'}. Lower --lr, or use --precision fp32"
-                )
+            _check_finite(loss, grad_norm, prog.step + 1, out)
             prog.step += 1
             prog.position += 1
             prog.tokens += tokens
@@ -244,18 +229,7 @@ def train(
                 "time_s": round(elapsed, 1),
                 "train_s": round(busy, 3),
             }
-            if (
-                cfg.max_minutes
-                and prog.step < total
-                and _out_of_time(time.perf_counter() - entered, cfg.max_minutes)
-            ):
-                log.warning(
-                    "time budget of %s min reached at step %d of %d; finishing now",
-                    cfg.max_minutes,
-                    prog.step,
-                    total,
-                )
-                total = prog.step
+            total = _budget(cfg, prog.step, total, entered)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}")
@@ -263,17 +237,7 @@ def train(
                 rows.append(metrics.write(row))
             last = prog.step == total
             if last or (cfg.save_every and prog.step % cfg.save_every == 0):
-                if dist.is_main():
-                    save_checkpoint(
-                        out / "checkpoints",
-                        prog.step,
-                        model,
-                        optimizer,
-                        scheduler,
-                        vars(prog),
-                        cfg.keep_checkpoints,
-                    )
-                dist.barrier()
+                _save(out, prog, model, optimizer, scheduler, cfg)
             if evaluate is not None and (last or (cfg.eval_every and prog.step % cfg.eval_every == 0)):
                 rows.append(metrics.write({"step": prog.step, **_evaluate(model, evaluate, prog.step)}))
         if prog.position >= len(plan):
@@ -282,6 +246,52 @@ def train(
         bar.close()
     metrics.close()
     return rows
+
+
+def _start(model: nn.Module, params: list, cfg: TrainConfig, total: int) -> tuple[Any, Any, Progress]:
+    """The optimizer, the schedule and the progress: fresh (every process starting from rank 0's
+    values), or restored from the newest complete checkpoint with `cfg.resume`."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    folder = Path(cfg.output) / "checkpoints"
+    ckpt = latest_checkpoint(folder) if cfg.resume else None
+    if ckpt is not None:
+        prog = Progress(**load_checkpoint(ckpt, model, optimizer, scheduler))
+        apply_settings(optimizer, scheduler, cfg)
+        log.info("resuming from %s (step %d)", ckpt, prog.step)
+        return optimizer, scheduler, prog
+    if cfg.resume:
+        log.warning("--resume: no complete checkpoint in %s; starting from step 0", folder)
+    else:
+        dist.broadcast_params(params)
+    return optimizer, scheduler, Progress()
+
+
+def _check_finite(loss: float, grad_norm: float, step: int, out: Path) -> None:
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingError(
+            f"non-finite loss or gradient at step {step} (loss={loss}, grad norm={grad_norm}); "
+            f"the last good checkpoint is kept in {out / 'checkpoints'}. Lower --lr, or use --precision fp32"
+        )
+
+
+def _budget(cfg: TrainConfig, step: int, total: int, entered: float) -> int:
+    """The step to finish at: `total`, or this step once any process is past `cfg.max_minutes`."""
+    if cfg.max_minutes and step < total and _out_of_time(time.perf_counter() - entered, cfg.max_minutes):
+        log.warning(
+            "time budget of %s min reached at step %d of %d; finishing now", cfg.max_minutes, step, total
+        )
+        return step
+    return total
+
+
+def _save(out: Path, prog: Progress, model, optimizer, scheduler, cfg: TrainConfig) -> None:
+    """Rank 0 writes the checkpoint of this step; the others wait for it."""
+    if dist.is_main():
+        save_checkpoint(
+            out / "checkpoints", prog.step, model, optimizer, scheduler, vars(prog), cfg.keep_checkpoints
+        )
+    dist.barrier()
 
 
 def _step(model, mine, cfg, collate, device, autocast, trim_heap) -> tuple[float, int]:
