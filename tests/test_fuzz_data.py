@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -125,5 +126,5 @@ def test_random_dataset_references(ref):
     "ref", ["rotten_tomatoes:valid", "rotten_tomatoes:train[:99999999]", "nope:train[:2]"]
 )
 def test_bad_builtin_references_are_data_or_config_errors(ref):
-    with pytest.raises((DataError, ConfigError)):
+    with pytest.raises((DataError, ConfigError), match=rf"^{re.escape(ref)}: "):
         read_dataset(ref)

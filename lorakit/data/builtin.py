@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .readers import RecordSet, read_records
 from .rotten_tomatoes import rotten_tomatoes
 
@@ -42,7 +42,12 @@ def read_dataset(
     if m["name"] not in BUILTIN:
         raise DataError(f"{text}: no such file, and {m['name']!r} is not a built-in dataset {list(BUILTIN)}")
     n = None if m["n"] is None else int(m["n"])
-    train, test = rotten_tomatoes(n if m["split"] == "train" else 0, n if m["split"] == "test" else 0, seed)
+    try:
+        train, test = rotten_tomatoes(
+            n if m["split"] == "train" else 0, n if m["split"] == "test" else 0, seed
+        )
+    except ConfigError as e:  # too many records asked for, or the package is missing: name the reference
+        raise ConfigError(f"{text}: {e}") from None
     records = train if m["split"] == "train" else test
     if m["name"] == "rotten_tomatoes_chat":
         records = [sentiment_chat(r) for r in records]
