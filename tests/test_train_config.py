@@ -79,6 +79,7 @@ def test_bad_settings_are_config_errors(flags, message):
         ({"lr": True}, r"lr \(--lr\) must be a number, got True"),
         ({"target_modules": " , "}, "target_modules is empty"),
         ({"model": " "}, r"model \(--model\) is empty"),
+        ({"pack": True, "task": "classification"}, "classification examples cannot be packed"),
     ],
 )
 def test_nonsense_numbers_and_types_name_the_flag_and_the_valid_range(flags, message):

@@ -57,7 +57,7 @@ _HELP = {
     "`lorakit plan` predicts (costs some speed; see docs/plan.md)",
     "eval_every": "evaluate every N steps (0: at the end only)",
     "eval_fraction": "fraction of --data held out for evaluation when there is no --eval-data",
-    "max_eval": "evaluate on at most this many examples",
+    "max_eval": "evaluate on at most this many examples (0: no evaluation)",
     "eval_base": "evaluate the base model (adapter disabled) before training",
     "eval_batch_size": "batch size for evaluation and generation",
     "save_every": "write a checkpoint every N steps (and at the end)",

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
-from ..tasks import CAUSAL_LM, TASKS, parse_target_modules
+from ..tasks import CAUSAL_LM, CLASSIFICATION, TASKS, parse_target_modules
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -89,6 +89,10 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"
+            )
+        if self.pack and self.task == CLASSIFICATION:
+            raise ConfigError(
+                "pack (--pack) joins causal-lm examples; classification examples cannot be packed"
             )
         if not str(self.model).strip():
             raise ConfigError(
