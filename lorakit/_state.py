@@ -63,6 +63,12 @@ def check_name(name: object) -> str:
     return name
 
 
+def as_names(adapters: object) -> list[str]:
+    """`adapters` (a name, or a list/tuple of names) as a list of checked names (see `check_name`)."""
+    items = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
+    return [check_name(n) for n in items]
+
+
 def add_config(model: nn.Module, name: str, config: LoraConfig) -> None:
     """Record adapter `name` with `config`. Raises `AdapterStateError` if the name is taken."""
     known = getattr(model, _CONFIGS, {})

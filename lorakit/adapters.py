@@ -27,10 +27,7 @@ def set_adapter(model: nn.Module, adapters: str | list[str]) -> None:
     Only active (and unmerged) adapters are trainable. Raises `AdapterStateError` for an unknown
     name, `ConfigError` for a name that cannot be an adapter name (not a string, empty, with '.').
     """
-    names = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
-    for name in names:
-        _state.check_name(name)
-    _state.set_active(model, names)
+    _state.set_active(model, _state.as_names(adapters))
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:

@@ -78,10 +78,13 @@ def _check_matching(config: LoraConfig) -> None:
             raise ConfigError(
                 f"LoraConfig.{key} must be a list of module names or a regex string, got {value!r}"
             )
-    if not isinstance(config.modules_to_save, (list, type(None))):
-        raise ConfigError(
-            f"LoraConfig.modules_to_save must be a list of names, got {config.modules_to_save!r}"
-        )
+    for key in ("modules_to_save", "layers_pattern"):
+        value = getattr(config, key)
+        items = [value] if isinstance(value, str) and key == "layers_pattern" else value
+        if value is not None and not (isinstance(items, list) and all(isinstance(v, str) for v in items)):
+            raise ConfigError(f"LoraConfig.{key} must be a list of names, got {value!r}")
+        for v in items or []:
+            _fullmatch(v, "")  # each is used inside a regex: refuse an invalid one here
     layered = _wanted_layers(config) is not None or config.layers_pattern
     if layered and isinstance(config.target_modules, str) and config.target_modules != "all-linear":
         # PEFT's LoraConfig refuses this too, so such an adapter could never be read back by PEFT
@@ -265,7 +268,6 @@ class _Undo:
         self.model, self.adapter = model, adapter
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         self.active = _state.active(model)
-        self.had_config = adapter in _state.names(model)
         self.wrapped: list[tuple[str, nn.Module]] = []  # (name, original module)
         self.touched: list[nn.Module] = []  # wrappers that got the adapter
 
@@ -284,7 +286,7 @@ class _Undo:
             module.delete_adapter(self.adapter)
         for name, original in reversed(self.wrapped):
             replace_module(self.model, name, original)
-        if not self.had_config and self.adapter in _state.names(self.model):
+        if self.adapter in _state.names(self.model):  # inject refused existing names up front
             _state.remove_config(self.model, self.adapter)
         if _state.has_adapters(self.model):
             _state.set_active(self.model, self.active)

@@ -26,9 +26,7 @@ def merge(model: nn.Module, adapters: str | list[str] | None = None) -> nn.Modul
     Raises `AdapterStateError` for an unknown adapter name, a tied (shared) adapted weight, or an
     adapter with non-finite (NaN/Inf) weights; then no weight has changed.
     """
-    names = (
-        _state.active(model) if adapters is None else [adapters] if isinstance(adapters, str) else adapters
-    )
+    names = _state.active(model) if adapters is None else _state.as_names(adapters)
     _check_known(model, names)
     _check_untied(model)
     _merge_layers(model, names)
@@ -152,9 +150,15 @@ def add_weighted_adapter(
     combination type, mismatched weights, ranks that "linear" cannot combine, or `modules_to_save`.
     """
     configs = _state.configs(model)
-    _check_known(model, list(adapters))
+    adapters = _state.as_names(adapters)
+    _state.check_name(adapter_name)
+    _check_known(model, adapters)
     if adapter_name in configs:
         raise AdapterStateError(f"model already has an adapter named {adapter_name!r}; pick another name")
+    if not isinstance(weights, (list, tuple)) or not all(
+        isinstance(w, (int, float)) and math.isfinite(w) for w in weights
+    ):
+        raise ConfigError(f"add_weighted_adapter weights must be finite numbers, got {weights}")
     if len(weights) != len(adapters) or not adapters:
         raise ConfigError(
             f"add_weighted_adapter needs one weight per adapter, got {len(weights)} for {adapters}"

@@ -6,7 +6,7 @@
 This module only routes: it tells every wrapper which adapter each row uses (`route_rows`). Each
 layer family serves the batch its own way (`lorakit.layers`): linear layers gather each row's A
 and B from a stack of the adapters in use and apply them with two batched matmuls (BGMV-style),
-embeddings and convolutions run each adapter in use on its rows; a batch whose rows all use one
+embeddings, convolutions and `modules_to_save` copies run each adapter in use on its rows; a batch whose rows all use one
 adapter takes the plain path. Row `i` gets exactly what it would get alone with
 `set_adapter(model, name_i)`. The assignment holds for every forward inside the block, so it works
 for generation with a KV cache (rows keep their place) and for training: gradients of row `i`
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from . import _state
-from .errors import AdapterStateError, ConfigError
+from .errors import AdapterStateError
 from .layers import LoraLayer, ModulesToSave
 
 
@@ -30,9 +30,8 @@ def adapter_rows(model: nn.Module, names_per_row: Sequence[str | None]) -> Itera
     """Inside the block, batch row `i` of every forward uses adapter `names_per_row[i]` (None: base).
 
     Raises `AdapterStateError` for an unknown adapter name or when an adapter is merged (a merged
-    adapter is in every row's weights), and `ConfigError` when rows use different adapters that
-    have `modules_to_save` copies (one module cannot be swapped per row). A forward whose batch
-    size differs from `len(names_per_row)` raises `ShapeMismatchError`.
+    adapter is in every row's weights). A forward whose batch size differs from
+    `len(names_per_row)` raises `ShapeMismatchError`.
     """
     rows = list(names_per_row)
     known = _state.names(model)
@@ -46,15 +45,10 @@ def adapter_rows(model: nn.Module, names_per_row: Sequence[str | None]) -> Itera
                 f"adapter_rows: {name} has merged adapters {module.merged_adapters}; "
                 "call lorakit.unmerge(model) before running mixed-adapter batches"
             )
-    routed = []
+    for _, module in wrappers:
+        module.route_rows(rows)
     try:
-        for name, module in wrappers:
-            try:
-                module.route_rows(rows)
-            except ConfigError as e:
-                raise ConfigError(f"adapter_rows: {name} {e}") from None
-            routed.append(module)
         yield model
     finally:
-        for module in routed:
+        for _, module in wrappers:
             module.route_rows(None)

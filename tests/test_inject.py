@@ -1,6 +1,8 @@
 import pytest
 import torch
 from fixtures import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
 import lorakit
@@ -240,3 +242,59 @@ def test_adapter_names_that_cannot_be_keys_are_refused(name, tmp_path):
         lorakit.load_adapter(tiny_llama(), tmp_path, str(name) + ".x" if name == "" else name)
     with pytest.raises(ConfigError, match="adapter name"):
         lorakit.set_adapter(model, name)
+
+
+def test_bad_modules_to_save_and_layers_pattern_are_config_errors():
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="invalid regex"):
+        lorakit.inject(model, LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head("]))
+    with pytest.raises(ConfigError, match="layers_pattern must be"):
+        lorakit.inject(
+            model, LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern=[3])
+        )
+    assert not lorakit.list_adapters(model) and not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+_POOL = ["q_proj", "v_proj", "embed_tokens", "lm_head", "act_fn", "mlp", "nope", "layers.1.mlp.up_proj"]
+_TARGETS = st.one_of(
+    st.lists(st.sampled_from(_POOL), min_size=1, max_size=3),
+    st.sampled_from(["all-linear", r".*\.k_proj", "(", r".*q_proj|.*down_proj", "x"]),
+)
+_LAYERS = st.one_of(st.none(), st.integers(-1, 4), st.lists(st.integers(0, 5), max_size=3), st.just(["1"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    targets=_TARGETS,
+    layers=_LAYERS,
+    pattern=st.sampled_from([None, "layers", "h", ["layers"], "("]),
+    exclude=st.one_of(st.none(), st.lists(st.sampled_from(_POOL), max_size=2), st.just("(")),
+    to_save=st.one_of(st.none(), st.lists(st.sampled_from(["lm_head", "norm", "lm_head("]), max_size=1)),
+    r=st.sampled_from([1, 4, 2**40]),
+    name=st.one_of(st.sampled_from(["default", "b", "a.b", ""]), st.integers()),
+)
+def test_inject_fuzz_ends_in_success_or_a_clear_error_and_never_half_done(
+    targets, layers, pattern, exclude, to_save, r, name
+):
+    """Any config/name either injects or raises a LorakitError with the model exactly as before."""
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(target_modules=["o_proj"]), "a")
+    try:
+        config = LoraConfig(
+            r=r,
+            target_modules=targets,
+            layers_to_transform=layers,
+            layers_pattern=pattern,
+            exclude_modules=exclude,
+            modules_to_save=to_save,
+        )
+    except LorakitError:
+        return  # refused by the config itself (lorakit.config's own checks)
+    before = _snapshot(model)
+    try:
+        lorakit.inject(model, config, name)
+    except LorakitError as e:
+        assert str(e)
+        assert _snapshot(model) == before
+        return
+    assert name in lorakit.list_adapters(model)

@@ -6,7 +6,7 @@ from fixtures import tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.errors import AdapterStateError
+from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.inject import lora_layers
 from lorakit.layers import LoraLinear
 
@@ -126,3 +126,16 @@ def test_a_delta_that_overflows_is_refused_and_earlier_layers_are_undone():
     for k, v in model.state_dict().items():
         if "lora_" not in k:
             assert torch.equal(v, before[k]), k
+
+
+def test_bad_names_and_weights_are_config_errors():
+    model = lorakit.inject(tiny_llama(), LoraConfig(target_modules=["q_proj"]), "a")
+    with pytest.raises(ConfigError, match="adapter name"):
+        lorakit.merge(model, 5)
+    with pytest.raises(ConfigError, match="finite numbers"):
+        lorakit.add_weighted_adapter(model, ["a"], [float("nan")], "m")
+    with pytest.raises(ConfigError, match="may not contain"):
+        lorakit.add_weighted_adapter(model, ["a"], [1.0], "m.1")
+    assert (
+        lorakit.list_adapters(model) == ["a"] and not model.model.layers[0].self_attn.q_proj.merged_adapters
+    )

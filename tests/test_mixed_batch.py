@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from fixtures import tiny_llama
+from fixtures import tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit.errors import AdapterStateError, ConfigError, ShapeMismatchError
@@ -219,19 +219,59 @@ def test_embedding_adapters_work_in_mixed_batches_and_generation():
     assert [together[i] for i in range(4)] == batch
 
 
-def test_modules_to_save_serve_uniform_batches_only():
+@torch.no_grad()
+def test_modules_to_save_copies_serve_mixed_batches_row_by_row():
     model = lorakit.inject(
         tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), "h"
     )
+    lorakit.inject(
+        model, lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"]), "e"
+    )
     lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"]), "p")
-    with torch.no_grad():
-        model.lm_head.modules_to_save["h"].weight.mul_(2)
-    ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad(), adapter_rows(model, ["h", "h"]):
+    model.lm_head.modules_to_save["h"].weight.mul_(2)
+    model.model.embed_tokens.modules_to_save["e"].weight.add_(0.5)
+    ids = torch.randint(0, 128, (5, 4), generator=torch.Generator().manual_seed(8))
+    rows = ["h", "p", None, "e", "h"]
+    with adapter_rows(model, rows):
         got = model(ids).logits
-    with torch.no_grad():
-        torch.testing.assert_close(got, alone(model, "h", ids))
-    with pytest.raises(ConfigError, match="lm_head has modules_to_save copies"):
-        with adapter_rows(model, ["h", "p"]):
-            pass
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(got[i], alone(model, name, ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+    with adapter_rows(model, ["h", "h"]):  # uniform: the copy itself, the plain path
+        torch.testing.assert_close(model(ids[:2]).logits, alone(model, "h", ids[:2]))
+    lorakit.set_adapter(model, "h")
     assert model.lm_head.current() is model.lm_head.modules_to_save["h"]  # routing undone
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv1d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 6, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        return self.conv2(h.unsqueeze(-1).expand(-1, -1, -1, 4))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["conv", "gpt2-conv1d"])
+def test_conv_and_gpt2_models_in_mixed_batches_equal_each_row_alone(kind):
+    model = _ConvNet() if kind == "conv" else tiny_gpt2()
+    targets = ["conv1", "conv2"] if kind == "conv" else ["c_attn", "c_fc", "wte"]
+    for name, r in (("p", 2), ("q", 3)):
+        lorakit.inject(model, lorakit.LoraConfig(r=r, target_modules=targets, init_lora_weights=False), name)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 3, 10, generator=g) if kind == "conv" else torch.randint(0, 100, (4, 6), generator=g)
+    run = (lambda m, x: m(x)) if kind == "conv" else (lambda m, x: m(input_ids=x).logits)
+    rows = ["q", None, "p", "q"]
+    with adapter_rows(model, rows):
+        mixed = run(model, x)
+    for i, name in enumerate(rows):
+        if name is None:
+            with lorakit.disable_adapters(model):
+                ref = run(model, x[i : i + 1])
+        else:
+            lorakit.set_adapter(model, name)
+            ref = run(model, x[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], ref, atol=1e-5, rtol=1e-5)

@@ -132,11 +132,7 @@ class LoraLayer(nn.Module):
         rows = self._rows
         if rows is None:
             return self._lora_active()
-        if x.shape[0] != len(rows):
-            raise ShapeMismatchError(
-                f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
-                "give one adapter name (or None) per batch row"
-            )
+        check_rows(rows, x)
         mine = {n if n in self.r else None for n in rows}
         if len(mine) == 1:  # uniform batch: the plain path
             (name,) = mine
@@ -216,7 +212,9 @@ class LoraLayer(nn.Module):
         using the weights as they were merged; the adapters become trainable again if active."""
         for name in reversed(list(self.merged_adapters)):
             if adapters is None or name in adapters:
-                self._add_to_base(-self._delta(name, *self._merged_weights.pop(name)))
+                device = self._adapter_params(name)[0].device  # the model may have moved since
+                merged = [w.to(device) for w in self._merged_weights.pop(name)]
+                self._add_to_base(-self._delta(name, *merged))
                 self.merged_adapters.remove(name)
         self._update_trainable()
 
@@ -241,6 +239,15 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={ {a: self.r[a] for a in self.r} }, active={self.active_adapters}"
+
+
+def check_rows(rows: list[str | None], x: torch.Tensor) -> None:
+    """Raise `ShapeMismatchError` unless batch `x` has one row per entry of `rows`."""
+    if x.shape[0] != len(rows):
+        raise ShapeMismatchError(
+            f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
+            "give one adapter name (or None) per batch row"
+        )
 
 
 def _params_of(obj: nn.Module | nn.Parameter) -> list[nn.Parameter]:

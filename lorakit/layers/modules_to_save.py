@@ -2,19 +2,19 @@
 
 A classifier's new head, for example, is not low-rank: it is trained in full. The wrapper keeps the
 original module untouched and a copy per adapter; the forward runs the active adapter's copy.
-In a mixed-adapter batch (`route_rows`) one module cannot differ per row, so only a batch whose
-rows all use one adapter (or none) can run through it.
+In a mixed-adapter batch (`route_rows`) each copy in use runs on its own rows (PEFT does the same),
+so the module's first argument must be the batch and its output a tensor with the batch first.
 """
 
 from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
-
-_UNROUTED = object()
+from .base import check_rows
 
 
 class ModulesToSave(nn.Module):
@@ -26,7 +26,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
-        self._routed: object = _UNROUTED  # the copy a routed batch uses (None: the original)
+        self._rows: list[str | None] | None = None  # per row: the copy to use (None: the original)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -52,26 +52,33 @@ class ModulesToSave(nn.Module):
                 p.requires_grad_(name == self.active_adapter)
 
     def route_rows(self, rows: list[str | None] | None) -> None:
-        """Serve a batch whose row `i` uses adapter `rows[i]` (None: back to the active adapter).
-
-        Raises `ConfigError` when rows use different copies: a whole module cannot differ per row."""
-        if rows is None:
-            self._routed = _UNROUTED
-            return
-        mine = {n if n in self.modules_to_save else None for n in rows}
-        if len(mine) > 1:
-            raise ConfigError(
-                f"has modules_to_save copies for {sorted(n for n in mine if n)}; a whole module cannot "
-                "differ per row, so these adapters cannot be mixed in one batch"
-            )
-        self._routed = next(iter(mine), None)
+        """Serve batch row `i` with adapter `rows[i]`'s copy (the original if it has none);
+        `None` goes back to the active adapter."""
+        self._rows = None if rows is None else [n if n in self.modules_to_save else None for n in rows]
 
     def current(self) -> nn.Module:
-        """The module the forward runs now."""
-        name = self.active_adapter if self._routed is _UNROUTED else self._routed
+        """The module the forward runs now (for a routed batch, that of its first row)."""
+        name = self.active_adapter if self._rows is None else next(iter(self._rows), None)
         if self.disabled or name is None:
             return self.original_module
         return self.modules_to_save[name]
 
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        rows = self._rows
+        if rows is None or self.disabled or len(set(rows)) <= 1:
+            return self.current()(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        check_rows(rows, x)
+        out = None
+        for name in dict.fromkeys(rows):
+            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+            module = self.original_module if name is None else self.modules_to_save[name]
+            y = module(x[idx], *rest, **kwargs)
+            if not isinstance(y, torch.Tensor):
+                raise ConfigError(
+                    f"modules_to_save: a {type(module).__name__} returns {type(y).__name__}, so its copies "
+                    "cannot serve a mixed-adapter batch; give each adapter its own batch"
+                )
+            out = y.new_zeros((len(rows), *y.shape[1:])) if out is None else out
+            out = out.index_copy(0, idx, y)
+        return out

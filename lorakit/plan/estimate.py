@@ -18,7 +18,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
-from ..modeling import HEAD_NAMES, decoder_layers
+from ..modeling import HEAD_NAMES, decoder_layers, tied_heads
 from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, nf4_bytes, optimizer_state_bytes, step_memory
 from .models import ATTENTION, build_meta_model, load_config
 from .trace import ActivationTrace, trace_activations
@@ -179,11 +179,11 @@ def _quantized_weights(model: nn.Module) -> set[int]:
     """ids of the linear weights QLoRA stores in NF4: every frozen linear layer (LoRA's own A and B
     train) but the output heads and any layer whose weight is tied to an embedding (lorakit.quant's
     rule)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tied = tied_heads(model)
     out = set()
     for name, module in model.named_modules():
         frozen = not module.weight.requires_grad if type(module) is nn.Linear else False  # not an adapter
-        if frozen and id(module.weight) not in embeddings:
+        if frozen and name not in tied:
             parts = name.split(".")
             if not any(s in parts for s in QUANT_SKIP):
                 out.add(id(module.weight))
