@@ -216,3 +216,9 @@ def test_deeply_nested_json_is_a_data_error(tmp_path, name):
     p.write_text("[" * 100_000 + "\n")
     with pytest.raises(DataError, match="nested too deeply"):
         read_records(p)
+
+
+def test_a_tilde_naming_no_user_is_no_such_file():
+    """Found by tests/test_fuzz_data.py: Path('~0').expanduser() raises RuntimeError."""
+    with pytest.raises(DataError, match="~no-such-user-0/d.jsonl: no such file"):
+        read_records("~no-such-user-0/d.jsonl")

@@ -62,7 +62,10 @@ def read_records(path: str | os.PathLike, *, on_error: str = "stop", split: str 
     """
     if on_error not in ON_ERROR:
         raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    p = Path(path).expanduser()
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError:  # "~user" naming no user: not expandable, so no such file
+        p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     result = RecordSet(source=str(p))
