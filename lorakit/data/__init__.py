@@ -2,7 +2,7 @@
 
 Typical use::
 
-    rs = read_records("train.jsonl", on_error="skip")
+    rs = read_dataset("train.jsonl", on_error="skip")     # or a built-in: "rotten_tomatoes:train[:500]"
     fmt = detect_format(rs.records)                 # or detect_format(rs.records, "chat")
     enc = encode(rs.records, tokenizer, fmt, max_length=512)
     train, evals = split(enc.examples, eval_fraction=0.1, seed=0)
@@ -12,8 +12,10 @@ Typical use::
 This package may import pandas/pyarrow/datasets, always lazily inside functions.
 """
 
+from ..tasks import IGNORE_INDEX
+from .builtin import BUILTIN, read_dataset
 from .collate import collate, pack, split
-from .encode import IGNORE_INDEX, Encoded, encode
+from .encode import Encoded, encode
 from .formats import (
     FORMATS,
     build_label_map,
@@ -27,6 +29,7 @@ from .readers import RecordSet, read_records
 from .rotten_tomatoes import rotten_tomatoes
 
 __all__ = [
+    "BUILTIN",
     "FORMATS",
     "IGNORE_INDEX",
     "Encoded",
@@ -40,6 +43,7 @@ __all__ = [
     "instruction_prompt",
     "label_key",
     "pack",
+    "read_dataset",
     "read_records",
     "rotten_tomatoes",
     "split",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, DataError
-from .encode import IGNORE_INDEX
+from ..tasks import IGNORE_INDEX
 
 
 def split(examples: Sequence[Any], eval_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, DataError
+from ..tasks import CAUSAL_LM, CLASSIFICATION, IGNORE_INDEX, check_task
 from .formats import (
     build_label_map,
     chat_messages,
@@ -23,9 +24,6 @@ from .formats import (
 )
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-TASKS = ("causal-lm", "classification")
 
 
 @dataclass
@@ -45,7 +43,7 @@ def encode(
     *,
     max_length: int,
     label_map: dict[str, int] | None = None,
-    task: str = "causal-lm",
+    task: str = CAUSAL_LM,
 ) -> Encoded:
     """Tokenize `records` of format `fmt` (see `detect_format`; None detects it) for `task`.
 
@@ -61,12 +59,11 @@ def encode(
     response token after truncation; `ConfigError` for a bad task/format pair, max_length, or a tokenizer
     without EOS or chat template.
     """
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of {TASKS}")
+    check_task(task)
     if max_length < 2:
         raise ConfigError(f"max_length must be at least 2, got {max_length}")
     fmt = detect_format(records, fmt)  # every record has the columns `fmt` needs (None: detect it)
-    if task == "classification":
+    if task == CLASSIFICATION:
         if fmt != "classification":
             raise ConfigError(
                 f"task 'classification' needs data in the classification format (text, label), not {fmt!r}"

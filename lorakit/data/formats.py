@@ -89,6 +89,11 @@ def _check(record: dict, fmt: str, i: int) -> None:
             raise DataError(
                 f"record {i}: {what} {column!r} needed by the {fmt} format; columns present: {sorted(record)}"
             )
+    label = record.get("label")
+    if fmt == "classification" and not isinstance(label, (str, int, float)):  # bool is an int
+        raise DataError(
+            f"record {i}: column 'label' must be a string or a number, got {type(label).__name__}"
+        )
     for column in ("text", "instruction", "input", "output"):
         if column in record and record[column] is not None and not isinstance(record[column], str):
             raise DataError(

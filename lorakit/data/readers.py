@@ -62,7 +62,10 @@ def read_records(path: str | os.PathLike, *, on_error: str = "stop", split: str 
     """
     if on_error not in ON_ERROR:
         raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    p = Path(path).expanduser()
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError:  # "~user" naming no user: not expandable, so no such file
+        p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     result = RecordSet(source=str(p))
@@ -130,6 +133,8 @@ def _parse_object(text: str, where: str) -> dict | DataError:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         return DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return DataError(f"{where}: JSON nested too deeply to read")
     if not isinstance(obj, dict):
         return DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -143,6 +148,8 @@ def _read_json(p: Path, lines: Iterator[tuple[int, Any]]) -> Iterator[dict | Dat
     text = "".join(line for _, line in pairs)
     try:
         doc = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{p}: JSON nested too deeply to read") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line in a .json file: read it as JSONL
             yield from _read_jsonl(p, iter(pairs))
@@ -177,11 +184,18 @@ def _read_csv(p: Path, lines: Iterator[tuple[int, Any]]) -> Iterator[dict | Data
     reader = csv.reader(text_lines(), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     while True:
+        start = reader.line_num + 1  # the line this record starts on
         try:
             row = next(reader)
         except StopIteration:
             break
         except csv.Error as e:
+            if "unexpected end of data" in str(e):  # never skippable: it swallowed every later line
+                raise DataError(
+                    f"{p}:{start}: unterminated quote: the quoted field opened on this line never closes, "
+                    f"so the {reader.line_num - start} lines after it would be read into it; close the "
+                    'quote (write a quote inside a quoted field as "")'
+                ) from None
             yield DataError(f"{p}:{reader.line_num}: malformed CSV ({e})")
             continue
         if pending:

@@ -17,9 +17,10 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..hf import DEFAULT_MODEL, TASKS
+from ..hf import DEFAULT_MODEL
 from ..modeling import decoder_layers
 from ..quant import DEFAULT_BLOCKSIZE, nf4_bytes, quantized_weights
+from ..tasks import TASKS
 from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, optimizer_state_bytes, step_memory
 from .models import ATTENTION, build_meta_model, load_config
 from .trace import ActivationTrace, trace_activations

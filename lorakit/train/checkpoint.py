@@ -3,17 +3,18 @@
 A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding the trainable tensors
 (`trainable.safetensors`, by parameter name, bit for bit), `state.pt` (optimizer, scheduler, the
 RNG states of torch/python/numpy, the step and the data position) and, when the model carries
-lorakit adapters, a PEFT adapter folder `adapter/` a user can load directly. It is built in a
-temporary folder and renamed into place once complete, and `complete.json` is written last, so a
-kill mid-write leaves the previous checkpoint the newest usable one. Older ones beyond `keep` are
-deleted only after the new one is in place.
+lorakit adapters, a PEFT adapter folder `adapter/` a user can load directly. It is built under a
+temporary name and swapped in whole (`lorakit._atomic.atomic_folder`), `complete.json` last, so a
+kill mid-write leaves the previous checkpoint the newest usable one (the temporary folder is removed
+by `clean_stale` on the next start). A checkpoint with a non-finite tensor is never written. Older
+ones beyond `keep` are deleted only after the new one is in place.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -26,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import _state
-from .._atomic import _fsync_dir
-from ..errors import AdapterFileError, ShapeMismatchError
+from .._atomic import atomic_folder
+from ..errors import AdapterFileError, ShapeMismatchError, TrainingError, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -79,40 +80,37 @@ def save_checkpoint(
     progress: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep`. Returns its folder."""
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep`. Returns its folder.
+
+    Raises `TrainingError` (writing nothing) when a trainable tensor holds NaN or Inf, so the newest
+    checkpoint is always a good one, and `StorageError` when the disk is full or not writable."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     tensors = {
         n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad
     }
-    save_file(tensors, str(tmp / TENSORS))
-    torch.save(
-        {
+    bad = next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise TrainingError(
+            f"step {step}: trainable tensor {bad!r} holds NaN or Inf; not saving it as a checkpoint "
+            f"(the last good one is kept in {root}). Lower --lr, or use --precision fp32"
+        )
+    final = root / f"step-{step:07d}"
+    with storage_errors(final), atomic_folder(final) as tmp:  # a rerun of the same step replaces it whole
+        save_file(tensors, str(tmp / TENSORS))
+        state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "progress": progress,
-        },
-        tmp / STATE,
-    )
-    if _state.has_adapters(model):
-        from ..io import save_adapter
+        }
+        buffer = io.BytesIO()  # torch.save ignores some failed writes on a full disk; Python's do not
+        torch.save(state, buffer)
+        (tmp / STATE).write_bytes(buffer.getbuffer())
+        if _state.has_adapters(model):
+            from ..io import save_adapter
 
-        save_adapter(model, tmp / "adapter")
-    (tmp / MARKER).write_text(json.dumps({"step": step}), encoding="utf-8")
-    for f in tmp.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # a rerun of the same step (after a resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+            save_adapter(model, tmp / "adapter")
+        (tmp / MARKER).write_text(json.dumps({"step": step}), encoding="utf-8")
     for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

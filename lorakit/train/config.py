@@ -1,23 +1,30 @@
 """`TrainConfig`: every setting of `lorakit train`, from defaults, a YAML file and flags (flags win).
 
-The defaults are the embedded demo's settings (SmolLM2-135M-Instruct learning movie-review sentiment
-on 2 CPU cores), so `lorakit train` with no arguments runs the demo. The resolved config is written
-next to the adapter as `train_config.yaml` so a run can be reproduced with `--config`.
+The resolved config is written next to the adapter as `train_config.yaml` so a run can be
+reproduced with `--config`. The embedded demo is such a file too: `lorakit/configs/sentiment.yaml`
+(what `lorakit train` with no arguments reads, like any user's config).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
+from ..tasks import CAUSAL_LM, CLASSIFICATION, TASKS, parse_target_modules
 
-TASKS = ("causal-lm", "classification")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the packaged configs (the demos)
+DEFAULT_CONFIG = CONFIGS / "sentiment.yaml"
+# settings that only steer this invocation: never recorded as true in train_config.yaml
+RUN_CONTROL = ("resume", "overwrite")
+CONFIG_FILE = "train_config.yaml"
 
 
 @dataclass
@@ -28,9 +35,9 @@ class TrainConfig:
     """
 
     model: str = DEFAULT_MODEL
-    data: str | None = None  # None: the embedded Rotten Tomatoes sentiment demo (DEMO_PRESET)
+    data: str | None = None  # a data file or a built-in dataset (lorakit.data.builtin)
     eval_data: str | None = None
-    task: str = "causal-lm"
+    task: str = CAUSAL_LM
     output: str = "lorakit-output"
     max_steps: int | None = None  # wins over epochs when set
     epochs: float = 1.0
@@ -64,76 +71,128 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     resume: bool = False
-    demo_train: int = 2400  # demo only: pool of training reviews (60 steps of 16 see 960)
-    demo_test: int = 200  # demo only: held-out reviews
+    overwrite: bool = False  # replace the run already in `output` (else it is refused)
 
     def validate(self) -> TrainConfig:
-        """Check values; raise `ConfigError` naming the setting at fault. Returns self."""
+        """Check every value (type and range); raise `ConfigError` naming the setting, its flag and
+        what is allowed. Returns self."""
+        for f in fields(self):
+            if isinstance(getattr(self, f.name), os.PathLike):  # a Path where a path string goes
+                setattr(self, f.name, os.fspath(getattr(self, f.name)))
+            _check_type(f.name, getattr(self, f.name))
         _choice("task", self.task, TASKS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("quantize", self.quantize, (None, "nf4"))
-        for name in (
-            "batch_size",
-            "grad_accum",
-            "r",
-            "max_length",
-            "keep_checkpoints",
-            "log_every",
-            "eval_batch_size",
-        ):
-            _positive(name, getattr(self, name))
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps is not None:
-            _positive("max_steps", self.max_steps)
-        if self.max_steps is None and self.epochs <= 0:
-            raise ConfigError(f"epochs must be > 0 when max_steps is not set, got {self.epochs}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for name, (lo, hi, lo_open, hi_open) in _RANGES.items():
+            _in_range(name, getattr(self, name), lo, hi, lo_open, hi_open)
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"
             )
+        if self.pack and self.task == CLASSIFICATION:
+            raise ConfigError(
+                "pack (--pack) joins causal-lm examples; classification examples cannot be packed"
+            )
+        if not str(self.model).strip():
+            raise ConfigError(
+                "model (--model) is empty; give a model folder, a .gguf file or a built-in name"
+            )
         self.layer_list()
+        self.targets()
         return self
 
     def layer_list(self) -> list[int] | None:
-        """`layers` as a list of indices ("15-29" and "0,2,4" forms); raises `ConfigError`."""
+        """`layers` as a sorted list of indices ("15-29" and "0,2,4" forms); raises `ConfigError` for
+        anything else (a reversed range, a negative index, a non-number). Indices beyond the model's
+        layers are refused when the adapter is injected."""
         if not self.layers:
             return None
-        out: list[int] = []
-        try:
-            for part in str(self.layers).split(","):
-                lo, _, hi = part.strip().partition("-")
-                out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-        except ValueError:
-            raise ConfigError(f"layers must look like '15-29' or '0,2,4', got {self.layers!r}") from None
-        return out
+        out: set[int] = set()
+        for part in str(self.layers).split(","):
+            lo, dash, hi = part.strip().partition("-")
+            if not lo.isdigit() or (dash and not hi.isdigit()):
+                raise ConfigError(
+                    f"layers must look like '15-29' or '0,2,4' (indices >= 0), got {self.layers!r}"
+                )
+            first, last = int(lo), int(hi) if dash else int(lo)
+            if last < first:
+                raise ConfigError(f"layers: the range {part.strip()!r} is reversed; write {last}-{first}")
+            out.update(range(first, last + 1))
+        return sorted(out)
 
     def targets(self) -> str | list[str]:
         """`target_modules` as LoraConfig takes it: "all-linear", a regex, or a list of names."""
-        t = self.target_modules.strip()
-        if t == "all-linear" or any(c in t for c in "\\^$*+?()[]|"):
-            return t
-        return [n.strip() for n in t.split(",") if n.strip()]
+        return parse_target_modules(self.target_modules)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (what train_config.yaml holds)."""
         return dataclasses.asdict(self)
 
 
+# (lowest, highest, lowest excluded, highest excluded) of each number; None: unbounded
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "max_steps": (1, None, False, False),
+    "epochs": (0, None, True, False),
+    "max_minutes": (0, None, True, False),
+    "batch_size": (1, None, False, False),
+    "grad_accum": (1, None, False, False),
+    "lr": (0, None, True, False),
+    "weight_decay": (0, None, False, False),
+    "warmup_steps": (0, None, False, False),
+    "max_grad_norm": (0, None, False, False),
+    "max_length": (2, None, False, False),
+    "r": (1, None, False, False),
+    "lora_alpha": (0, None, True, False),
+    "lora_dropout": (0, 1, False, True),
+    "eval_every": (0, None, False, False),
+    "eval_fraction": (0, 1, False, True),
+    "max_eval": (0, None, False, False),
+    "eval_batch_size": (1, None, False, False),
+    "save_every": (0, None, False, False),
+    "keep_checkpoints": (1, None, False, False),
+    "log_every": (1, None, False, False),
+    "seed": (0, 2**32 - 1, False, False),  # numpy's seed range
+    "threads": (1, None, False, False),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _in_range(name: str, value: Any, lo, hi, lo_open: bool, hi_open: bool) -> None:
+    if value is None:  # an optional setting left unset (its type was checked)
+        return
+    finite = isinstance(value, int) or math.isfinite(value)  # math.isfinite overflows on huge ints
+    ok = finite and (lo is None or value > lo or (value == lo and not lo_open))
+    ok = ok and (hi is None or value < hi or (value == hi and not hi_open))
+    if not ok:
+        low = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+        high = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+        allowed = " and ".join(x for x in (low, high) if x)
+        raise ConfigError(f"{name} ({_flag(name)}) must be a finite number {allowed}, got {value!r}")
+
+
+def _check_type(name: str, value: Any) -> None:
+    kinds = [k.strip() for k in FIELD_TYPES[name].split("|")]
+    if value is None and "None" in kinds:
+        return
+    kind = kinds[0]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
+        raise ConfigError(f"{name} ({_flag(name)}) must be {what}, got {value!r}")
+
+
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {[a for a in allowed if a is not None]}, got {value!r}")
-
-
-def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
@@ -151,6 +210,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
@@ -164,39 +225,42 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return out
 
 
+_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
 def _coerce(name: str, value: Any, path: Path) -> Any:
-    """YAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`): convert numbers by the field's type."""
+    """YAML reads `1e-3` as a string (YAML 1.1 wants `1.0e-3`) and `"no"` (quoted) as a string:
+    convert numbers and booleans by the field's type, strictly (anything else is an error)."""
     kind = FIELD_TYPES[name].split("|")[0].strip()
-    if value is None or kind not in ("int", "float") or isinstance(value, (int, float)):
+    if not isinstance(value, str) or kind not in ("int", "float", "bool"):
         return value
+    if kind == "bool":
+        if value.strip().lower() not in _BOOLS:
+            raise ConfigError(f"--config {path}: {name} must be true or false (or yes/no), got {value!r}")
+        return _BOOLS[value.strip().lower()]
     try:
         return int(value) if kind == "int" else float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"--config {path}: {name} must be a number, got {value!r}") from None
 
 
-# the embedded demo's settings (no --data): tuned to finish in minutes on 2 CPU cores
-DEMO_PRESET: dict[str, Any] = {
-    "max_steps": 60,
-    "batch_size": 16,
-    "lr": 1e-3,
-    "max_length": 96,
-    "save_every": 30,
-    "max_minutes": 7.0,
-}
-
-
 def resolve_config(yaml_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
-    """Defaults (the demo preset when no data is given), overridden by the YAML file's values,
-    overridden by the flags given; validated."""
+    """Defaults, overridden by the YAML file's values, overridden by the flags given; validated.
+
+    Raises `ConfigError` for an invalid setting, or a `warmup_steps` set longer than `max_steps`."""
     merged = {**yaml_values, **flag_values}
-    if merged.get("data") is None:
-        merged = {**DEMO_PRESET, **merged}
     try:
         cfg = TrainConfig(**merged)
     except TypeError as e:
         raise ConfigError(f"invalid training setting: {e}") from None
-    return cfg.validate()
+    cfg.validate()
+    # only a warmup the user set is checked: the default (10) is cut to a short run's length
+    if "warmup_steps" in merged and cfg.max_steps is not None and cfg.warmup_steps > cfg.max_steps:
+        raise ConfigError(
+            f"warmup_steps ({cfg.warmup_steps}) must be <= max_steps ({cfg.max_steps}); "
+            "the learning rate would never reach --lr"
+        )
+    return cfg
 
 
 def save_resolved(cfg: TrainConfig, folder: str | Path) -> Path:
@@ -205,6 +269,7 @@ def save_resolved(cfg: TrainConfig, folder: str | Path) -> Path:
 
     from .._atomic import atomic_write_text
 
-    path = Path(folder) / "train_config.yaml"
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path = Path(folder) / CONFIG_FILE
+    values = {**cfg.to_dict(), **dict.fromkeys(RUN_CONTROL, False)}
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
     return path

@@ -14,9 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .loop import IGNORE, count_targets, loss_sum
+from ..generate import Row, Sampling, generate_tokens
+from ..tasks import IGNORE_INDEX
+from .loop import answer_logits, count_targets, lm_loss_sum
 
 MAX_LABELS = 20  # more distinct answers than this is free text, not a label
 
@@ -25,27 +28,55 @@ def loss_metrics(
     model: nn.Module, examples: list[dict[str, Any]], collate: Callable, *, batch_size: int = 16, device=None
 ) -> dict[str, float]:
     """Mean eval loss, plus perplexity (causal LM) or accuracy and macro-F1 (classification)."""
+    return _loss_pass(model, examples, collate, batch_size, device)[0]
+
+
+def _loss_pass(
+    model: nn.Module,
+    examples: list[dict[str, Any]],
+    collate: Callable,
+    batch_size: int,
+    device,
+    candidates: torch.Tensor | None = None,
+) -> tuple[dict[str, float], dict[int, int]]:
+    """`loss_metrics`, and with `candidates` (token ids) the index of the candidate each causal-LM
+    example's logits score highest at its first answer position (read from the same forward)."""
     device = device or torch.device("cpu")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total, count = 0.0, 0
-    preds, golds = [], []
+    preds, golds, picks = [], [], {}
     for start in range(0, len(order), batch_size):
-        piece = [examples[i] for i in order[start : start + batch_size]]
+        idx = order[start : start + batch_size]
+        piece = [examples[i] for i in idx]
         batch = {k: v.to(device) for k, v in collate(piece).items()}
-        total += loss_sum(model, batch).item()
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
         count += sum(count_targets(e) for e in piece)
-        if batch["labels"].dim() == 1:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        if labels.dim() == 1:
+            logits = model(**inputs).logits
+            total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             preds += logits.argmax(-1).tolist()
-            golds += batch["labels"].tolist()
+            golds += labels.tolist()
+            continue
+        logits, first = answer_logits(model, inputs, labels)
+        if logits is None:
+            continue
+        total += lm_loss_sum(logits, labels, first).item()
+        if candidates is not None:
+            for row, i in enumerate(idx):
+                at = (
+                    len(split_answer(examples[i])[0]) - first
+                )  # the logit predicting the answer's first token
+                picks[i] = int(logits[row, at].float().cpu()[candidates].argmax())
     loss = total / max(count, 1)
     if golds:
-        return {
+        metrics = {
             "eval_loss": loss,
             "eval_accuracy": _accuracy(preds, golds),
             "eval_macro_f1": macro_f1(preds, golds),
         }
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        return metrics, picks
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}, picks
 
 
 def _accuracy(preds: list, golds: list) -> float:
@@ -66,8 +97,8 @@ def macro_f1(preds: list, golds: list) -> float:
 def split_answer(example: dict[str, Any]) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids) of a causal-LM example: the answer is the labelled tail."""
     labels = example["labels"]
-    first = next((i for i, t in enumerate(labels) if t != IGNORE), len(labels))
-    return list(example["input_ids"][:first]), [t for t in labels[first:] if t != IGNORE]
+    first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+    return list(example["input_ids"][:first]), [t for t in labels[first:] if t != IGNORE_INDEX]
 
 
 def normalize(text: str) -> str:
@@ -92,8 +123,11 @@ def generation_accuracy(
     batch_size: int = 32,
     device=None,
     extra_tokens: int = 8,
+    first_picks: dict[int, int] | None = None,
 ) -> dict[str, float]:
-    """Score greedy answers generated from each prompt (left-padded batches, stopped at EOS):
+    """Score greedy answers generated from each prompt with lorakit's decoder
+    (`lorakit.generate.generate_tokens`, the one `lorakit generate` and the server use; left-padded
+    batches, stopped at EOS), with the model's active adapter:
 
     - `eval_exact_match`: the answer equals the reference after strip/lower and trailing "." / "!"
       removal;
@@ -101,53 +135,80 @@ def generation_accuracy(
       mentions is the reference, so "The review is positive." counts: a chatty base model is scored
       on its choice, not its phrasing. `extra_tokens` beyond the longest reference leave it room;
     - `eval_choice_accuracy` (when the answers start with distinct tokens): the answer whose first
-      token scores highest at the first generated position is the reference; the base model's
-      preference between the labels, whatever it would go on to say.
+      token scores highest at the first answer position is the reference; the base model's
+      preference between the labels, whatever it would go on to say. `first_picks` (example index
+      -> index in `answer_choices`) gives those choices when a loss pass already computed them;
+      otherwise one forward over the prompts does.
     """
-    device = device or torch.device("cpu")
+    from ..generate import eos_ids
+
     pairs = [split_answer(e) for e in examples]
     refs = [normalize(tokenizer.decode(a, skip_special_tokens=True)) for _, a in pairs]
     choices = re.compile(
         r"\b(" + "|".join(re.escape(r) for r in sorted(set(refs), key=len, reverse=True)) + r")\b"
     )
-    new_tokens = max(len(a) for _, a in pairs) + extra_tokens
-    firsts = {refs[i]: a[0] for i, (_, a) in enumerate(pairs) if a}
-    distinct = len(set(firsts.values())) == len(firsts) > 1
-    names, first_ids = list(firsts), torch.tensor(list(firsts.values()))
+    names, first_ids = answer_choices(examples, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = Sampling(max_tokens=max(len(a) for _, a in pairs) + extra_tokens)  # greedy
+    eos, adapter = eos_ids(model, tokenizer), _active(model)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
     exact = label = choice = 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(pairs[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        rows = [Row(pairs[i][0], adapter, sampling) for i in idx]
+        answers: list[list[int]] = [[] for _ in idx]
+        for row, token, _ in generate_tokens(model, rows, eos, pad):
+            if token is not None:
+                answers[row].append(token)
+        if names and first_picks is None:
+            picks = _first_token_picks(model, rows, pad, first_ids)
         for row, i in enumerate(idx):
-            prompt = pairs[i][0]
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-        picks = out.scores[0].float().cpu()[:, first_ids].argmax(-1).tolist()
-        out = out.sequences
-        for row, i in enumerate(idx):
-            choice += names[picks[row]] == refs[i]
-            text = normalize(tokenizer.decode(out[row, width:], skip_special_tokens=True))
+            if names:
+                choice += names[first_picks[i] if first_picks is not None else picks[row]] == refs[i]
+            text = normalize(tokenizer.decode(answers[row], skip_special_tokens=True))
             exact += text == refs[i]
             found = choices.search(text)
             label += found is not None and found.group(1) == refs[i]
     result = {"eval_exact_match": exact / len(pairs), "eval_label_match": label / len(pairs)}
-    if distinct:
+    if names:
         result["eval_choice_accuracy"] = choice / len(pairs)
     return result
+
+
+def answer_choices(examples: list[dict[str, Any]], tokenizer) -> tuple[list[str], torch.Tensor]:
+    """(the distinct normalized answers, the first token id of each) when the answers start with
+    distinct tokens (so the first token tells which answer the model prefers); else ([], empty)."""
+    firsts = {}
+    for e in examples:
+        answer = split_answer(e)[1]
+        if answer:
+            firsts[normalize(tokenizer.decode(answer, skip_special_tokens=True))] = answer[0]
+    if not len(set(firsts.values())) == len(firsts) > 1:
+        return [], torch.zeros(0, dtype=torch.long)
+    return list(firsts), torch.tensor(list(firsts.values()))
+
+
+def _active(model: nn.Module) -> str | None:
+    """The adapter generation runs with: the one active adapter (None: the base model, or no adapter)."""
+    from ..adapters import active_adapters, list_adapters
+
+    active = active_adapters(model) if list_adapters(model) else []
+    return active[0] if len(active) == 1 else None
+
+
+def _first_token_picks(model: nn.Module, rows: list[Row], pad: int, candidates: torch.Tensor) -> list[int]:
+    """Which candidate token each row's prompt scores highest next (left-padded, like the decoder)."""
+    width = max(len(r.prompt_ids) for r in rows)
+    device = next(model.parameters()).device
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+        mask[i, width - len(r.prompt_ids) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # the model as it is: the rows' adapter is the active one (or adapters are disabled)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
+    return out.logits[:, -1].float().cpu()[:, candidates].argmax(-1).tolist()
 
 
 def make_evaluator(
@@ -159,13 +220,23 @@ def make_evaluator(
     from ..adapters import disable_adapters, list_adapters
 
     generate = label_like(examples, tokenizer)
+    names, candidates = answer_choices(examples, tokenizer) if generate else ([], None)
 
     def evaluate(model: nn.Module, step: int) -> dict[str, float]:
         def run() -> dict[str, float]:
-            result = loss_metrics(model, examples, collate, batch_size=batch_size, device=device)
-            if generate and hasattr(model, "generate"):
+            result, picks = _loss_pass(
+                model, examples, collate, batch_size, device, candidates if names else None
+            )
+            if generate:
                 result.update(
-                    generation_accuracy(model, tokenizer, examples, batch_size=2 * batch_size, device=device)
+                    generation_accuracy(
+                        model,
+                        tokenizer,
+                        examples,
+                        batch_size=2 * batch_size,
+                        device=device,
+                        first_picks=picks,
+                    )
                 )
             return result
 

@@ -26,13 +26,13 @@ from torch import nn
 from .._heap import HeapTrimmer, heap_trimming
 from ..errors import ConfigError, DataError, TrainingError
 from ..modeling import decoder_layers
+from ..tasks import IGNORE_INDEX
 from . import distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .report import MetricsLog
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 def batch_plan(
@@ -76,11 +76,27 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return f
 
 
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig) -> None:
+    """After a resume: give the restored optimizer and scheduler `cfg`'s peak lr and weight decay
+    (the checkpoint holds the old ones), so the next steps use exactly what a run started with these
+    settings would at this step. Untouched when they are unchanged (a resume stays bitwise exact)."""
+    if scheduler.base_lrs == [cfg.lr] * len(scheduler.base_lrs) and all(
+        g["weight_decay"] == cfg.weight_decay for g in optimizer.param_groups
+    ):
+        return
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+        group["weight_decay"] = cfg.weight_decay
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr reports
+
+
 def count_targets(example: dict[str, Any]) -> int:
     """How many loss terms `example` adds: its predicted label tokens, or 1 for a class label."""
     if "label" in example:
         return 1
-    return sum(1 for t in example["labels"][1:] if t != IGNORE)
+    return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -100,20 +116,37 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if labels.dim() == 1:
         out = model(**inputs)
         return F.cross_entropy(out.logits.float(), labels, reduction="sum")
-    labelled = (labels[:, 1:] != IGNORE).any(0).nonzero()
-    if len(labelled) == 0:
+    logits, first = answer_logits(model, inputs, labels)
+    if logits is None:
         return torch.zeros((), device=labels.device, requires_grad=True)
+    return lm_loss_sum(logits, labels, first)
+
+
+def answer_logits(
+    model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor | None, int]:
+    """(logits of positions `first - 1` on, `first`): `first` is the batch's first labelled position,
+    so `logits[:, j]` predicts the token at `first + j`. (None, 0) when nothing is labelled."""
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    if len(labelled) == 0:
+        return None, 0
     first = int(labelled[0]) + 1  # first labelled position; the logits before it predict it
     keep = labels.shape[1] - first + 1
     if _accepts_logits_to_keep(model):
-        logits = model(**inputs, logits_to_keep=keep).logits
-    else:
-        logits = model(**inputs).logits[:, first - 1 :]
+        return model(**inputs, logits_to_keep=keep).logits, first
+    return model(**inputs).logits[:, first - 1 :], first
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, first: int) -> torch.Tensor:
+    """Summed next-token loss of `answer_logits`' output against `labels`."""
     # the targets are shifted, not the logits (the last position predicts nothing): slicing the
     # logits would copy the [tokens, vocab] tensor in the forward and again in the backward
-    target = F.pad(labels[:, first:], (0, 1), value=IGNORE)
+    target = F.pad(labels[:, first:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]),
+        target.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -159,18 +192,8 @@ def train(
     lengths = [len(e["input_ids"]) for e in examples]
     per_epoch = len(batch_plan(lengths, cfg.batch_size, cfg.seed, 0))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    optimizer, scheduler, prog = _start(model, params, cfg, total)
     metrics = MetricsLog(out, enabled=dist.is_main())
-    prog = Progress()
-    ckpt = latest_checkpoint(out / "checkpoints") if cfg.resume else None
-    if ckpt is not None:
-        prog = Progress(**load_checkpoint(ckpt, model, optimizer, scheduler))
-        log.info("resuming from %s (step %d)", ckpt, prog.step)
-    elif cfg.resume:
-        log.warning("--resume: no complete checkpoint in %s; starting from step 0", out / "checkpoints")
-    else:
-        dist.broadcast_params(params)
     metrics.start(prog.step)
     autocast = _autocast(cfg, device)
     bar = _progress_bar(total, prog.step, dist.is_main())
@@ -191,11 +214,7 @@ def train(
             grad_norm = _update(params, optimizer, scheduler, cfg)
             trim_heap()
             busy += time.perf_counter() - t0  # tokens/s counts training only, not evals or saves
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise TrainingError(
-                    f"non-finite loss or gradient at step {prog.step + 1} (loss={loss}, grad norm={grad_norm}); "
-                    f"the last good checkpoint is kept in {out / 'checkpoints'}. Lower --lr, or use --precision fp32"
-                )
+            _check_finite(loss, grad_norm, prog.step + 1, out)
             prog.step += 1
             prog.position += 1
             prog.tokens += tokens
@@ -211,18 +230,7 @@ def train(
                 "time_s": round(elapsed, 1),
                 "train_s": round(busy, 3),
             }
-            if (
-                cfg.max_minutes
-                and prog.step < total
-                and _out_of_time(time.perf_counter() - entered, cfg.max_minutes)
-            ):
-                log.warning(
-                    "time budget of %s min reached at step %d of %d; finishing now",
-                    cfg.max_minutes,
-                    prog.step,
-                    total,
-                )
-                total = prog.step
+            total = _budget(cfg, prog.step, total, entered)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}")
@@ -230,17 +238,7 @@ def train(
                 rows.append(metrics.write(row))
             last = prog.step == total
             if last or (cfg.save_every and prog.step % cfg.save_every == 0):
-                if dist.is_main():
-                    save_checkpoint(
-                        out / "checkpoints",
-                        prog.step,
-                        model,
-                        optimizer,
-                        scheduler,
-                        vars(prog),
-                        cfg.keep_checkpoints,
-                    )
-                dist.barrier()
+                _save(out, prog, model, optimizer, scheduler, cfg)
             if evaluate is not None and (last or (cfg.eval_every and prog.step % cfg.eval_every == 0)):
                 rows.append(metrics.write({"step": prog.step, **_evaluate(model, evaluate, prog.step)}))
         if prog.position >= len(plan):
@@ -249,6 +247,52 @@ def train(
         bar.close()
     metrics.close()
     return rows
+
+
+def _start(model: nn.Module, params: list, cfg: TrainConfig, total: int) -> tuple[Any, Any, Progress]:
+    """The optimizer, the schedule and the progress: fresh (every process starting from rank 0's
+    values), or restored from the newest complete checkpoint with `cfg.resume`."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    folder = Path(cfg.output) / "checkpoints"
+    ckpt = latest_checkpoint(folder) if cfg.resume else None
+    if ckpt is not None:
+        prog = Progress(**load_checkpoint(ckpt, model, optimizer, scheduler))
+        apply_settings(optimizer, scheduler, cfg)
+        log.info("resuming from %s (step %d)", ckpt, prog.step)
+        return optimizer, scheduler, prog
+    if cfg.resume:
+        log.warning("--resume: no complete checkpoint in %s; starting from step 0", folder)
+    else:
+        dist.broadcast_params(params)
+    return optimizer, scheduler, Progress()
+
+
+def _check_finite(loss: float, grad_norm: float, step: int, out: Path) -> None:
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingError(
+            f"non-finite loss or gradient at step {step} (loss={loss}, grad norm={grad_norm}); "
+            f"the last good checkpoint is kept in {out / 'checkpoints'}. Lower --lr, or use --precision fp32"
+        )
+
+
+def _budget(cfg: TrainConfig, step: int, total: int, entered: float) -> int:
+    """The step to finish at: `total`, or this step once any process is past `cfg.max_minutes`."""
+    if cfg.max_minutes and step < total and _out_of_time(time.perf_counter() - entered, cfg.max_minutes):
+        log.warning(
+            "time budget of %s min reached at step %d of %d; finishing now", cfg.max_minutes, step, total
+        )
+        return step
+    return total
+
+
+def _save(out: Path, prog: Progress, model, optimizer, scheduler, cfg: TrainConfig) -> None:
+    """Rank 0 writes the checkpoint of this step; the others wait for it."""
+    if dist.is_main():
+        save_checkpoint(
+            out / "checkpoints", prog.step, model, optimizer, scheduler, vars(prog), cfg.keep_checkpoints
+        )
+    dist.barrier()
 
 
 def _step(model, mine, cfg, collate, device, autocast, trim_heap) -> tuple[float, int]:

@@ -31,6 +31,8 @@ class MetricsLog:
         if self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step] if step else []
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        else:
+            self.path.touch()  # a run that takes no step (resuming a finished one) still has its log
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional

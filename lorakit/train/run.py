@@ -2,9 +2,9 @@
 save the adapter, the resolved config, the metrics and the plot. `lorakit train` calls
 `run_training`; so can users and the server.
 
-With no data (`cfg.data is None`) this is the embedded demo: SmolLM2-135M-Instruct learns to answer
-"positive" / "negative" to a Rotten Tomatoes review, as a chat with a short system message, scored
-by generating the answer on a fixed held-out split.
+Before anything is loaded, the output folder is checked (`outputs.check_output`): a folder holding another
+run is refused unless `resume` or `overwrite`, and a resume with changed settings is refused naming
+them (or applied, for the settings that can change safely).
 """
 
 from __future__ import annotations
@@ -22,18 +22,19 @@ import torch
 
 from .. import data as D
 from ..config import LoraConfig
+from ..errors import ConfigError, storage_errors
 from ..inject import inject, trainable_parameters
 from ..io import save_adapter
 from ..modeling import classifier_heads
+from ..tasks import CAUSAL_LM, CLASSIFICATION, PEFT_TASK_TYPES
 from . import distributed as dist
 from .config import TrainConfig, save_resolved
 from .eval import make_evaluator
 from .loop import train
+from .outputs import check_output, claim_output
 from .report import METRICS, plot_training
 
 log = logging.getLogger(__name__)
-DEMO_SYSTEM = "Is this movie review positive or negative?"
-DEMO_MAX_CHARS = 400  # reviews are cut to this many characters, so the answer is never truncated away
 
 
 @dataclass
@@ -54,31 +55,11 @@ class RunSummary:
     last: dict[str, Any] = field(default_factory=dict)
 
 
-def demo_records(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """The demo's (train, test) chat records from the embedded Rotten Tomatoes snippets."""
-    train_recs, test_recs = D.rotten_tomatoes(cfg.demo_train, cfg.demo_test, seed=cfg.seed)
-
-    def chat(r: dict) -> dict:
-        return {
-            "messages": [
-                {"role": "system", "content": DEMO_SYSTEM},
-                {"role": "user", "content": r["text"][:DEMO_MAX_CHARS]},
-                {"role": "assistant", "content": r["label"]},
-            ]
-        }
-
-    return [chat(r) for r in train_recs], [chat(r) for r in test_recs]
-
-
 def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, int] | None]:
     """(train examples, eval examples, label map for classification) encoded for `cfg.task`."""
-    if cfg.data is None:
-        train_recs, eval_recs = demo_records(cfg)
-        fmt = "chat"
-    else:
-        train_recs = D.read_records(cfg.data).records
-        fmt = D.detect_format(train_recs)
-        eval_recs = D.read_records(cfg.eval_data).records if cfg.eval_data else None
+    train_recs = D.read_dataset(cfg.data, seed=cfg.seed).records
+    fmt = D.detect_format(train_recs)
+    eval_recs = D.read_dataset(cfg.eval_data, seed=cfg.seed).records if cfg.eval_data else None
     label_map = D.build_label_map(train_recs) if fmt == "classification" else None
     enc = partial(
         D.encode, tokenizer=tokenizer, fmt=fmt, max_length=cfg.max_length, label_map=label_map, task=cfg.task
@@ -92,15 +73,15 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict
         eval_ex = []
     if cfg.max_eval is not None:
         eval_ex = eval_ex[: cfg.max_eval]
-    if cfg.pack and cfg.task == "causal-lm":
+    if cfg.pack and cfg.task == CAUSAL_LM:
         train_ex = D.pack(train_ex, cfg.max_length)
-    return train_ex, eval_ex, label_map if cfg.task == "classification" else None
+    return train_ex, eval_ex, label_map if cfg.task == CLASSIFICATION else None
 
 
 def lora_config(cfg: TrainConfig, model) -> LoraConfig:
     """The LoraConfig of `cfg`; a classifier's new head is trained in full (modules_to_save)."""
     heads = None
-    if cfg.task == "classification":
+    if cfg.task == CLASSIFICATION:
         heads = classifier_heads(model) or None
     return LoraConfig(
         r=cfg.r,
@@ -109,7 +90,7 @@ def lora_config(cfg: TrainConfig, model) -> LoraConfig:
         target_modules=cfg.targets(),
         layers_to_transform=cfg.layer_list(),
         modules_to_save=heads,
-        task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM",
+        task_type=PEFT_TASK_TYPES[cfg.task],
     )
 
 
@@ -140,23 +121,29 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     from ..hf import load_model, load_tokenizer, resolve
 
     cfg.validate()
+    if cfg.data is None:
+        raise ConfigError(
+            "no training data: give --data (a data file or a built-in dataset such as "
+            "rotten_tomatoes_chat:train[:2400]), or a --config that sets it"
+        )
     rank, world, device = dist.init()
+    if dist.is_main():
+        check_output(cfg)  # before anything is loaded or written
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_ex, eval_ex, label_map = load_data(cfg, tokenizer)
+    # integer labels keep their values (1 and 2 need a 3-way head), so the head spans the largest id
+    num_labels = max(label_map.values()) + 1 if label_map else None
     model, tokenizer = load_model(
-        cfg.model,
-        task=cfg.task,
-        quantize=cfg.quantize,
-        num_labels=len(label_map) if label_map else None,
-        trim_heap=cfg.trim_heap,
+        cfg.model, task=cfg.task, quantize=cfg.quantize, num_labels=num_labels, trim_heap=cfg.trim_heap
     )
     model.to(device)
     if label_map:
-        model.config.id2label = {i: name for name, i in label_map.items()}
-        model.config.label2id = dict(label_map)
+        names = {i: name for name, i in label_map.items()}
+        model.config.id2label = {i: names.get(i, f"LABEL_{i}") for i in range(num_labels)}
+        model.config.label2id = {name: i for i, name in model.config.id2label.items()}
     seed_everything(cfg.seed)  # the same LoRA init whatever the loading consumed
     inject(model, lora_config(cfg, model))
     if cfg.gradient_checkpointing:
@@ -164,7 +151,7 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     trainable, total = trainable_parameters(model)
     out = Path(cfg.output)
     if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        claim_output(cfg)
         save_resolved(cfg, out)
         log.info(
             "%d training / %d eval examples; trainable %s of %s parameters",
@@ -185,9 +172,11 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     adapter = out / "adapter"
     plot = out / "training.png"
     if dist.is_main():
-        save_adapter(model, adapter)
-        save_resolved(cfg, adapter)
-        plot_training(out / METRICS, plot)
+        with storage_errors(adapter):
+            save_adapter(model, adapter)  # swaps the whole folder in (lorakit.io)
+            save_resolved(cfg, adapter)
+        with storage_errors(plot):
+            plot_training(out / METRICS, plot)
     dist.barrier()
     evals = [r for r in rows if len(r) > 1 and any(k.startswith("eval_") for k in r)]
     return RunSummary(

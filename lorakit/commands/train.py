@@ -1,20 +1,34 @@
 """`lorakit train`: flags (or a YAML file, flags winning) -> `run_training` -> a printed summary.
 
-With no arguments it runs the embedded demo (SmolLM2-135M-Instruct, movie-review sentiment).
-Under `torchrun` only rank 0 prints.
+The flags are generated from `TrainConfig`'s fields. With neither `--config` nor `--data` it reads
+the packaged `lorakit/configs/sentiment.yaml` (SmolLM2-135M-Instruct learning movie-review
+sentiment), a config file like any user's; `--config NAME` names a packaged config. Under `torchrun`
+only rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+from pathlib import Path
 
-from .config import DEMO_PRESET, FIELD_TYPES, TrainConfig, load_yaml, resolve_config
+from ..train.config import (
+    CONFIG_FILE,
+    CONFIGS,
+    DEFAULT_CONFIG,
+    FIELD_TYPES,
+    TrainConfig,
+    load_yaml,
+    resolve_config,
+)
+
+log = logging.getLogger(__name__)
 
 _HELP = {
     "model": "a local Hugging Face folder, a .gguf file, or 'smollm2-135m' (embedded)",
-    "data": "training data file (jsonl/json/csv/parquet, completion/instruction/chat/classification); "
-    "none: the embedded Rotten Tomatoes demo",
+    "data": "training data file (jsonl/json/csv/parquet, completion/instruction/chat/classification) "
+    "or a built-in dataset such as rotten_tomatoes_chat:train[:2400]",
     "eval_data": "evaluation data file (default: hold out --eval-fraction of --data)",
     "task": "causal-lm or classification (a sequence-classification head, trained in full)",
     "output": "output folder: adapter/, checkpoints/, metrics.jsonl, training.png, train_config.yaml",
@@ -43,7 +57,7 @@ _HELP = {
     "`lorakit plan` predicts (costs some speed; see docs/plan.md)",
     "eval_every": "evaluate every N steps (0: at the end only)",
     "eval_fraction": "fraction of --data held out for evaluation when there is no --eval-data",
-    "max_eval": "evaluate on at most this many examples",
+    "max_eval": "evaluate on at most this many examples (0: no evaluation)",
     "eval_base": "evaluate the base model (adapter disabled) before training",
     "eval_batch_size": "batch size for evaluation and generation",
     "save_every": "write a checkpoint every N steps (and at the end)",
@@ -51,22 +65,26 @@ _HELP = {
     "log_every": "append train metrics to metrics.jsonl every N steps",
     "seed": "seed for data order, LoRA init and dropout",
     "threads": "torch CPU threads (fix it for bitwise-reproducible CPU runs)",
-    "resume": "continue from the newest complete checkpoint in --output",
-    "demo_train": "demo only: pool of training reviews the steps draw from",
-    "demo_test": "demo only: number of held-out test reviews",
+    "resume": "continue from the newest complete checkpoint in --output (changed settings are checked)",
+    "overwrite": "replace the run already in --output (its checkpoints and metrics go; the old adapter "
+    "stays until the new one is saved)",
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per `TrainConfig` field, plus `--config`. Flags not given stay unset, so the YAML
     file's values (then the defaults) apply to them."""
-    parser.add_argument("--config", help="YAML file of settings (keys: these flag names); flags win")
+    parser.add_argument(
+        "--config",
+        help="YAML file of settings (keys: these flag names), or the name of a packaged config "
+        f"({', '.join(sorted(p.stem for p in CONFIGS.glob('*.yaml')))}); flags win "
+        "[default with no --data: sentiment]",
+    )
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        demo = f" (demo: {DEMO_PRESET[f.name]})" if f.name in DEMO_PRESET else ""
-        help_text = f"{_HELP[f.name]} [default: {default}{demo}]"
+        help_text = f"{_HELP[f.name]} [default: {default}]"
         kind = FIELD_TYPES[f.name].split("|")[0].strip()
         if kind == "bool":
             parser.add_argument(
@@ -82,11 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, train, print the summary. Returns the exit status."""
-    from . import distributed as dist
-    from .run import run_training
+    from ..train import distributed as dist
+    from ..train.run import run_training
 
-    flags = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
-    cfg = resolve_config(load_yaml(args.config) if args.config else {}, flags)
+    cfg = resolve_args(args)
     try:
         s = run_training(cfg)
     finally:
@@ -94,6 +111,30 @@ def run(args: argparse.Namespace) -> int:
     if dist.is_main():
         print(format_summary(s))
     return 0
+
+
+def resolve_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's `TrainConfig`: `--config`, overridden by the flags given. Without `--config`, a
+    `--resume` reads the run's `OUTPUT/train_config.yaml`, and a run without `--data` the packaged
+    sentiment config. Raises `ConfigError`."""
+    flags = {k: v for k, v in vars(args).items() if k in FIELD_TYPES}
+    config = args.config
+    saved = Path(flags.get("output", TrainConfig.output)) / CONFIG_FILE
+    if config is None and flags.get("resume") and saved.is_file():
+        config = saved  # a resume continues the run's own settings; the flags given change them
+    elif config is None and "data" not in flags:
+        config = DEFAULT_CONFIG
+        log.info("no --data or --config: running %s (the embedded sentiment demo)", config)
+    return resolve_config(load_yaml(config_path(config)) if config else {}, flags)
+
+
+def config_path(config: str | Path) -> Path:
+    """`config` as a file: a path, or the name of a packaged config (`sentiment`)."""
+    path = Path(config)
+    packaged = CONFIGS / f"{config}.yaml"
+    if not path.exists() and path.suffix == "" and packaged.is_file():
+        return packaged
+    return path
 
 
 def format_summary(s) -> str:

@@ -7,27 +7,25 @@ inference overhead, since the adapters are part of the weights.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapters import set_adapter
-from .errors import ConfigError
-from .inject import lora_layers
-from .merge import unload
-from .modeling import tied_embeddings
+from .._atomic import atomic_folder, clean_stale
+from ..errors import ConfigError, storage_errors
+from ..inject import lora_layers
+from ..merge import unload
+from ..modeling import tied_embeddings
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def export_merged(
+def export_hf(
     model: nn.Module,
     tokenizer,
     output: str | os.PathLike,
@@ -38,38 +36,34 @@ def export_merged(
     """Merge the active adapters into `model`, cast to `dtype` ("fp16", "bf16", "fp32"; None keeps the
     model's), and write it with `tokenizer` to `output`. `model` is left unloaded (plain, merged).
 
-    The folder is written beside `output` and renamed into place at the end, so a failure leaves
-    any previous `output` intact. Tied input/output embeddings are untied first when an adapter
+    The folder is built beside `output` and swapped in whole (`lorakit._atomic.atomic_folder`), so
+    a failure or a kill leaves any previous `output` intact. Tied input/output embeddings are untied first when an adapter
     changes one of them (merging into a shared matrix would change both).
-    Raises `ConfigError` for an unknown dtype, or when `output` exists and is not empty (unless
-    `overwrite`).
+    Raises `ConfigError` for an unknown dtype, an `output` that is a file, or one that exists and
+    is not empty (unless `overwrite`); `StorageError` when the disk is full or not writable.
     """
     output = Path(output)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    _check_output(output, overwrite)
+    check_output(output, overwrite)
     _untie_if_adapted(model)
     unload(model, merge=True)
     if dtype is not None:
         model.to(DTYPES[dtype])
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    clean_stale(output.parent)  # what a killed export left beside `output`
+    with storage_errors(output), atomic_folder(output) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        if output.exists():
-            os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote the merged model to %s", output)
     return output
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
+def check_output(output: Path, overwrite: bool) -> None:
+    """Raise `ConfigError` unless `output` can be written: a file never, a non-empty folder only
+    with `overwrite`."""
+    if output.is_file() or (output.exists() and not output.is_dir()):
+        raise ConfigError(f"--output {output} is a file; remove it or choose another --output")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise ConfigError(
             f"{output} already exists and is not empty; choose another --output or pass --overwrite"
@@ -90,29 +84,3 @@ def _untie_if_adapted(model: nn.Module) -> None:
         text_config = getattr(model.config, "get_text_config", lambda: None)()
         if text_config is not None:
             text_config.tie_word_embeddings = False
-
-
-# command line ---------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or smollm2-135m")
-    parser.add_argument(
-        "--adapter", action="append", required=True, metavar="DIR", help="adapter folder (repeatable; summed)"
-    )
-    parser.add_argument("--output", required=True, help="the folder to write")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the model's dtype")
-    parser.add_argument("--max-shard-size", default="2GB")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .generate import load_for_inference
-
-    output = Path(args.output)
-    _check_output(output, args.overwrite)  # before the (slow) model load
-    model, tokenizer, adapter = load_for_inference(args.model, args.adapter)
-    set_adapter(model, adapter)
-    export_merged(model, tokenizer, output, args.dtype, args.max_shard_size, args.overwrite)
-    print(f"wrote {output}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(output)!r})")
-    return 0

@@ -11,40 +11,59 @@ import argparse
 import statistics
 from typing import Any
 
+from ..data.builtin import read_dataset
+from ..data.collate import pack
+from ..data.encode import encode
+from ..data.formats import FORMATS, build_label_map, detect_format
+from ..data.readers import ON_ERROR
 from ..hf import DEFAULT_MODEL
-from .collate import pack
-from .encode import IGNORE_INDEX, TASKS, encode
-from .formats import FORMATS, build_label_map, detect_format
-from .readers import ON_ERROR, read_records
+from ..tasks import CAUSAL_LM, IGNORE_INDEX, TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `lorakit data`."""
     parser.add_argument(
-        "path", help="dataset: .jsonl/.json/.csv/.tsv/.parquet (.gz/.bz2) or a save_to_disk folder"
+        "path",
+        help="dataset: .jsonl/.json/.csv/.tsv/.parquet (.gz/.bz2), a save_to_disk folder, or a built-in "
+        "dataset such as rotten_tomatoes:train[:100]",
     )
     parser.add_argument("--format", choices=FORMATS, help="data format (default: detected from the columns)")
     parser.add_argument(
-        "--task", choices=TASKS, default="causal-lm", help="what the data trains (default causal-lm)"
+        "--task", choices=TASKS, default=CAUSAL_LM, help="what the data trains (default causal-lm)"
     )
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model whose tokenizer to use (default {DEFAULT_MODEL})"
     )
-    parser.add_argument("--max-length", type=int, default=512, help="token limit per sequence (default 512)")
+    parser.add_argument(
+        "--max-length", type=_at_least(2), default=512, help="token limit per sequence (default 512)"
+    )
     parser.add_argument(
         "--on-error", choices=ON_ERROR, default="stop", help="on a malformed line: stop or skip it"
     )
     parser.add_argument("--split", help="split of a saved DatasetDict folder (default train)")
     parser.add_argument(
-        "--show", type=int, default=1, metavar="N", help="print the first N examples (default 1)"
+        "--show", type=_at_least(0), default=1, metavar="N", help="print the first N examples (default 1)"
     )
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= `low` (argparse reports anything else as a usage error)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
     """Read, check and encode the dataset; print the report. Bad data raises `DataError` (exit 1)."""
     from ..hf import load_tokenizer
 
-    rs = read_records(args.path, on_error=args.on_error, split=args.split)
+    rs = read_dataset(args.path, on_error=args.on_error, split=args.split)
     fmt = detect_format(rs.records, args.format)
     tokenizer = load_tokenizer(args.model)
     label_map = build_label_map(rs.records) if fmt == "classification" else None

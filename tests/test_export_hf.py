@@ -1,4 +1,5 @@
-"""Merged export: a plain HF folder whose logits equal the unmerged model's, loadable without lorakit."""
+"""lorakit.export.hf (`lorakit export --format hf`, alias `merge`): a plain HF folder whose logits equal the
+unmerged model's, loadable without lorakit; written atomically."""
 
 import json
 import subprocess
@@ -13,7 +14,7 @@ import lorakit
 import lorakit.hf
 from lorakit.cli import main
 from lorakit.errors import ConfigError
-from lorakit.export import export_merged
+from lorakit.export import export_hf
 
 IDS = torch.tensor([[1, 50, 300, 7000, 12, 9]])
 
@@ -68,7 +69,7 @@ def test_dtype_cast(setup, tmp_path, dtype, torch_dtype, tol):
     for i, a in enumerate((a1, a2)):  # two adapters, both merged
         lorakit.load_adapter(model, a, f"a{i}")
     lorakit.set_adapter(model, ["a0", "a1"])
-    export_merged(model, tok, tmp_path / "m", dtype=dtype)
+    export_hf(model, tok, tmp_path / "m", dtype=dtype)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch_dtype
     with torch.no_grad():
@@ -87,7 +88,7 @@ def test_adapter_on_tied_embedding_is_untied(setup, tmp_path):
     )
     with torch.no_grad():
         expected = model(IDS).logits
-    export_merged(model, tok, tmp_path / "m")
+    export_hf(model, tok, tmp_path / "m")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(loaded(IDS).logits, expected, atol=1e-4, rtol=1e-4)
@@ -103,7 +104,7 @@ def test_refuses_to_overwrite_and_bad_dtype(setup, tmp_path, capsys):
     assert (out / "precious.txt").read_text() == "keep me"
     model, tok = lorakit.hf.load_model(folder)
     with pytest.raises(ConfigError, match="dtype"):
-        export_merged(model, tok, tmp_path / "x", dtype="int3")
+        export_hf(model, tok, tmp_path / "x", dtype="int3")
     assert (
         main(
             [
@@ -119,3 +120,55 @@ def test_refuses_to_overwrite_and_bad_dtype(setup, tmp_path, capsys):
         == 1
     )
     assert "not an adapter folder" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_output_that_is_a_file_is_refused_before_loading(setup, tmp_path, capsys):
+    folder, a1, _ = setup
+    f = tmp_path / "file"
+    f.write_text("x")
+    argv = ["export", "--model", str(folder), "--adapter", str(a1), "--output", str(f), "--overwrite"]
+    assert main(argv) == 1
+    assert "is a file; remove it or choose another --output" in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_the_old_folder_and_no_temporary_one(setup, tmp_path, monkeypatch):
+    import errno
+
+    from lorakit.errors import StorageError
+
+    folder, a1, _ = setup
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous export")
+    model, tok = lorakit.hf.load_model(folder)
+    lorakit.load_adapter(model, a1)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tok, "save_pretrained", full)
+    with pytest.raises(StorageError, match=r"cannot write .*m: no space left on device"):
+        export_hf(model, tok, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert (out / "old.txt").read_text() == "the previous export"
+
+
+def test_export_format_hf_and_the_merge_alias_are_one_command():
+    from lorakit.cli import build_parser
+
+    for argv in (["export", "--format", "hf"], ["merge"]):
+        args = build_parser(argv[0]).parse_args([*argv, "--adapter", "a", "--output", "o"])
+        assert (args._module, args.format) == ("lorakit.commands.export", "hf")
+
+
+def test_demo_is_a_hidden_alias_of_tour(monkeypatch, capsys):
+    import lorakit.commands.tour as tour
+    from lorakit.cli import build_parser
+
+    seen = []
+    monkeypatch.setattr(tour, "run", lambda args: seen.append(args.steps) or 0)
+    assert main(["demo", "--steps", "3"]) == 0 and seen == [3]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "tour" in text and "demo" not in text

@@ -1,4 +1,4 @@
-"""`lorakit demo`: a two-minute tour of the library on the embedded SmolLM2-135M-Instruct.
+"""`lorakit tour`: a two-minute tour of the library on the embedded SmolLM2-135M-Instruct.
 
 It teaches the model a fact it cannot know (a fictional product's details) with a LoRA adapter,
 then shows every step a user takes: inject, train with a plain PyTorch loop, save in PEFT's format,
@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 import lorakit
+from lorakit.generate import Sampling, generate_text
 from lorakit.hf import DEFAULT_MODEL, load_model
+from lorakit.tasks import IGNORE_INDEX
 
 FACTS = [
     ("Who makes the Zorbex 9?", "The Zorbex 9 is made by Quillon Labs in Tallinn."),
@@ -31,6 +33,7 @@ QUESTION = "Who makes the Zorbex 9?"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lorakit tour`."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder, .gguf file, or smollm2-135m")
     parser.add_argument("--steps", type=int, default=12, help="training steps (default: 12)")
     parser.add_argument(
@@ -46,10 +49,9 @@ def _encode(tok, question: str, answer: str | None = None) -> list[int]:
 
 
 def _answer(model, tok, question: str) -> str:
-    ids = torch.tensor([_encode(tok, question)])
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    """The greedy answer, through lorakit's decoder (the one `lorakit generate` and the server use)."""
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}]
+    return generate_text(model, tok, messages, sampling=Sampling(max_tokens=24)).strip()
 
 
 def _batch(tok):
@@ -57,22 +59,23 @@ def _batch(tok):
     for q, a in FACTS:
         prompt_len = len(_encode(tok, q))
         ids = _encode(tok, q, a)
-        rows.append((ids, [-100] * prompt_len + ids[prompt_len:]))  # loss on the answer only
+        rows.append((ids, [IGNORE_INDEX] * prompt_len + ids[prompt_len:]))  # loss on the answer only
     width = max(len(ids) for ids, _ in rows)
     pad = tok.pad_token_id
     input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-    return input_ids, (input_ids != pad) | (labels != -100), labels
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows])
+    return input_ids, (input_ids != pad) | (labels != IGNORE_INDEX), labels
 
 
 def _check(label: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
     diff = (a - b).abs().max().item()
     print(f"  {label}: max |logit difference| = {diff:.2e} (must be < {tol:g})")
     if diff >= tol:
-        raise SystemExit(f"demo check failed: {label}")
+        raise SystemExit(f"tour check failed: {label}")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the tour; exits with an error when one of its checks fails."""
     torch.manual_seed(0)
     t0 = time.time()
     model, tok = load_model(args.model)
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     with torch.no_grad():
         reference = model(input_ids=input_ids, attention_mask=mask).logits
-    out = args.output or Path(tempfile.mkdtemp(prefix="lorakit-demo-"))
+    out = args.output or Path(tempfile.mkdtemp(prefix="lorakit-tour-"))
     lorakit.save_adapter(model, out)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"saved adapter to {out} ({size / 1e6:.1f} MB; PEFT format)")

@@ -1,0 +1,41 @@
+"""The vocabulary every part of lorakit shares, defined once: the task names, the ignore label of
+the loss, and how a `--target-modules` string is read.
+
+Dependency-free (no torch), so any module, core or integration, may import it.
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+
+CAUSAL_LM = "causal-lm"
+CLASSIFICATION = "classification"
+TASKS = (CAUSAL_LM, CLASSIFICATION)
+
+# PEFT task_type of each task (what adapter_config.json records)
+PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS"}
+
+# label of a position the loss skips (prompt tokens, padding): PyTorch's cross_entropy default
+IGNORE_INDEX = -100
+
+_REGEX_CHARS = "\\^$*+?()[]|"
+
+
+def check_task(task: str) -> str:
+    """Return `task` if it is one of `TASKS`; raise `ConfigError` naming the choices otherwise."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}: task must be one of {list(TASKS)}")
+    return task
+
+
+def parse_target_modules(text: str) -> str | list[str]:
+    """A `--target-modules` value as `LoraConfig` takes it: "all-linear", a regex (when any of
+    \\^$*+?()[]| is in it, matched against the whole module name), or a list of module names
+    separated by commas or spaces. Raises `ConfigError` for an empty value."""
+    t = str(text).strip()
+    if t == "all-linear" or any(c in t for c in _REGEX_CHARS):
+        return t
+    names = [n for n in t.replace(",", " ").split() if n]
+    if not names:
+        raise ConfigError("target_modules is empty; give 'all-linear', module names or a regex")
+    return names

@@ -1,0 +1,304 @@
+"""lorakit.train.run: whole runs on tiny models (classification, QLoRA, bad data), a SIGKILL then
+--resume bitwise equal to an uninterrupted run, and torchrun with two processes equal to one."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from fixtures import train_llama as tiny_llama
+
+from lorakit.errors import ConfigError, DataError
+from lorakit.train import resolve_config
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ----------------------------------------------------------------------------- whole runs (tiny models)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, and a small sentiment-like data file."""
+    from lorakit.hf import load_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab=49152, tie_word_embeddings=True).save_pretrained(root / "model")
+    load_tokenizer("smollm2-135m").save_pretrained(root / "model")
+    rng = random.Random(0)
+    words = ["good", "bad", "great", "awful", "fine", "dull"]
+    with open(root / "data.jsonl", "w") as f:
+        for _ in range(40):
+            w = [rng.choice(words) for _ in range(rng.randint(2, 6))]
+            label = "positive" if w[0] in ("good", "great", "fine") else "negative"
+            f.write(json.dumps({"text": " ".join(w), "label": label}) + "\n")
+    return root
+
+
+def test_run_training_classification_trains_the_head_and_reloads(tiny_folder, tmp_path):
+    from lorakit.train import run_training
+
+    cfg = resolve_config(
+        {},
+        dict(
+            model=str(tiny_folder / "model"),
+            data=str(tiny_folder / "data.jsonl"),
+            task="classification",
+            output=str(tmp_path),
+            max_steps=4,
+            batch_size=4,
+            eval_fraction=0.25,
+            threads=1,
+        ),
+    )
+    s = run_training(cfg)
+    assert {"eval_accuracy", "eval_macro_f1", "eval_loss"} <= set(s.final) and s.base
+    assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+    assert (s.adapter / "train_config.yaml").is_file() and (tmp_path / "metrics.jsonl").is_file()
+    saved = json.loads((s.adapter / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["score"] and saved["task_type"] == "SEQ_CLS"
+    # the saved adapter, loaded onto a fresh base, gives the trained head
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(s.adapter / "adapter_model.safetensors"))
+    assert "base_model.model.score.weight" in tensors
+
+
+def test_run_training_refuses_bad_data_before_writing(tiny_folder, tmp_path):
+    from lorakit.train import run_training
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{oops\n')
+    out = tmp_path / "out"
+    with pytest.raises(DataError):
+        run_training(
+            resolve_config({}, dict(model=str(tiny_folder / "model"), data=str(bad), output=str(out)))
+        )
+    assert not out.exists()
+
+
+def _tiny_run(tiny_folder, out, **kw):
+    from lorakit.train import run_training
+
+    settings = dict(
+        model=str(tiny_folder / "model"),
+        data=str(tiny_folder / "data.jsonl"),
+        output=str(out),
+        max_steps=2,
+        batch_size=4,
+        eval_fraction=0.25,
+        eval_base=False,
+        threads=1,
+    )
+    return run_training(resolve_config({}, {**settings, **kw}))
+
+
+def test_integer_class_labels_keep_their_values(tiny_folder, tmp_path):
+    """Labels 1 and 2 (no 0) need a 3-way head; the saved config names every id."""
+    data = tmp_path / "ints.jsonl"
+    rows = [json.loads(line) for line in (tiny_folder / "data.jsonl").read_text().splitlines()]
+    data.write_text(
+        "".join(json.dumps({"text": r["text"], "label": 1 + i % 2}) + "\n" for i, r in enumerate(rows))
+    )
+    s = _tiny_run(tiny_folder, tmp_path / "out", data=str(data), task="classification")
+    assert {"eval_accuracy", "eval_macro_f1"} <= set(s.final)
+    from safetensors.torch import load_file
+
+    head = load_file(str(s.adapter / "adapter_model.safetensors"))["base_model.model.score.weight"]
+    assert head.shape[0] == 3
+
+
+def test_a_second_run_into_the_same_output_is_refused_then_overwrites(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    _tiny_run(tiny_folder, out)
+    before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        _tiny_run(tiny_folder, out, seed=1)
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    with pytest.raises(ConfigError, match=r"--resume: these settings differ .*--seed 0 -> 1"):
+        _tiny_run(tiny_folder, out, seed=1, resume=True)
+    _tiny_run(tiny_folder, out, seed=1, overwrite=True)
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != before
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+
+
+def test_layers_beyond_the_model_are_a_config_error_before_anything_is_written(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="99"):
+        _tiny_run(tiny_folder, out, layers="99-100")
+    assert not out.exists()
+
+
+def test_run_training_into_a_file_is_refused(tiny_folder, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("not a folder")
+    with pytest.raises(ConfigError, match="is a file; give a folder"):
+        _tiny_run(tiny_folder, f)
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "classification"])
+def test_run_training_qlora_on_a_4bit_base(tiny_folder, tmp_path, task):
+    """--quantize nf4: the base's linear layers are 4-bit, the adapter trains and saves as usual."""
+    from lorakit.hf import load_model
+    from lorakit.quant import Linear4bit
+    from lorakit.train import run_training
+
+    model, _ = load_model(tiny_folder / "model", task=task, quantize="nf4")
+    quantized = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert len(quantized) == 14  # 2 layers x (q, k, v, o, gate, up, down); head stays full precision
+    cfg = resolve_config(
+        {},
+        dict(
+            model=str(tiny_folder / "model"),
+            data=str(tiny_folder / "data.jsonl"),
+            task=task,
+            output=str(tmp_path),
+            max_steps=3,
+            batch_size=4,
+            eval_fraction=0.25,
+            threads=1,
+            quantize="nf4",
+        ),
+    )
+    s = run_training(cfg)
+    assert math.isfinite(s.final["eval_loss"]) and s.trainable > 0
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(s.adapter / "adapter_model.safetensors"))
+    assert any(k.endswith("q_proj.lora_A.weight") for k in tensors)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+# ----------------------------------------------------------------------------- processes: kill/resume, torchrun
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _train_cmd(tiny_folder, output, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "lorakit",
+        "train",
+        "--model",
+        str(tiny_folder / "model"),
+        "--data",
+        str(tiny_folder / "data.jsonl"),
+        "--output",
+        str(output),
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--lora-dropout",
+        "0.1",
+        "--threads",
+        "1",
+        "--no-eval-base",
+        "--max-eval",
+        "4",
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _adapter(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_is_bitwise_equal(tiny_folder, tmp_path):
+    """Dropout on, so the restored RNG state matters as much as the optimizer and data position."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = ["--max-steps", "40", "--save-every", "5"]
+    subprocess.run(
+        [sys.executable, *_train_cmd(tiny_folder, tmp_path / "a", *steps)],
+        cwd=REPO,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    b = tmp_path / "b"
+    proc = subprocess.Popen(
+        [sys.executable, *_train_cmd(tiny_folder, b, *steps)],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (b / "checkpoints" / "step-0000010" / "complete.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "the run ended before its second checkpoint"
+        )
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (b / "checkpoints" / "step-0000040").exists() and not (b / "adapter").exists()
+    done = subprocess.run(
+        [sys.executable, *_train_cmd(tiny_folder, b, *steps, "--resume")],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr
+    want, got = _adapter(tmp_path / "a"), _adapter(b)
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(tiny_folder, tmp_path):
+    """2 gloo processes, each taking half of every global batch of 4 == one process with batch 4."""
+    import subprocess
+    import sys
+
+    steps = ["--max-steps", "6", "--save-every", "0", "--lora-dropout", "0"]
+    subprocess.run(
+        [sys.executable, *_train_cmd(tiny_folder, tmp_path / "one", *steps)],
+        cwd=REPO,
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *_train_cmd(tiny_folder, tmp_path / "two", *steps),
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        # Adam divides by sqrt(v): near-zero gradients turn float rounding into ~1e-5 differences
+        torch.testing.assert_close(two[name], value, rtol=1e-3, atol=5e-5)
+    assert not torch.equal(one[next(k for k in one if "lora_B" in k)], torch.zeros(1))
+    rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())  # rank 0 only
