@@ -17,9 +17,12 @@ from .errors import LorakitError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lorakit.demo", "inject, train, save, load and merge LoRA on the embedded model (a quick tour)"),
-    "generate": ("lorakit.generate", "generate text with a model and adapters, streaming to the terminal"),
+    "generate": (
+        "lorakit.commands.generate",
+        "generate text with a model and adapters, streaming to the terminal",
+    ),
     "merge": ("lorakit.export", "merge an adapter into its base and write a plain Hugging Face model folder"),
-    "serve": ("lorakit.serve.cli", "OpenAI-compatible server: one base model, many adapters, batched"),
+    "serve": ("lorakit.commands.serve", "OpenAI-compatible server: one base model, many adapters, batched"),
     "data": ("lorakit.data.cli", "check a dataset: format, counts, token lengths, what the loss covers"),
     "train": ("lorakit.train.cli", "train a LoRA adapter (no arguments: the embedded sentiment demo)"),
     "plan": (

@@ -42,3 +42,20 @@ class DataError(LorakitError, ValueError):
 
 class TrainingError(LorakitError):
     """Training cannot go on (a non-finite loss, for example); the last good checkpoint is kept."""
+
+
+# The one table from error class to HTTP status (the server's answer to a request that raised it).
+HTTP_STATUS: dict[type[LorakitError], int] = {
+    AdapterStateError: 404,  # an unknown adapter name
+    AdapterFileError: 422,  # the adapter exists but its files are broken or unsafe
+    ShapeMismatchError: 422,  # the adapter does not fit the model
+    TargetNotFoundError: 422,
+    ConfigError: 400,
+    DataError: 400,
+    QuantizationError: 400,
+}
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status for `exc`: that of its nearest class in `HTTP_STATUS`, else 500."""
+    return next((HTTP_STATUS[c] for c in type(exc).__mro__ if c in HTTP_STATUS), 500)

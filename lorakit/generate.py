@@ -9,20 +9,22 @@ float rounding between batch shapes).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import random
-import sys
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapters import list_adapters
+from .adapters import active_adapters, disable_adapters, list_adapters, set_adapter
 from .errors import ConfigError
 from .mixed import adapter_rows
+
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,23 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0 <= self.temperature <= 100:
-            raise ConfigError(f"temperature must be between 0 and 100, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be an integer of at least 1, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
+            raise ConfigError(f"temperature must be between 0 and 100, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            # torch.Generator.manual_seed takes 64 bits; anything else would fail mid-batch
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass
@@ -125,7 +138,7 @@ def generate_tokens(
         while alive:
             if regroup:  # (re)assign adapters to the current rows
                 stack.close()
-                stack.enter_context(adapter_rows(model, [rows[i].adapter for i in alive]))
+                stack.enter_context(route_rows(model, [rows[i].adapter for i in alive]))
                 regroup = False
             kwargs = {} if cache is None else {cache_kw: cache}
             out = model(
@@ -166,6 +179,28 @@ def generate_tokens(
             ids = torch.tensor(chosen, dtype=torch.long, device=device)[:, None]
             mask = torch.cat([mask, mask.new_ones(len(alive), 1)], 1)
             positions = positions[:, -1:] + 1
+
+
+@contextlib.contextmanager
+def route_rows(model: nn.Module, names: list[str | None]) -> Iterator[None]:
+    """Inside the block row `i` uses adapter `names[i]` (None: the base). Rows that all use one
+    adapter take the plain path (that adapter active, or adapters disabled), which works for every
+    layer type; only a truly mixed batch goes through `lorakit.mixed.adapter_rows`. The model's
+    active adapters are restored afterwards. Raises `AdapterStateError` for an unknown name."""
+    distinct = set(names)
+    if len(distinct) > 1:
+        with adapter_rows(model, names):
+            yield
+    elif None in distinct:
+        with disable_adapters(model):
+            yield
+    else:
+        previous = active_adapters(model)
+        set_adapter(model, distinct.pop())
+        try:
+            yield
+        finally:
+            set_adapter(model, previous)
 
 
 def _seed(seed: int | None) -> int:
@@ -209,59 +244,51 @@ def generate_text(
     return stream.text
 
 
-# command line ---------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
-    parser.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or smollm2-135m")
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="[NAME=]DIR",
-        help="adapter folder (repeatable; several are summed)",
-    )
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--system", default=None, help="a system message (chat models)")
-    parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+def split_adapter_spec(spec: str) -> tuple[str | None, str]:
+    """`"NAME=DIR"` -> (NAME, DIR); `"DIR"` -> (None, DIR). A spec that names an existing folder is
+    a folder even if it holds '=' (`runs/lr=1e-4`). Raises `ConfigError` for an empty folder or a
+    name lorakit cannot use (adapter names are module keys: no '.', '/' or '=')."""
+    name, sep, folder = spec.partition("=")
+    if not sep or "/" in name or Path(spec).is_dir():
+        name, folder = "", spec
+    if not folder:
+        raise ConfigError(f"--adapter {spec!r}: no folder given; expected [NAME=]DIR")
+    if sep and name and not ADAPTER_NAME_RE.fullmatch(name):
+        raise ConfigError(
+            f"--adapter {spec!r}: invalid adapter name {name!r}; use letters, digits, '_' and '-' "
+            "(no '.': adapter names are module keys)"
+        )
+    return name or None, folder
 
 
 def load_for_inference(model_name: str, adapters: list[str]) -> tuple[nn.Module, object, str | None]:
     """Load the model, its tokenizer and `[NAME=]DIR` adapters; several are combined into one
-    adapter equal to their sum. Returns (model, tokenizer, adapter name or None)."""
+    adapter equal to their sum. Returns (model, tokenizer, adapter name or None).
+
+    Raises `ConfigError` for a bad spec or a name given twice, and what `load_adapter` raises."""
     from . import hf
     from .io import load_adapter
     from .merge import add_weighted_adapter
 
+    specs = [split_adapter_spec(s) for s in adapters]  # all checked before the (slow) model load
+    given = [name for name, _ in specs if name]
+    if len(set(given)) < len(given):
+        raise ConfigError(f"--adapter: a name is given twice in {given}")
     model, tokenizer = hf.load_model(model_name)
     model.eval()
-    names = []
-    for spec in adapters:
-        name, _, folder = spec.rpartition("=")
-        name = name or f"adapter{len(names)}"
+    names: list[str] = []
+    for name, folder in specs:
+        name = name or _fresh(f"adapter{len(names)}", given)
         load_adapter(model, folder, name)
         names.append(name)
     if len(names) > 1:
-        add_weighted_adapter(model, names, [1.0] * len(names), "sum", combination_type="cat")
-        return model, tokenizer, "sum"
+        total = _fresh("sum", names)
+        add_weighted_adapter(model, names, [1.0] * len(names), total, combination_type="cat")
+        return model, tokenizer, total
     return model, tokenizer, names[0] if names else None
 
 
-def run(args: argparse.Namespace) -> int:
-    model, tokenizer, adapter = load_for_inference(args.model, args.adapter)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
-    if args.system and not args.raw:
-        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
-
-    def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    generate_text(model, tokenizer, prompt, adapter, sampling, chat=not args.raw, on_text=show)
-    sys.stdout.write("\n")
-    return 0
+def _fresh(name: str, taken: list[str]) -> str:
+    while name in taken:
+        name += "_"
+    return name

@@ -20,9 +20,9 @@ from fixtures import make_adapter, tiny_chat_model
 import lorakit
 import lorakit.hf
 from lorakit.cli import build_parser, main
+from lorakit.commands.serve import build, parse_adapters
 from lorakit.errors import ConfigError
 from lorakit.generate import Sampling, generate_text
-from lorakit.serve.cli import build, parse_adapters
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"
@@ -323,7 +323,7 @@ def test_full_queue_answers_503_and_disconnect_cancels(env):
                 finally:
                     engine.lock.acquire()
         # a streaming client that hangs up mid-generation cancels it
-        long = {**body, "max_tokens": 1000, "stream": True}
+        long = {**body, "max_tokens": 500, "stream": True}
         with httpx.stream("POST", server.url + "/v1/completions", json=long, headers=auth, timeout=60) as r:
             next(r.iter_lines())
         deadline = time.monotonic() + 30

@@ -1,7 +1,7 @@
 """`lorakit serve`: an OpenAI-compatible server for one base model and many LoRA adapters.
 
 `cache` (which adapters exist and which are loaded, LRU), `engine` (the dynamic batcher that runs
-concurrent requests as mixed-adapter batches), `app` (the FastAPI endpoints), `cli` (the command).
+concurrent requests as mixed-adapter batches), `app` (the FastAPI routes); the command line is `lorakit.commands.serve`.
 """
 
 from .app import Limits, create_app

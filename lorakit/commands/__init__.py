@@ -1,0 +1,1 @@
+"""The subcommands of `lorakit`: one module per command, each with `add_arguments(parser)` and `run(args) -> int`."""
