@@ -1,0 +1,117 @@
+"""lorakit.serve.engine: the batcher behind the server, through HTTP and directly.
+
+Stop strings, a broken adapter failing only its own requests, one request's error never reaching
+the requests batched with it, a bounded load test, a full queue answering 503, and a
+disconnecting client cancelling its generation.
+"""
+
+import concurrent.futures
+import time
+
+import httpx
+import pytest
+from fixtures import SERVE_KEY as KEY
+from fixtures import Server, serve_app, serve_env
+
+from lorakit.generate import Sampling, generate_text
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = serve_env(tmp_path_factory.mktemp("serve"))
+    yield env
+    env["server"].stop()
+
+
+def expected(env, prompt, adapter, max_tokens, chat):
+    return generate_text(env["ref"], env["tok"], prompt, adapter, Sampling(max_tokens=max_tokens), chat=chat)
+
+
+def test_stop_strings(env):
+    full = expected(env, "Abc", "a1", 20, chat=False)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    want = full[: full.index(stop)]
+    for stream in (False, True):
+        got = env["client"].completions.create(
+            model="a1", prompt="Abc", max_tokens=20, temperature=0, stop=[stop], stream=stream
+        )
+        text = "".join(c.choices[0].text for c in got) if stream else got.choices[0].text
+        assert text == want
+
+
+def test_broken_adapter_fails_alone_and_token_ids(env):
+    client = env["client"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # likely in one batch: only one fails
+        bad = pool.submit(client.completions.create, model="broken", prompt="x", max_tokens=3)
+        good = pool.submit(client.completions.create, model="a1", prompt="Fine", max_tokens=5, temperature=0)
+        with pytest.raises(openai.InternalServerError, match="could not be loaded"):
+            bad.result()
+        assert good.result().choices[0].text == expected(env, "Fine", "a1", 5, chat=False)
+    ids = env["tok"]("Token ids")["input_ids"]
+    got = client.completions.create(model="a2", prompt=ids, max_tokens=5, temperature=0)
+    assert got.choices[0].text == expected(env, "Token ids", "a2", 5, chat=False)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model="a2", prompt=[10**7], max_tokens=5)
+
+
+@pytest.mark.slow
+def test_load_8_clients_200_requests_4_adapters(env):
+    client = env["client"]
+    prompts = ["One", "Two words", "A third prompt here", "Four"]
+    names = ["a1", "a2", "a3", "a4"]
+    want = {(n, p): expected(env, p, n, 6, chat=False) for n in names for p in prompts}
+    jobs = [(names[i % 4], prompts[(i // 4) % 4]) for i in range(200)]
+
+    def one(job):
+        name, prompt = job
+        return (
+            client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, jobs, timeout=600))
+    wrong = [(job, got) for job, got in zip(jobs, results) if got != want[job]]
+    assert not wrong, wrong[:3]
+    assert env["app"].state.engine.max_rows_seen > 1  # concurrent requests were batched together
+
+
+def test_full_queue_answers_503_and_disconnect_cancels(env):
+    app = serve_app(env["folder"], {"a1": env["paths"]["a1"]}, "--max-queue", "1", "--max-batch", "1")
+    server = Server(app)
+    try:
+        engine = app.state.engine
+        auth = {"Authorization": f"Bearer {KEY}"}
+        body = {"model": "a1", "prompt": "Busy", "max_tokens": 3, "temperature": 0}
+        with engine.lock:  # the worker blocks on its first batch; one more request fills the queue
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                futures = [
+                    pool.submit(
+                        httpx.post, server.url + "/v1/completions", json=body, headers=auth, timeout=60
+                    )
+                ]
+                time.sleep(0.5)
+                futures.append(
+                    pool.submit(
+                        httpx.post, server.url + "/v1/completions", json=body, headers=auth, timeout=60
+                    )
+                )
+                time.sleep(0.5)
+                busy = httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=60)
+                assert busy.status_code == 503 and busy.json()["error"]["type"] == "server_error"
+                engine.lock.release()
+                try:
+                    assert all(f.result().status_code == 200 for f in futures)
+                finally:
+                    engine.lock.acquire()
+        # a streaming client that hangs up mid-generation cancels it
+        long = {**body, "max_tokens": 500, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=long, headers=auth, timeout=60) as r:
+            next(r.iter_lines())
+        deadline = time.monotonic() + 30
+        while engine.cancelled == 0:
+            assert time.monotonic() < deadline, "the generation was not cancelled"
+            time.sleep(0.05)
+    finally:
+        server.stop()
