@@ -172,3 +172,17 @@ def serve_env(d: Path) -> dict:
         "app": app,
         "dir": d,
     }
+
+
+def make_embedding_adapter(model_folder: Path, out: Path, seed: int, r: int = 4) -> Path:
+    """Like `make_adapter`, on `embed_tokens` and `q_proj` (a layer kind besides linear)."""
+    model, _ = lorakit.hf.load_model(model_folder)
+    lorakit.inject(
+        model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["embed_tokens", "q_proj"])
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lorakit.io.adapter_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    lorakit.save_adapter(model, out)
+    return out

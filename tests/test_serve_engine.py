@@ -5,15 +5,21 @@ the requests batched with it, a bounded load test, a full queue answering 503, a
 disconnecting client cancelling its generation.
 """
 
+import asyncio
 import concurrent.futures
 import time
 
 import httpx
 import pytest
 from fixtures import SERVE_KEY as KEY
-from fixtures import Server, serve_app, serve_env
+from fixtures import Server, make_embedding_adapter, serve_app, serve_env
 
-from lorakit.generate import Sampling, generate_text
+import lorakit
+import lorakit.hf
+from lorakit.generate import Row, Sampling, generate_text, prompt_ids
+from lorakit.serve import AdapterCache, Engine
+from lorakit.serve.engine import Done, Failed, Text
+from lorakit.serve.engine import Request as Job
 
 openai = pytest.importorskip("openai")
 
@@ -113,5 +119,78 @@ def test_full_queue_answers_503_and_disconnect_cancels(env):
         while engine.cancelled == 0:
             assert time.monotonic() < deadline, "the generation was not cancelled"
             time.sleep(0.05)
+    finally:
+        server.stop()
+
+
+def run_jobs(engine: Engine, rows: list[Row]) -> list[list]:
+    """Queue `rows` before the worker starts (so they form one batch), run, return their events."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(row, loop) for row in rows]
+        for job in jobs:
+            engine.submit(job)
+        engine.start()
+        try:
+            out = []
+            for job in jobs:
+                events = [await asyncio.wait_for(job.events.get(), 120)]
+                while isinstance(events[-1], Text):
+                    events.append(await asyncio.wait_for(job.events.get(), 120))
+                out.append(events)
+            return out
+        finally:
+            engine.stop()
+
+    return asyncio.run(main())
+
+
+def text_of(events: list) -> str:
+    assert isinstance(events[-1], Done), events[-1]
+    return "".join(e.piece for e in events[:-1])
+
+
+def test_one_bad_request_never_fails_its_batch(env, tmp_path):
+    emb = make_embedding_adapter(env["folder"], tmp_path / "emb", 5)
+    lorakit.load_adapter(env["ref"], emb, "emb")
+    model, tok = lorakit.hf.load_model(env["folder"])
+    cache = AdapterCache(model, {"a1": env["paths"]["a1"], "emb": emb})
+    engine = Engine(model, tok, cache, max_batch=8, wait_ms=500)
+    ids = prompt_ids(tok, "Fine", chat=False)
+    rows = [
+        Row(ids, "a1", Sampling(5)),
+        Row([10**7], None, Sampling(5)),  # past the vocabulary (the app refuses it; the engine must cope)
+        Row(ids, "emb", Sampling(5)),  # an embedding adapter in a batch with a linear one
+        Row(ids, None, Sampling(5)),
+    ]
+    good, bad, embedding, base = run_jobs(engine, rows)
+    assert engine.max_rows_seen == 4  # all four were batched together
+    assert isinstance(bad[-1], Failed) and bad[-1].status == 500 and "IndexError" in bad[-1].message
+    assert text_of(good) == expected(env, "Fine", "a1", 5, chat=False)
+    assert text_of(embedding) == expected(env, "Fine", "emb", 5, chat=False)
+    assert text_of(base) == expected(env, "Fine", None, 5, chat=False)
+
+
+def test_embedding_adapter_served_beside_others(env, tmp_path):
+    emb = make_embedding_adapter(env["folder"], tmp_path / "emb", 6)
+    lorakit.load_adapter(env["ref"], emb, "emb6")
+    server = Server(
+        serve_app(env["folder"], {"emb": emb, "a2": env["paths"]["a2"]}, "--batch-wait-ms", "300")
+    )
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = {
+                name: pool.submit(
+                    client.completions.create, model=name, prompt="Both", max_tokens=5, temperature=0
+                )
+                for name in ("emb", "a2")
+            }
+            got = {name: f.result().choices[0].text for name, f in futures.items()}
+        assert got == {
+            "emb": expected(env, "Both", "emb6", 5, chat=False),
+            "a2": expected(env, "Both", "a2", 5, chat=False),
+        }
     finally:
         server.stop()

@@ -131,7 +131,8 @@ class Engine:
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.lock = threading.Lock()  # held whenever the model is used or its adapters change
         self.eos = eos_ids(model, tokenizer)
-        self.vocab_size = model.get_input_embeddings().num_embeddings
+        embedding = model.get_input_embeddings()  # maybe wrapped by an embedding adapter
+        self.vocab_size = getattr(embedding, "base_layer", embedding).num_embeddings
         # the longest sequence the model takes (None: no stated limit), prompt and reply together
         self.context_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
