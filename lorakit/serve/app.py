@@ -51,7 +51,7 @@ class Limits:
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024
     max_body_bytes: int = 1_000_000
-    body_timeout_s: float = 30.0  # a body slower than this (or shorter than its Content-Length): 408
+    body_timeout: float = 30.0  # a body slower than this (or shorter than its Content-Length): 408
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -194,9 +194,9 @@ async def read_body(request: Request, model: type[BaseModel]) -> BaseModel:
                 raise APIError(413, f"request body over {limits.max_body_bytes} bytes")
 
     try:
-        await asyncio.wait_for(receive(), limits.body_timeout_s)
+        await asyncio.wait_for(receive(), limits.body_timeout)
     except TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s") from None
+        raise APIError(408, f"the request body did not arrive within {limits.body_timeout:g} s") from None
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
