@@ -93,7 +93,10 @@ def _choose(logits: torch.Tensor, rows: list[Row], generators: list[torch.Genera
         s = row.sampling
         if s.temperature == 0:
             continue
-        probs = torch.softmax(logits[i].float() / s.temperature, -1)
+        # in float64 and shifted so the top logit is 0: a tiny temperature then gives -inf (p = 0),
+        # never inf - inf or 0 / 0 (a float32 tensor divided by 1e-90 divides by 0)
+        shifted = logits[i].double() - logits[i].double().max()
+        probs = torch.softmax(shifted / s.temperature, -1)
         if s.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p  # keep the smallest set reaching top_p

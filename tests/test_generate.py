@@ -239,3 +239,11 @@ def test_bad_sampling_and_cli_inputs(setup, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9")))
     assert main(["generate", "--model", str(folder), "-"]) == 1
     assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_tiny_temperature_samples_like_greedy(setup):
+    _, _, model, tok = setup
+    ids = prompt_ids(tok, "Once upon a time")
+    greedy = run_rows(model, tok, [Row(ids, "a1", Sampling(6))])[0][0]
+    for t in (1e-30, 2e-91, 5e-324):  # logits / t overflow to inf: softmax(inf - inf) was NaN
+        assert run_rows(model, tok, [Row(ids, "a1", Sampling(6, t, 1.0, seed=1))])[0][0] == greedy

@@ -14,6 +14,7 @@ import hmac
 import json
 import math
 import queue
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -208,10 +209,20 @@ async def read_body(request: Request, model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        message = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()[:3])
-        raise APIError(400, message, param=param) from None
+        problems: dict[str, str] = {}
+        for x in e.errors():
+            problems.setdefault(_where(x["loc"]), x["msg"])  # the first problem of each field
+        message = "; ".join(f"{where}: {msg}" for where, msg in list(problems.items())[:3])
+        raise APIError(400, message, param=_where(e.errors()[0]["loc"])) from None
+
+
+def _where(loc: tuple) -> str:
+    """`messages.0.content` from a pydantic location, without its union-member tags (`str`, ...)."""
+    parts = [str(p) for p in loc if isinstance(p, int) or not _UNION_TAG.fullmatch(p)]
+    return ".".join(parts) or "body"
+
+
+_UNION_TAG = re.compile(r"[a-z]+\[.*\]|[A-Z]\w*|float|int|str|bool|list|dict|none|function-\w+\[.*\]")
 
 
 def _adapter_for(request: Request, model: str) -> str | None:
