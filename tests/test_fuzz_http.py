@@ -12,7 +12,7 @@ from fixtures import SERVE_KEY, Server, make_adapter, serve_app, tiny_chat_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-SETTINGS = settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 chars = st.characters(codec=None, exclude_categories=())  # surrogates included
 text = st.text(chars, max_size=12) | st.sampled_from(["", "Hi", "\u0000", "\ud800", "🙂" * 3, "\u202e"])
@@ -80,7 +80,7 @@ chat_body = mutated(
 def client(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
     folder = tiny_chat_model(d / "model")
-    app = serve_app(folder, {"a1": make_adapter(folder, d / "a1", 1)}, "--max-tokens", "4")
+    app = serve_app(folder, {"a1": make_adapter(folder, d / "a1", 1)}, "--max-tokens", "4", "--batch-wait-ms", "1")
     server = Server(app)
     headers = {"Authorization": f"Bearer {SERVE_KEY}", "Content-Type": "application/json"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=10) as c:
