@@ -1,8 +1,10 @@
 """lorakit.commands.serve: flags and `--adapter NAME=DIR` specs, checked before the model loads."""
 
+import shutil
 from pathlib import Path
 
 import pytest
+from fixtures import make_adapter, tiny_chat_model
 
 from lorakit.cli import main
 from lorakit.commands.serve import parse_adapters
@@ -46,3 +48,10 @@ def test_engine_refuses_a_queue_of_zero():
         with pytest.raises(ConfigError):
             Engine.check_settings(*bad)
     Engine.check_settings(1, 0.0, 1)
+
+
+def test_adapter_named_like_the_base_is_refused(tmp_path, capsys):
+    folder = tiny_chat_model(tmp_path / "base")
+    shutil.copytree(make_adapter(folder, tmp_path / "a", 1), tmp_path / "dir" / "base")
+    assert main(["serve", "--model", str(folder), "--adapter-dir", str(tmp_path / "dir")]) == 1
+    assert "the base model's id" in capsys.readouterr().err

@@ -80,7 +80,9 @@ chat_body = mutated(
 def client(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
     folder = tiny_chat_model(d / "model")
-    app = serve_app(folder, {"a1": make_adapter(folder, d / "a1", 1)}, "--max-tokens", "4", "--batch-wait-ms", "1")
+    app = serve_app(
+        folder, {"a1": make_adapter(folder, d / "a1", 1)}, "--max-tokens", "4", "--batch-wait-ms", "1"
+    )
     server = Server(app)
     headers = {"Authorization": f"Bearer {SERVE_KEY}", "Content-Type": "application/json"}
     with httpx.Client(base_url=server.url, headers=headers, timeout=10) as c:

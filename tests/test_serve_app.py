@@ -255,3 +255,20 @@ def test_dotted_adapter_names_are_served(env):
     got = env["client"].completions.create(model="my.v1.2", prompt="Hi", max_tokens=6, temperature=0)
     assert got.choices[0].text == expected(env, "Hi", "a2", 6, chat=False)
     assert httpx.delete(url + "/admin/adapters/my.v1.2", headers=auth).json()["deleted"]
+
+
+def test_unsupported_fields_are_refused_not_ignored(env):
+    body = {"model": "a1", "prompt": "Hi", "max_tokens": 2}
+    for extra in (
+        {"logprobs": 3},
+        {"echo": True},
+        {"best_of": 2},
+        {"presence_penalty": 0.5},
+        {"logit_bias": {"5": 1}},
+    ):
+        r = post(env, "/v1/completions", {**body, **extra})
+        assert r.status_code == 400 and "not supported" in r.json()["error"]["message"], extra
+    neutral = {"logprobs": None, "echo": False, "presence_penalty": 0.0, "user": "someone"}
+    assert post(env, "/v1/completions", {**body, **neutral}).status_code == 200
+    r = post(env, "/admin/adapters", {"name": "model"})  # the base model's id
+    assert r.status_code == 400 and "base model" in r.json()["error"]["message"]

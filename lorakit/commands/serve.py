@@ -72,9 +72,11 @@ def build(args: argparse.Namespace):
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     model, tokenizer = hf.load_model(args.model)
     base_name = args.served_model_name or Path(str(args.model)).name
-    if base_name in adapters:
-        raise ConfigError(f"adapter name {base_name!r} is the base model's id; rename it")
     cache = AdapterCache(model, adapters, args.adapter_dir, args.max_loaded)
+    if base_name in cache:
+        raise ConfigError(
+            f"adapter name {base_name!r} is the base model's id; rename it or set --served-model-name"
+        )
     cache.ensure(list(adapters)[: args.max_loaded])  # fail at start, not at the first request
     engine = Engine(model, tokenizer, cache, args.max_batch, args.batch_wait_ms, args.max_queue)
     api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")

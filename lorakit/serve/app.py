@@ -35,6 +35,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    model_validator,
 )
 from starlette.exceptions import HTTPException
 
@@ -94,8 +95,36 @@ def _utf8(text: str) -> str:
 Str = Annotated[StrictStr, AfterValidator(_utf8)]
 
 
+# OpenAI fields this server does not implement, with the values that mean "not used": any other
+# value is refused (400) rather than silently ignored
+UNSUPPORTED = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def _same(a, b) -> bool:
+    return isinstance(a, bool) == isinstance(b, bool) and a == b  # True is not 1 here
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept only to check them against UNSUPPORTED
+
+    @model_validator(mode="after")
+    def _supported(self) -> _Body:
+        for key, value in (self.model_extra or {}).items():
+            if key in UNSUPPORTED and not any(_same(value, v) for v in UNSUPPORTED[key]):
+                raise ValueError(f"{key}={value!r} is not supported by this server; leave it out")
+        return self
+
     model: Str
     max_tokens: StrictInt | None = None
     temperature: StrictFloat | StrictInt = 1.0
@@ -423,6 +452,10 @@ async def list_adapters(request: Request) -> dict:
 @private.post("/admin/adapters")
 async def load(request: Request) -> dict:
     body = await read_body(request, _AdminBody)
+    if body.name == request.app.state.base_name:
+        raise APIError(
+            400, f"{body.name!r} is the base model's id; name the adapter differently", param="name"
+        )
     await _admin(request.app.state.engine.add_adapter, body.name)
     return {"id": body.name, "loaded": True}
 

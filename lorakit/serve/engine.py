@@ -186,8 +186,12 @@ class Engine:
     def _work(self) -> None:
         while not self._stop.is_set():
             batch = self._collect()
-            if batch:
+            try:
                 self._run(batch)
+            except Exception as e:  # noqa: BLE001 - the worker must outlive any batch
+                log.exception("batch failed")
+                for r in batch:  # a request that was answered already ignores this
+                    r.send(Failed(500, f"internal error: {type(e).__name__}"))
 
     def _next(self, timeout: float) -> Request | None:
         if self._pending:
@@ -240,6 +244,8 @@ class Engine:
         """Generate for `batch`. If it fails, each request that has not seen any output yet runs
         again alone, so one request's error reaches that request only; a request that already
         streamed text cannot be restarted and gets the error."""
+        if not batch:
+            return
         with self.lock:
             batch = self._load_adapters(batch)
             outputs = [_Output(r, self.tokenizer) for r in batch]
@@ -260,8 +266,8 @@ class Engine:
             return None
         self.batches += 1
         self.max_rows_seen = max(self.max_rows_seen, len(batch))
-        rows = [replace(r.row, adapter=r.row.adapter and self.cache.key(r.row.adapter)) for r in batch]
         try:
+            rows = [replace(r.row, adapter=r.row.adapter and self.cache.key(r.row.adapter)) for r in batch]
             for i, token, reason in generate_tokens(
                 self.model,
                 rows,
