@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from torch import nn
 
 from .adapters import active_adapters, disable_adapters, list_adapters, set_adapter
@@ -73,8 +74,16 @@ def prompt_ids(tokenizer, prompt: str | list[dict], chat: bool = True) -> list[i
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("this tokenizer has no chat template; send a plain prompt instead of messages")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError) as e:  # e.g. a template that refuses a role
+        raise ConfigError(f"the tokenizer's chat template rejects these messages: {e}") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions `model` takes, prompt and reply together (None: no stated limit)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def eos_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -122,6 +131,13 @@ def generate_tokens(
         return
     if any(not r.prompt_ids for r in rows):
         raise ConfigError("a prompt is empty; give at least one token")
+    limit = context_length(model)
+    for r in rows:  # past it, learned position embeddings (GPT-2) fail mid-batch
+        if limit is not None and len(r.prompt_ids) + r.sampling.max_tokens > limit:
+            raise ConfigError(
+                f"a prompt of {len(r.prompt_ids)} tokens plus max_tokens {r.sampling.max_tokens} is more "
+                f"than the model's {limit} positions; lower max_tokens or shorten the prompt"
+            )
     device = next(model.parameters()).device
     longest = max(len(r.prompt_ids) for r in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long, device=device)

@@ -247,3 +247,17 @@ def test_tiny_temperature_samples_like_greedy(setup):
     greedy = run_rows(model, tok, [Row(ids, "a1", Sampling(6))])[0][0]
     for t in (1e-30, 2e-91, 5e-324):  # logits / t overflow to inf: softmax(inf - inf) was NaN
         assert run_rows(model, tok, [Row(ids, "a1", Sampling(6, t, 1.0, seed=1))])[0][0] == greedy
+
+
+def test_context_and_template_errors_are_clear(setup):
+    _, _, model, tok = setup
+    ids = prompt_ids(tok, "Hi")
+    with pytest.raises(ConfigError, match="512 positions"):  # the tiny model's max_position_embeddings
+        list(generate_tokens(model, [Row(ids, None, Sampling(600))], set(), 0))
+    saved = tok.chat_template
+    tok.chat_template = "{{ raise_exception('only user messages') }}"
+    try:
+        with pytest.raises(ConfigError, match="rejects these messages: only user messages"):
+            prompt_ids(tok, [{"role": "tool", "content": "x"}])
+    finally:
+        tok.chat_template = saved

@@ -24,7 +24,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from jinja2 import TemplateError
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -353,7 +352,7 @@ async def chat(request: Request):
     messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
     try:
         ids = prompt_ids(request.app.state.engine.tokenizer, messages)
-    except (ConfigError, ValueError, TemplateError) as e:  # no chat template, or one that rejects the roles
+    except ConfigError as e:  # no chat template, or one that rejects the roles
         raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
     # max_completion_tokens supersedes max_tokens (OpenAI); 0 is a value, not "unset"
     wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens

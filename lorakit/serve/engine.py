@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from ..errors import ConfigError, LorakitError, http_status
-from ..generate import Row, TextStream, eos_ids, generate_tokens
+from ..generate import Row, TextStream, context_length, eos_ids, generate_tokens
 from .cache import AdapterCache, AdapterLoadError
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,7 @@ class Engine:
         self.eos = eos_ids(model, tokenizer)
         embedding = model.get_input_embeddings()  # maybe wrapped by an embedding adapter
         self.vocab_size = getattr(embedding, "base_layer", embedding).num_embeddings
-        # the longest sequence the model takes (None: no stated limit), prompt and reply together
-        self.context_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.context_length = context_length(model)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._pending: collections.deque[Request] = collections.deque()
         self._stop = threading.Event()
