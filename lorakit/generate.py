@@ -129,15 +129,7 @@ def generate_tokens(
     """
     if not rows:
         return
-    if any(not r.prompt_ids for r in rows):
-        raise ConfigError("a prompt is empty; give at least one token")
-    limit = context_length(model)
-    for r in rows:  # past it, learned position embeddings (GPT-2) fail mid-batch
-        if limit is not None and len(r.prompt_ids) + r.sampling.max_tokens > limit:
-            raise ConfigError(
-                f"a prompt of {len(r.prompt_ids)} tokens plus max_tokens {r.sampling.max_tokens} is more "
-                f"than the model's {limit} positions; lower max_tokens or shorten the prompt"
-            )
+    _check_rows(model, rows)
     device = next(model.parameters()).device
     longest = max(len(r.prompt_ids) for r in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long, device=device)
@@ -198,6 +190,18 @@ def generate_tokens(
             ids = torch.tensor(chosen, dtype=torch.long, device=device)[:, None]
             mask = torch.cat([mask, mask.new_ones(len(alive), 1)], 1)
             positions = positions[:, -1:] + 1
+
+
+def _check_rows(model: nn.Module, rows: list[Row]) -> None:
+    if any(not r.prompt_ids for r in rows):
+        raise ConfigError("a prompt is empty; give at least one token")
+    limit = context_length(model)
+    for r in rows:  # past it, learned position embeddings (GPT-2) fail mid-batch
+        if limit is not None and len(r.prompt_ids) + r.sampling.max_tokens > limit:
+            raise ConfigError(
+                f"a prompt of {len(r.prompt_ids)} tokens plus max_tokens {r.sampling.max_tokens} is more "
+                f"than the model's {limit} positions; lower max_tokens or shorten the prompt"
+            )
 
 
 @contextlib.contextmanager
