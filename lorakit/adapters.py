@@ -7,51 +7,45 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from . import _state
 from .errors import AdapterStateError
-from .inject import CONFIGS_ATTR
-from .layers import LoraLayer, ModulesToSave
 
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters injected into or loaded onto `model`, in the order they were added."""
-    return list(getattr(model, CONFIGS_ATTR, {}))
+    return _state.names(model)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     """The adapters the forward currently adds (empty if none is injected)."""
-    return list(getattr(model, "_lorakit_active", []))
-
-
-def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
-    for module in model.modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            yield module
+    return _state.active(model)
 
 
 def set_adapter(model: nn.Module, adapters: str | list[str]) -> None:
     """Make `adapters` (a name, or several names whose outputs add up) the active ones.
 
-    Only active adapters are trainable. Raises `AdapterStateError` for an unknown name.
+    Only active (and unmerged) adapters are trainable. Raises `AdapterStateError` for an unknown
+    name, `ConfigError` for a name that cannot be an adapter name (not a string, empty, with '.').
     """
-    names = [adapters] if isinstance(adapters, str) else list(adapters)
-    known = list_adapters(model)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise AdapterStateError(f"unknown adapter(s) {unknown}; the model has {known}")
-    for module in _wrappers(model):
-        module.set_active(names)
-    model._lorakit_active = names
+    names = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
+    for name in names:
+        _state.check_name(name)
+    _state.set_active(model, names)
 
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove `adapter` from every layer. Raises `AdapterStateError` if unknown or merged."""
-    configs = getattr(model, CONFIGS_ATTR, {})
-    if adapter not in configs:
-        raise AdapterStateError(f"unknown adapter {adapter!r}; the model has {list(configs)}")
-    for module in _wrappers(model):
+    known = _state.names(model)
+    if adapter not in known:
+        raise AdapterStateError(f"unknown adapter {adapter!r}; the model has {known}")
+    merged = [m for m in _state.wrappers(model) if adapter in getattr(m, "merged_adapters", ())]
+    if merged:
+        raise AdapterStateError(
+            f"adapter {adapter!r} is merged into the base weights; unmerge before deleting it"
+        )
+    for module in _state.wrappers(model):
         module.delete_adapter(adapter)
-    del configs[adapter]
-    model._lorakit_active = [a for a in active_adapters(model) if a != adapter]
+    _state.remove_config(model, adapter)
 
 
 @contextmanager
@@ -60,7 +54,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
     Raises `AdapterStateError` at the forward if an adapter is merged (unmerge first).
     """
-    wrappers = list(_wrappers(model))
+    wrappers = list(_state.wrappers(model))
     previous = [w.disabled for w in wrappers]
     for w in wrappers:
         w.disabled = True

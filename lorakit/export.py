@@ -20,6 +20,7 @@ from .adapters import set_adapter
 from .errors import ConfigError
 from .inject import lora_layers
 from .merge import unload
+from .modeling import tied_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +78,11 @@ def _check_output(output: Path, overwrite: bool) -> None:
 
 def _untie_if_adapted(model: nn.Module) -> None:
     """Give the output head its own weight if it shares the embedding's and an adapter touches either."""
-    get_in, get_out = (
-        getattr(model, "get_input_embeddings", None),
-        getattr(model, "get_output_embeddings", None),
-    )
-    if not (callable(get_in) and callable(get_out)):
+    tied = tied_embeddings(model)
+    if tied is None:
         return
-    emb, head = get_in(), get_out()
-    if emb is None or head is None:
-        return
-    emb_w = getattr(getattr(emb, "base_layer", emb), "weight", None)
-    head_w = getattr(getattr(head, "base_layer", head), "weight", None)
-    if emb_w is None or emb_w is not head_w:
-        return
+    emb, head = tied
+    head_w = getattr(head, "base_layer", head).weight
     adapted = {id(m) for _, m in lora_layers(model) if m.r}
     if id(emb) in adapted or id(head) in adapted:
         getattr(head, "base_layer", head).weight = nn.Parameter(head_w.detach().clone(), requires_grad=False)

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .inject import decoder_layers
+from .modeling import decoder_layers
 
 _malloc_trim = None  # glibc's malloc_trim once looked up; False where there is none
 

@@ -3,7 +3,7 @@ and freeze everything but the adapters.
 
 The model keeps its class: wrappers replace submodules where they stand, so `generate`,
 `torch.compile`, DDP and user code see the same object. The configs of the injected adapters are
-kept on the model as `model._lorakit_configs` (name -> LoraConfig) for saving.
+recorded through `lorakit._state` (name -> LoraConfig) for saving.
 """
 
 from __future__ import annotations
@@ -13,23 +13,38 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from . import _state
 from .config import LoraConfig
-from .errors import AdapterStateError, ConfigError, TargetNotFoundError
+from .errors import AdapterStateError, ConfigError, LorakitError, TargetNotFoundError
 from .layers import LoraLayer, LoraLinear, ModulesToSave, wrapper_for
-
-CONFIGS_ATTR = "_lorakit_configs"
-_CLASSIFIER_HEADS = ("score", "classifier")
+from .modeling import output_head_names, replace_module
 
 
 def is_target(config: LoraConfig, name: str, head_names: frozenset[str] = frozenset()) -> bool:
     """Whether the module called `name` is a LoRA target under `config` (PEFT's semantics).
 
     `head_names` are the output heads that `"all-linear"` leaves out; the caller decides which
-    modules are linear (see `find_targets`), so this function only looks at names.
+    modules are linear (see `find_targets`), so this function only looks at names. Raises
+    `ConfigError` for an invalid regex or layer selection.
     """
+    return _name_match(config, name, head_names) and _in_selected_layer(config, name)
+
+
+def _in_selected_layer(config: LoraConfig, name: str) -> bool:
+    """Whether `layers_to_transform` keeps `name`; as in PEFT, a list entry that is the module's
+    full name selects it whatever its layer."""
+    wanted = _wanted_layers(config)
+    if wanted is None or (isinstance(config.target_modules, list) and name in config.target_modules):
+        return True
+    idx = _layer_index(config, name)
+    return idx is not None and idx in wanted
+
+
+def _name_match(config: LoraConfig, name: str, head_names: frozenset[str]) -> bool:
+    """`is_target` without the layer selection (`layers_to_transform`)."""
     if config.exclude_modules:
         ex = config.exclude_modules
-        if re.fullmatch(ex, name) if isinstance(ex, str) else _name_in(name, ex):
+        if _fullmatch(ex, name) if isinstance(ex, str) else _name_in(name, ex):
             return False
     if config.modules_to_save and any(
         re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save
@@ -39,20 +54,61 @@ def is_target(config: LoraConfig, name: str, head_names: frozenset[str] = frozen
     if targets == "all-linear":
         return name not in head_names
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    if not _name_in(name, targets):
-        return False
-    return _in_selected_layer(config, name)
+        return _fullmatch(targets, name)
+    return _name_in(name, targets)
+
+
+def _fullmatch(pattern: str, name: str) -> bool:
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error as e:
+        raise ConfigError(f"invalid regex {pattern!r} in the LoRA config ({e}); fix the pattern") from None
 
 
 def _name_in(name: str, names: list[str]) -> bool:
     return any(name == n or name.endswith("." + n) for n in names)
 
 
-def _in_selected_layer(config: LoraConfig, name: str) -> bool:
+def _check_matching(config: LoraConfig) -> None:
+    """The matching fields' types, and PEFT's rule that a regex target takes no layer selection."""
+    for key in ("target_modules", "exclude_modules"):
+        value = getattr(config, key)
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        if not ok and not (key == "exclude_modules" and value is None):
+            raise ConfigError(
+                f"LoraConfig.{key} must be a list of module names or a regex string, got {value!r}"
+            )
+    if not isinstance(config.modules_to_save, (list, type(None))):
+        raise ConfigError(
+            f"LoraConfig.modules_to_save must be a list of names, got {config.modules_to_save!r}"
+        )
+    layered = _wanted_layers(config) is not None or config.layers_pattern
+    if layered and isinstance(config.target_modules, str) and config.target_modules != "all-linear":
+        # PEFT's LoraConfig refuses this too, so such an adapter could never be read back by PEFT
+        raise ConfigError(
+            f"layers_to_transform/layers_pattern cannot be combined with the regex target_modules="
+            f"{config.target_modules!r} (PEFT's rule); put the layer numbers in the regex, e.g. "
+            r"'.*\.layers\.(0|1)\..*q_proj', or use a list of module names"
+        )
+
+
+def _wanted_layers(config: LoraConfig) -> set[int] | None:
     wanted = config.layers_to_transform
     if wanted is None or wanted == []:
-        return True
+        return None
+    items = [wanted] if isinstance(wanted, int) and not isinstance(wanted, bool) else wanted
+    if not isinstance(items, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
+    ):
+        raise ConfigError(
+            f"LoraConfig.layers_to_transform must be a layer index or a list of indices (>= 0), got {wanted!r}"
+        )
+    return set(items)
+
+
+def _layer_index(config: LoraConfig, name: str) -> int | None:
+    """The decoder-layer number in `name` (PEFT's rule: the first numbered part, or the one after
+    `layers_pattern`), or None."""
     patterns = config.layers_pattern
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
@@ -62,25 +118,7 @@ def _in_selected_layer(config: LoraConfig, name: str) -> bool:
             match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
             if match:
                 break
-    if match is None:
-        return False
-    idx = int(match["idx"])
-    return idx == wanted if isinstance(wanted, int) else idx in wanted
-
-
-def _head_names(model: nn.Module) -> frozenset[str]:
-    """The output head(s) that "all-linear" must skip: the LM head, or a classifier head."""
-    heads = []
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    if out is not None:
-        heads.append(out)
-    else:
-        heads += [
-            getattr(model, h) for h in _CLASSIFIER_HEADS if isinstance(getattr(model, h, None), nn.Module)
-        ]
-    ids = {id(h) for h in heads}
-    return frozenset(n for n, m in model.named_modules() if id(m) in ids)
+    return int(match["idx"]) if match else None
 
 
 def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -94,37 +132,39 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder (or encoder) blocks: its longest `nn.ModuleList`."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    return max(lists, key=len) if lists else nn.ModuleList()
+def _wrappable(config: LoraConfig, name: str, module: nn.Module) -> bool:
+    """Whether a name-matched module gets a wrapper; a leaf named in a list that cannot be
+    wrapped is a `ConfigError`."""
+    kind = module.base_layer if isinstance(module, LoraLayer) else module
+    wrapper = wrapper_for(kind)
+    if config.target_modules == "all-linear":
+        return wrapper is not None and issubclass(wrapper, LoraLinear)  # user subclasses too
+    if wrapper is not None:
+        return True
+    if isinstance(config.target_modules, list) and not _has_children(module):
+        raise ConfigError(
+            f"target module {name!r} is a {type(module).__name__}, which lorakit cannot wrap; "
+            "supported: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d, Linear4bit, "
+            "or register your own with lorakit.layers.register(cls, wrapper)"
+        )
+    return False
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules `config` puts LoRA on. Raises `TargetNotFoundError` (listing the
-    model's candidate names) when nothing matches, `ConfigError` when a match cannot be wrapped."""
-    heads = _head_names(model)
-    names = []
+    model's candidate names) when nothing matches or `layers_to_transform` names layers the model
+    lacks, `ConfigError` when a match cannot be wrapped or a matching field is invalid."""
+    _check_matching(config)
+    heads = output_head_names(model)
+    names, layers = [], set()
     for name, module in _candidates(model):
-        if not name or not is_target(config, name, heads):
+        if not name or not _name_match(config, name, heads) or not _wrappable(config, name, module):
             continue
-        if config.target_modules == "all-linear":
-            kind = module.base_layer if isinstance(module, LoraLayer) else module
-            if wrapper_for(kind) is not LoraLinear:
-                continue
-        elif not isinstance(module, LoraLayer) and wrapper_for(module) is None:
-            if (
-                config.target_modules
-                and isinstance(config.target_modules, list)
-                and not _has_children(module)
-            ):
-                raise ConfigError(
-                    f"target module {name!r} is a {type(module).__name__}, which lorakit cannot wrap; "
-                    "supported: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d, Linear4bit, "
-                    "or register your own with lorakit.layers.register(cls, wrapper)"
-                )
-            continue
-        names.append(name)
+        idx = _layer_index(config, name)
+        layers |= {idx} if idx is not None else set()
+        if _in_selected_layer(config, name):
+            names.append(name)
+    _check_layers_exist(model, config, layers)
     if not names:
         leaves = sorted(
             {n.rsplit(".", 1)[-1] for n, m in _candidates(model) if n and wrapper_for(m) is not None}
@@ -136,14 +176,21 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
+def _check_layers_exist(model: nn.Module, config: LoraConfig, layers: set[int]) -> None:
+    wanted = _wanted_layers(config)
+    missing = sorted(wanted - layers) if wanted is not None else []
+    if not missing:
+        return
+    have = f"layers {min(layers)}-{max(layers)}" if layers else "no numbered layers"
+    raise TargetNotFoundError(
+        f"layers_to_transform names layer(s) {missing} that {type(model).__name__} does not have: the modules "
+        f"matching target_modules={config.target_modules!r} (layers_pattern={config.layers_pattern!r}) are in "
+        f"{have}; pick indices in that range"
+    )
+
+
 def _has_children(module: nn.Module) -> bool:
     return next(module.children(), None) is not None
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def inject(
@@ -155,50 +202,96 @@ def inject(
     With `activate` (the default) the new adapter becomes the only active one; otherwise the active
     set is left as it was. Returns `model` (same object, same class).
 
-    Raises `AdapterStateError` if `adapter` already exists, `TargetNotFoundError` if nothing matches,
-    `ConfigError` for an invalid config or an unwrappable target.
+    All or nothing: if anything fails, the model is exactly as it was (no wrapper, no half-added
+    adapter, the same `requires_grad` flags). Raises `AdapterStateError` if `adapter` already
+    exists, `TargetNotFoundError` if nothing matches, `ConfigError` for an invalid config or name,
+    an unwrappable target, or an adapter that cannot be built (e.g. a rank too large to allocate).
     """
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"inject() needs a lorakit.LoraConfig, got {type(config).__name__}")
+    _state.check_name(adapter)
     config.validate()
-    configs: dict[str, LoraConfig] = getattr(model, CONFIGS_ATTR, {})
-    if adapter in configs:
+    if adapter in _state.names(model):
         raise AdapterStateError(
             f"model already has an adapter named {adapter!r}; pick another name or delete it first"
         )
     targets = find_targets(model, config)
-    first = not configs
-    if first:
+    undo = _Undo(model, adapter)
+    try:
+        _apply(model, config, adapter, targets, undo, activate)
+    except BaseException:
+        undo.run()
+        raise
+    return model
+
+
+def _apply(
+    model: nn.Module, config: LoraConfig, adapter: str, targets: list[str], undo: _Undo, activate: bool
+) -> None:
+    previous_active = _state.active(model)
+    if not _state.has_adapters(model):
         for p in model.parameters():
             p.requires_grad_(False)
     for name in targets:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoraLayer):
-            module = wrapper_for(module)(module)
-            _replace(model, name, module)
-        module.update_layer(
-            adapter,
-            config.rank_for(name),
-            config.alpha_for(name),
-            config.lora_dropout,
-            config.init_lora_weights,
-            config.use_rslora,
-        )
-    for name, module in list(_candidates(model)):
+        module = undo.wrap(name, wrapper_for)
+        r = config.rank_for(name)
+        try:
+            module.update_layer(
+                adapter,
+                r,
+                config.alpha_for(name),
+                config.lora_dropout,
+                config.init_lora_weights,
+                config.use_rslora,
+            )
+        except (RuntimeError, MemoryError, ValueError, TypeError, OverflowError) as e:
+            if isinstance(e, LorakitError):
+                raise
+            raise ConfigError(f"cannot build adapter {adapter!r} on {name} with r={r}: {e}") from None
+    for name, _ in list(_candidates(model)):
         if name and config.modules_to_save and _name_in(name, config.modules_to_save):
-            if not isinstance(module, ModulesToSave):
-                module = ModulesToSave(module)
-                _replace(model, name, module)
-            module.add_adapter(adapter)
-    if base_name := _base_name(model):
-        config.base_model_name_or_path = config.base_model_name_or_path or base_name
-    configs[adapter] = config
-    setattr(model, CONFIGS_ATTR, configs)
-    from .adapters import active_adapters, set_adapter
-
-    set_adapter(model, [adapter] if activate else (active_adapters(model) or [adapter]))
+            undo.wrap(name, lambda m: ModulesToSave).add_adapter(adapter)
+    _state.add_config(model, adapter, config)
+    _state.set_active(model, [adapter] if activate else (previous_active or [adapter]))
     _mark_bias(model, config.bias)
-    return model
+    if not config.base_model_name_or_path and (base_name := _base_name(model)):
+        config.base_model_name_or_path = base_name
+
+
+class _Undo:
+    """What `inject` changed, to put the model back exactly as it was if a step fails."""
+
+    def __init__(self, model: nn.Module, adapter: str) -> None:
+        self.model, self.adapter = model, adapter
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.active = _state.active(model)
+        self.had_config = adapter in _state.names(model)
+        self.wrapped: list[tuple[str, nn.Module]] = []  # (name, original module)
+        self.touched: list[nn.Module] = []  # wrappers that got the adapter
+
+    def wrap(self, name: str, wrapper_of) -> LoraLayer | ModulesToSave:
+        """The wrapper at `name`, creating it (and remembering the original) if needed."""
+        module = self.model.get_submodule(name)
+        if not isinstance(module, (LoraLayer, ModulesToSave)):
+            original, module = module, wrapper_of(module)(module)
+            replace_module(self.model, name, module)
+            self.wrapped.append((name, original))
+        self.touched.append(module)
+        return module
+
+    def run(self) -> None:
+        for module in self.touched:
+            module.delete_adapter(self.adapter)
+        for name, original in reversed(self.wrapped):
+            replace_module(self.model, name, original)
+        if not self.had_config and self.adapter in _state.names(self.model):
+            _state.remove_config(self.model, self.adapter)
+        if _state.has_adapters(self.model):
+            _state.set_active(self.model, self.active)
+        else:
+            _state.clear(self.model)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
 
 
 def _base_name(model: nn.Module) -> str | None:

@@ -20,14 +20,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, _state
 from ._atomic import atomic_write, atomic_write_text
 from .adapters import delete_adapter, list_adapters, set_adapter
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterFileError, AdapterStateError, LorakitError, ShapeMismatchError
-from .inject import CONFIGS_ATTR, inject, lora_layers
+from .inject import inject, lora_layers
 from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merge import unload
+from .modeling import is_conv1d
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -63,10 +64,7 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
 
 
 def _config(model: nn.Module, adapter: str) -> LoraConfig:
-    configs = getattr(model, CONFIGS_ATTR, {})
-    if adapter not in configs:
-        raise AdapterStateError(f"model has no adapter named {adapter!r}; it has {list(configs)}")
-    return configs[adapter]
+    return _state.config(model, adapter)
 
 
 def _module_shape(module: nn.Module) -> list[int]:
@@ -77,7 +75,7 @@ def _module_shape(module: nn.Module) -> list[int]:
         module = module.base_layer
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return [module.out_features, module.in_features]
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return [module.weight.shape[1], module.weight.shape[0]]
     w = getattr(module, "weight", None)
     return list(w.shape) if isinstance(w, torch.Tensor) else []
@@ -197,7 +195,7 @@ def load_adapter(
     tensors = read_adapter_tensors(path, allow_pickle=allow_pickle)
     _check_fingerprint(model, config, path)
     had_adapters = bool(list_adapters(model))
-    previous_active = list(getattr(model, "_lorakit_active", []))
+    previous_active = _state.active(model)
     inject(model, config, name, activate=activate)
     try:
         _copy_into(model, name, tensors, path)

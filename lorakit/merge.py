@@ -1,4 +1,9 @@
-"""Merge adapters into the base weights (zero inference overhead), unmerge, and unload the wrappers."""
+"""Merge adapters into the base weights (zero inference overhead), unmerge, and unload the wrappers.
+
+A merged adapter is frozen until it is unmerged, and unmerging subtracts exactly the weights that
+were merged (see `lorakit.layers.base`), so training or editing it in between cannot corrupt the
+base. Merging is all or nothing: a non-finite adapter is refused before any weight changes.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +13,77 @@ import math
 import torch
 from torch import nn
 
-from .adapters import active_adapters
-from .errors import AdapterStateError, ConfigError
-from .inject import CONFIGS_ATTR, _replace, inject
+from . import _state
+from .errors import AdapterStateError, ConfigError, LorakitError
+from .inject import inject, lora_layers
 from .layers import LoraLayer, ModulesToSave
+from .modeling import parameter_names, replace_module
 
 
 def merge(model: nn.Module, adapters: str | list[str] | None = None) -> nn.Module:
     """Add `adapters` (default: the active ones) into the base weights. The forward then skips them.
 
-    Raises `AdapterStateError` for an unknown adapter name.
+    Raises `AdapterStateError` for an unknown adapter name, a tied (shared) adapted weight, or an
+    adapter with non-finite (NaN/Inf) weights; then no weight has changed.
     """
     names = (
-        active_adapters(model) if adapters is None else [adapters] if isinstance(adapters, str) else adapters
+        _state.active(model) if adapters is None else [adapters] if isinstance(adapters, str) else adapters
     )
     _check_known(model, names)
     _check_untied(model)
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            module.merge(names)
+    _merge_layers(model, names)
     return model
 
 
+def _merge_layers(model: nn.Module, names: list[str]) -> None:
+    """Merge `names` into every LoRA layer, undoing the layers already merged if one fails."""
+    _check_finite(model, names)
+    done: list[tuple[LoraLayer, list[str]]] = []
+    try:
+        for layer_name, layer in lora_layers(model):
+            before = set(layer.merged_adapters)
+            try:
+                layer.merge(names)
+            except LorakitError as e:
+                raise AdapterStateError(f"cannot merge into {layer_name}: {e}") from None
+            done.append((layer, [n for n in layer.merged_adapters if n not in before]))
+    except BaseException:
+        for layer, added in reversed(done):
+            layer.unmerge(added)
+        raise
+
+
+def _check_finite(model: nn.Module, names: list[str]) -> None:
+    """Refuse, before any weight changes, an adapter whose weights or delta are NaN/Inf (the delta
+    is computed once here: a merge is rare, a non-finite base weight is forever)."""
+    for layer_name, layer in lora_layers(model):
+        for adapter in names:
+            if adapter not in layer.r or adapter in layer.merged_adapters:
+                continue
+            for container in layer.adapter_containers:
+                for key, t in _tensors(getattr(layer, container)[adapter]):
+                    if not bool(torch.isfinite(t).all()):
+                        raise AdapterStateError(
+                            f"cannot merge adapter {adapter!r}: {layer_name}.{container}.{adapter}{key} holds "
+                            "NaN/Inf values, which would make the base weights non-finite. Retrain or reload it"
+                        )
+            with torch.no_grad():
+                finite = bool(torch.isfinite(layer.delta_weight(adapter)).all())
+            if not finite:
+                raise AdapterStateError(
+                    f"cannot merge adapter {adapter!r}: its delta for {layer_name} overflows to non-finite "
+                    "values (the weights are finite but their product is not). Retrain or reload it"
+                )
+
+
+def _tensors(item: nn.Module | nn.Parameter) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(item, nn.Parameter):
+        return [("", item)]
+    return [(f".{k}", t) for k, t in item.state_dict(keep_vars=True).items()]
+
+
 def _check_known(model: nn.Module, names: list[str]) -> None:
-    known = list(getattr(model, CONFIGS_ATTR, {}))
+    known = _state.names(model)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise AdapterStateError(f"cannot merge unknown adapter(s) {unknown}; the model has {known}")
@@ -40,11 +92,9 @@ def _check_known(model: nn.Module, names: list[str]) -> None:
 def _check_untied(model: nn.Module) -> None:
     """Refuse to merge into a weight another module shares (a tied embedding / LM head): the merge
     would change both, while the unmerged adapter changes only one."""
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and module.active_adapters:
+    owners = parameter_names(model)
+    for _, module in lora_layers(model):
+        if module.active_adapters:
             weight = getattr(module.base_layer, "weight", None)
             shared = owners.get(id(weight), [])
             if len(shared) > 1:
@@ -56,10 +106,10 @@ def _check_untied(model: nn.Module) -> None:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract every merged adapter from the base weights, restoring them to within float rounding."""
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            module.unmerge()
+    """Subtract every merged adapter from the base weights (exactly the weights that were merged),
+    restoring them to within float rounding; the adapters become trainable again if active."""
+    for _, module in lora_layers(model):
+        module.unmerge()
     return model
 
 
@@ -71,20 +121,15 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """
     if merge:
         _check_untied(model)
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            if merge:
-                module.merge(module.active_adapters)
-            else:
-                module.unmerge()
+        _merge_layers(model, _state.active(model))
+    else:
+        unmerge(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            _replace(model, name, module.base_layer)
+            replace_module(model, name, module.base_layer)
         elif isinstance(module, ModulesToSave):
-            _replace(model, name, module.current() if merge else module.original_module)
-    for attr in (CONFIGS_ATTR, "_lorakit_active"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+            replace_module(model, name, module.current() if merge else module.original_module)
+    _state.clear(model)
     return model
 
 
@@ -106,7 +151,7 @@ def add_weighted_adapter(
     Raises `AdapterStateError` for an unknown or existing name, `ConfigError` for a bad
     combination type, mismatched weights, ranks that "linear" cannot combine, or `modules_to_save`.
     """
-    configs = getattr(model, CONFIGS_ATTR, {})
+    configs = _state.configs(model)
     _check_known(model, list(adapters))
     if adapter_name in configs:
         raise AdapterStateError(f"model already has an adapter named {adapter_name!r}; pick another name")

@@ -3,12 +3,14 @@
     with adapter_rows(model, ["math", "code", None, "math"]):
         logits = model(input_ids).logits          # row 2 is the plain base model
 
-Inside the block every LoRA linear layer gathers each row's A and B from a stack of the adapters in
-use and applies them with two batched matmuls (BGMV-style): no Python loop over rows or sub-batches.
-Row `i` gets exactly what it would get alone with `set_adapter(model, name_i)`. The assignment holds
-for every forward inside the block, so it works for generation with a KV cache (rows keep their
-place) and for training: gradients of row `i` reach only adapter `name_i` (make the adapters
-trainable first with `set_adapter(model, [all of them])`).
+This module only routes: it tells every wrapper which adapter each row uses (`route_rows`). Each
+layer family serves the batch its own way (`lorakit.layers`): linear layers gather each row's A
+and B from a stack of the adapters in use and apply them with two batched matmuls (BGMV-style),
+embeddings and convolutions run each adapter in use on its rows; a batch whose rows all use one
+adapter takes the plain path. Row `i` gets exactly what it would get alone with
+`set_adapter(model, name_i)`. The assignment holds for every forward inside the block, so it works
+for generation with a KV cache (rows keep their place) and for training: gradients of row `i`
+reach only adapter `name_i` (make the adapters trainable first with `set_adapter(model, [all])`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .adapters import list_adapters
+from . import _state
 from .errors import AdapterStateError, ConfigError
-from .layers import LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraLayer, ModulesToSave
 
 
 @contextmanager
@@ -28,48 +30,31 @@ def adapter_rows(model: nn.Module, names_per_row: Sequence[str | None]) -> Itera
     """Inside the block, batch row `i` of every forward uses adapter `names_per_row[i]` (None: base).
 
     Raises `AdapterStateError` for an unknown adapter name or when an adapter is merged (a merged
-    adapter is in every row's weights), and `ConfigError` when a named adapter also adapts a layer
-    kind without mixed-batch support (embedding, conv) or has `modules_to_save` copies (one module
-    cannot be swapped per row). A forward whose batch size differs from `len(names_per_row)` raises
-    `ShapeMismatchError`.
+    adapter is in every row's weights), and `ConfigError` when rows use different adapters that
+    have `modules_to_save` copies (one module cannot be swapped per row). A forward whose batch
+    size differs from `len(names_per_row)` raises `ShapeMismatchError`.
     """
     rows = list(names_per_row)
-    known = list_adapters(model)
+    known = _state.names(model)
     unknown = sorted({n for n in rows if n is not None and n not in known})
     if unknown:
         raise AdapterStateError(f"adapter_rows: unknown adapter(s) {unknown}; the model has {known}")
-    used = {n for n in rows if n is not None}
-    layers, wrappers = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            if module.merged_adapters:
-                raise AdapterStateError(
-                    f"adapter_rows: {name} has merged adapters {module.merged_adapters}; "
-                    "call lorakit.unmerge(model) before running mixed-adapter batches"
-                )
-            if not isinstance(module, LoraLinear) and used & set(module.r):
-                raise ConfigError(
-                    f"adapter_rows: {name} is a {type(module).__name__}; mixed-adapter batches support "
-                    f"linear layers only, so adapters {sorted(used & set(module.r))} cannot be mixed per row"
-                )
-            layers.append(module)
-        elif isinstance(module, ModulesToSave) and used & set(module.modules_to_save):
-            raise ConfigError(
-                f"adapter_rows: {name} has modules_to_save copies for {sorted(used & set(module.modules_to_save))}; "
-                "a whole module cannot differ per row, so these adapters cannot be mixed in one batch"
+    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    for name, module in wrappers:
+        if isinstance(module, LoraLayer) and module.merged_adapters:
+            raise AdapterStateError(
+                f"adapter_rows: {name} has merged adapters {module.merged_adapters}; "
+                "call lorakit.unmerge(model) before running mixed-adapter batches"
             )
-        elif isinstance(module, ModulesToSave):
-            wrappers.append((module, module.disabled))  # no row uses a copy: run the original
-    for layer in layers:
-        layer.row_adapters = rows
-        layer._row_cache = {}
-    for wrapper, _ in wrappers:
-        wrapper.disabled = True
+    routed = []
     try:
+        for name, module in wrappers:
+            try:
+                module.route_rows(rows)
+            except ConfigError as e:
+                raise ConfigError(f"adapter_rows: {name} {e}") from None
+            routed.append(module)
         yield model
     finally:
-        for layer in layers:
-            layer.row_adapters = None
-            layer._row_cache = {}
-        for wrapper, was in wrappers:
-            wrapper.disabled = was
+        for module in routed:
+            module.route_rows(None)

@@ -3,12 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures import tiny_gpt2, tiny_llama
 
-import lorakit
-from lorakit import LoraConfig
-from lorakit.errors import AdapterStateError
-from lorakit.inject import lora_layers
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear, conv_delta, embedding_delta, linear_delta
 
 
@@ -61,50 +56,6 @@ def test_conv_delta_equals_composing_the_two_convolutions():
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "make, targets", [(tiny_gpt2, ["c_attn", "c_fc"]), (tiny_llama, ["embed_tokens", "q_proj"])]
-)
-def test_merge_unmerge_round_trip(make, targets, ids):
-    model = lorakit.inject(make(), LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    unmerged = model(input_ids=ids).logits
-    lorakit.merge(model)
-    assert all(m.merged_adapters == ["default"] for _, m in lora_layers(model))
-    assert torch.allclose(model(input_ids=ids).logits, unmerged, atol=1e-5)
-    lorakit.unmerge(model)
-    for k, v in model.state_dict().items():
-        assert torch.allclose(v, before[k], atol=1e-6), k
-
-
-def test_merging_into_a_tied_embedding_is_refused():
-    model = lorakit.inject(tiny_gpt2(), LoraConfig(r=2, target_modules=["wte"], init_lora_weights=False))
-    with pytest.raises(
-        AdapterStateError, match=r"shared by \['transformer.wte.base_layer.weight', 'lm_head.weight'\]"
-    ):
-        lorakit.merge(model)
-    assert not model.transformer.wte.merged_adapters
-
-
-def test_unload_returns_the_plain_model_with_merged_outputs(ids):
-    model = tiny_gpt2()
-    cls = type(model)
-    lorakit.inject(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj"], init_lora_weights=False))
-    expected = model(input_ids=ids).logits
-    plain = lorakit.unload(model)
-    assert plain is model and type(plain) is cls
-    assert not any(isinstance(m, LoraLinear) for m in plain.modules())
-    assert not hasattr(plain, "_lorakit_configs")
-    assert set(plain.state_dict()) == set(tiny_gpt2().state_dict())
-    assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-5)
-
-
-def test_unload_without_merge_restores_the_base(ids):
-    model = tiny_gpt2()
-    base = model(input_ids=ids).logits
-    lorakit.inject(model, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
-    assert torch.equal(lorakit.unload(model, merge=False)(input_ids=ids).logits, base)
-
-
 def test_bf16_base_gets_fp32_adapters_and_keeps_its_dtype():
     base = torch.nn.Linear(8, 8).to(torch.bfloat16)
     layer = LoraLinear(base)
@@ -112,3 +63,82 @@ def test_bf16_base_gets_fp32_adapters_and_keeps_its_dtype():
     layer.set_active(["a"])
     assert layer.lora_A["a"].weight.dtype == torch.float32
     assert layer(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def _two_adapter_layer(layer):
+    for name, r in (("a", 2), ("b", 3)):
+        layer.update_layer(name, r=r, lora_alpha=2 * r, init_lora_weights=False)
+    _randomise_all(layer)
+    return layer
+
+
+def _randomise_all(layer):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+FAMILIES = {
+    "linear": (lambda: LoraLinear(torch.nn.Linear(6, 5)), lambda: torch.randn(4, 3, 6)),
+    "embedding": (
+        lambda: LoraEmbedding(torch.nn.Embedding(12, 5, padding_idx=0)),
+        lambda: torch.randint(0, 12, (4, 3)),
+    ),
+    "conv1d": (lambda: LoraConv(torch.nn.Conv1d(3, 4, 3, padding=1)), lambda: torch.randn(4, 3, 8)),
+    "conv2d": (lambda: LoraConv(torch.nn.Conv2d(3, 4, 3, stride=2)), lambda: torch.randn(4, 3, 7, 7)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("grad", [False, True])
+def test_each_family_mixed_forward_equals_each_row_alone(family, grad):
+    make, inputs = FAMILIES[family]
+    torch.manual_seed(0)
+    layer = _two_adapter_layer(make())
+    x = inputs()
+    rows = ["a", None, "b", "a"]
+    with torch.set_grad_enabled(grad):
+        layer.route_rows(rows)
+        mixed = layer(x)
+        layer.route_rows(None)
+        for i, name in enumerate(rows):
+            layer.set_active([] if name is None else [name])
+            torch.testing.assert_close(mixed[i : i + 1], layer(x[i : i + 1]), atol=1e-5, rtol=1e-5)
+    if family == "linear":  # a batch of one token per row: the decode-step form
+        layer.route_rows(rows)
+        step = layer(x[:, :1])
+        layer.route_rows(None)
+        layer.set_active(["b"])
+        torch.testing.assert_close(step[2], layer(x[2:3, :1])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_uniform_rows_take_the_plain_path(family):
+    make, inputs = FAMILIES[family]
+    layer = _two_adapter_layer(make())
+    layer._mixed_forward = None  # a uniform batch must never reach the mixed forward
+    x = inputs()
+    layer.route_rows(["b"] * len(x))
+    uniform = layer(x)
+    layer.route_rows([None] * len(x))
+    base = layer(x)
+    layer.route_rows(None)
+    layer.set_active(["b"])
+    assert torch.equal(uniform, layer(x))
+    assert torch.equal(base, layer.base_layer(x))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_mixed_gradients_reach_only_each_rows_adapter(family):
+    make, inputs = FAMILIES[family]
+    layer = _two_adapter_layer(make())
+    layer.set_active(["a", "b"])  # both trainable
+    x = inputs()
+    layer.route_rows(["a", "a", None, None])
+    layer(x).sum().backward()
+    layer.route_rows(None)
+    grads = {n: p.grad for n, p in layer.named_parameters() if "lora_" in n}  # lora_A.<adapter>...
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.split(".")[1] == "a")
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n.split(".")[1] == "b")

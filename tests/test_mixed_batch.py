@@ -9,6 +9,7 @@ from fixtures import tiny_llama
 
 import lorakit
 from lorakit.errors import AdapterStateError, ConfigError, ShapeMismatchError
+from lorakit.generate import Row, Sampling, generate_tokens
 from lorakit.mixed import adapter_rows
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -129,7 +130,7 @@ def test_uniform_batch_uses_plain_path_and_rows_reset():
         got = model(ids).logits
     torch.testing.assert_close(got, alone(model, "b", ids))
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.row_adapters is None and layer._row_cache == {}
+    assert layer.row_adapters is None and layer._stacks == {}
 
 
 def test_errors():
@@ -146,9 +147,6 @@ def test_errors():
             pass
     lorakit.unmerge(model)
     lorakit.inject(model, lorakit.LoraConfig(target_modules=["embed_tokens"]), "emb")
-    with pytest.raises(ConfigError, match="linear layers only"):
-        with adapter_rows(model, ["emb", None]):
-            pass
     with adapter_rows(model, ["a", None]):  # the embedding adapter is not used: fine
         pass
 
@@ -198,3 +196,42 @@ def test_add_weighted_adapter_errors():
     with pytest.raises(AdapterStateError, match="unknown"):
         add(model, ["a", "zz"], [1.0, 1.0], "m", "cat")
     assert lorakit.list_adapters(model) == ["a", "b", "c"]  # nothing half-added
+
+
+@torch.no_grad()
+def test_embedding_adapters_work_in_mixed_batches_and_generation():
+    """Issue 11: an adapter on embed_tokens failed in `lorakit generate` ("linear layers only")."""
+    model = tiny_llama()
+    for name, targets in {"emb": ["embed_tokens", "q_proj"], "e2": ["embed_tokens"]}.items():
+        lorakit.inject(model, lorakit.LoraConfig(target_modules=targets, init_lora_weights=False), name)
+    ids = torch.randint(0, 128, (4, 5), generator=torch.Generator().manual_seed(6))
+    rows = ["emb", None, "e2", "emb"]
+    with adapter_rows(model, rows):
+        mixed = model(ids).logits
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], alone(model, name, ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+    rows_of = [Row(ids[i].tolist(), name, Sampling(max_tokens=4)) for i, name in enumerate(rows)]
+    batch = [[t for _, t, _ in generate_tokens(model, [r], eos=set()) if t is not None] for r in rows_of]
+    together: dict[int, list[int]] = {}
+    for i, token, _ in generate_tokens(model, rows_of, eos=set()):
+        if token is not None:
+            together.setdefault(i, []).append(token)
+    assert [together[i] for i in range(4)] == batch
+
+
+def test_modules_to_save_serve_uniform_batches_only():
+    model = lorakit.inject(
+        tiny_llama(), lorakit.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), "h"
+    )
+    lorakit.inject(model, lorakit.LoraConfig(target_modules=["q_proj"]), "p")
+    with torch.no_grad():
+        model.lm_head.modules_to_save["h"].weight.mul_(2)
+    ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), adapter_rows(model, ["h", "h"]):
+        got = model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(got, alone(model, "h", ids))
+    with pytest.raises(ConfigError, match="lm_head has modules_to_save copies"):
+        with adapter_rows(model, ["h", "p"]):
+            pass
+    assert model.lm_head.current() is model.lm_head.modules_to_save["h"]  # routing undone

@@ -30,6 +30,15 @@ CASES = {
             layers_pattern="layers",
         ),
     ),
+    "llama-full-name-bypasses-layers": (  # PEFT: an exact full name is kept whatever its layer
+        tiny_llama,
+        dict(
+            r=2,
+            lora_alpha=4,
+            target_modules=["model.layers.0.self_attn.q_proj", "v_proj"],
+            layers_to_transform=[1],
+        ),
+    ),
     "llama-rslora-regex": (
         tiny_llama,
         dict(r=4, lora_alpha=8, use_rslora=True, target_modules=r".*\.(k_proj|up_proj)"),
@@ -51,6 +60,19 @@ CASES = {
     ),
 }
 
+# "all-linear" with a layer selection: PEFT's LoraConfig refuses it (any str target), lorakit applies
+# PEFT's list rule to the resolved linear names and saves those names, so PEFT reads the file
+ALL_LINEAR_LAYERS = {
+    "llama-all-linear-layers": (
+        tiny_llama,
+        dict(r=4, lora_alpha=8, target_modules="all-linear", layers_to_transform=[1]),
+    ),
+    "gpt2-all-linear-layers": (
+        tiny_gpt2,
+        dict(r=2, lora_alpha=4, target_modules="all-linear", layers_to_transform=0, layers_pattern="h"),
+    ),
+}
+
 
 def _perturb(model: torch.nn.Module) -> None:
     """Make every trainable tensor non-trivial, so a wrong key or layout cannot go unnoticed."""
@@ -66,9 +88,9 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [*CASES, *ALL_LINEAR_LAYERS])
 def test_lorakit_adapter_loads_in_peft(case, tmp_path, ids):
-    make, kw = CASES[case]
+    make, kw = {**CASES, **ALL_LINEAR_LAYERS}[case]
     model = lorakit.inject(make(), lorakit.LoraConfig(**kw))
     _perturb(model)
     expected = _logits(model, ids)
@@ -108,6 +130,22 @@ def test_same_modules_targeted_as_peft():
             if isinstance(m, peft.tuners.lora.LoraLayer)
         }
         assert ours == theirs, case
+
+
+@pytest.mark.parametrize("case", ALL_LINEAR_LAYERS)
+def test_all_linear_layer_selection_matches_peft_on_the_resolved_names(case):
+    make, kw = ALL_LINEAR_LAYERS[case]
+    ours = {n for n, _ in lora_layers(lorakit.inject(make(), lorakit.LoraConfig(**kw)))}
+    everything = lorakit.inject(make(), lorakit.LoraConfig(target_modules="all-linear"))
+    names = sorted(n for n, _ in lora_layers(everything))  # what PEFT's "all-linear" expands to
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})  # (full names would bypass PEFT's layer rule)
+    ref = peft.get_peft_model(make(), peft.LoraConfig(**{**kw, "target_modules": leaves}))
+    theirs = {
+        n.removeprefix("base_model.model.")
+        for n, m in ref.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    assert ours == theirs and 0 < len(ours) < len(names)
 
 
 class ConvNet(torch.nn.Module):

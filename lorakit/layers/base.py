@@ -6,6 +6,16 @@ layer holds any number of adapters; `active_adapters` says which of them the for
 
 The family-specific parts (how A and B are stored, initialised, applied and turned into a weight
 delta) live in `linear.py`, `embedding.py` and `conv.py`.
+
+Mixed-adapter batches (`lorakit.mixed`): `route_rows` says which adapter each batch row uses. A
+batch whose rows all use one adapter (on this layer) takes the plain path; otherwise the forward
+calls the family's `_mixed_forward`. The default here runs each adapter in use on its own rows (a
+loop over adapters, never over rows), which is exact for any family whose adapter acts row by row
+(embedding, conv); `LoraLinear` overrides it with batched gathers (BGMV).
+
+A merged adapter is frozen (`requires_grad=False`) and a copy of the weights that were merged is
+kept (rank-sized, small), so `unmerge` subtracts exactly what was added even if someone changed the
+live weights in between.
 """
 
 from __future__ import annotations
@@ -15,12 +25,13 @@ import math
 import torch
 from torch import nn
 
-from ..errors import AdapterStateError, ConfigError
+from ..errors import AdapterStateError, ConfigError, ShapeMismatchError
 
 
 class LoraLayer(nn.Module):
-    """Base class of the LoRA wrappers. Subclasses implement `_create_adapter`, `delta_weight` and
-    `forward`, and `_reset_adapter` when their weights are not `lora_A`/`lora_B` modules."""
+    """Base class of the LoRA wrappers. Subclasses implement `_create_adapter`, `_delta` (or
+    `delta_weight`) and `_add_adapter`, `_reset_adapter` when their weights are not
+    `lora_A`/`lora_B` modules, and `_mixed_forward` when a faster mixed batch is possible."""
 
     # names of the per-adapter containers; io.py uses them to build PEFT's tensor names
     adapter_containers: tuple[str, ...] = ()
@@ -34,11 +45,9 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self._merged_weights: dict[str, list[torch.Tensor]] = {}  # what each merge added
         self.disabled = False
-        # set by `lorakit.mixed.adapter_rows`: the adapter (or None) of each batch row; the forward
-        # then ignores `active_adapters` and adds each row's own adapter
-        self.row_adapters: list[str | None] | None = None
-        self._row_cache: dict = {}
+        self._rows: list[str | None] | None = None
 
     # adapter management -----------------------------------------------------------------
 
@@ -83,14 +92,68 @@ class LoraLayer(nn.Module):
                 del items[adapter]
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(adapter, None)
-        self.active_adapters = [a for a in self.active_adapters if a != adapter]
 
     def set_active(self, adapters: list[str]) -> None:
-        """Make exactly `adapters` (those this layer carries) active and trainable."""
+        """Make exactly `adapters` (those this layer carries) active; active, unmerged ones train.
+
+        Called by `lorakit._state.set_active`, the one writer of the active set."""
         self.active_adapters = [a for a in adapters if a in self.r]
+        self._update_trainable()
+
+    def _update_trainable(self) -> None:
         for name in self.r:
+            train = name in self.active_adapters and name not in self.merged_adapters
             for p in self._adapter_params(name):
-                p.requires_grad_(name in self.active_adapters)
+                p.requires_grad_(train)
+
+    # mixed-adapter batches -----------------------------------------------------------------
+
+    @property
+    def row_adapters(self) -> list[str | None] | None:
+        """The adapter (or None) of each batch row while `lorakit.mixed.adapter_rows` is active."""
+        return self._rows
+
+    def route_rows(self, rows: list[str | None] | None) -> None:
+        """Route batch row `i` of every forward to adapter `rows[i]` (None: no adapter); `None`
+        goes back to the active adapters."""
+        self._rows = None if rows is None else list(rows)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        names = self._batch_adapters(x)
+        if names is None:
+            return self._mixed_forward(x, result)
+        for name in names:
+            result = self._add_adapter(name, x, result)
+        return result
+
+    def _batch_adapters(self, x: torch.Tensor) -> list[str] | None:
+        """The adapters to add to the whole batch, or None when its rows use different ones."""
+        rows = self._rows
+        if rows is None:
+            return self._lora_active()
+        if x.shape[0] != len(rows):
+            raise ShapeMismatchError(
+                f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
+                "give one adapter name (or None) per batch row"
+            )
+        mine = {n if n in self.r else None for n in rows}
+        if len(mine) == 1:  # uniform batch: the plain path
+            (name,) = mine
+            return [] if name is None else [name]
+        return None
+
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """`result` plus adapter `name`'s output for input `x` (the family's math)."""
+        raise NotImplementedError
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Row i gets adapter `row_adapters[i]`: each adapter in use runs on its own rows."""
+        rows = self._rows
+        for name in dict.fromkeys(n for n in rows if n in self.r):
+            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=result.device)
+            result = result.index_copy(0, idx, self._add_adapter(name, x[idx], result[idx]))
+        return result
 
     def _reset_adapter(self, adapter: str, init: bool | str) -> None:
         """PEFT's init for A/B module pairs: A Kaiming-uniform (or N(0, 1/r)), B zero; False keeps
@@ -124,21 +187,38 @@ class LoraLayer(nn.Module):
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
         """The adapter's contribution in the layout of `base_layer.weight` (already scaled)."""
+        return self._delta(adapter, *self._adapter_params(adapter))
+
+    def _delta(self, adapter: str, *weights: torch.Tensor) -> torch.Tensor:
+        """The scaled delta of adapter `adapter` from its weights (in `_adapter_params` order)."""
         raise NotImplementedError
 
     def merge(self, adapters: list[str]) -> None:
-        """Add each adapter's delta into the base weight (skipping those already merged)."""
-        for name in adapters:
-            if name not in self.r or name in self.merged_adapters:
-                continue
-            self._add_to_base(self.delta_weight(name))
+        """Add each adapter's delta into the base weight (skipping those already merged) and freeze
+        the adapter. Raises `AdapterStateError`, changing nothing, if a delta is not finite."""
+        todo = [n for n in dict.fromkeys(adapters) if n in self.r and n not in self.merged_adapters]
+        weights = {n: [p.detach().clone() for p in self._adapter_params(n)] for n in todo}
+        deltas = {n: self._delta(n, *weights[n]) for n in todo}
+        bad = [n for n in todo if not bool(torch.isfinite(deltas[n]).all())]
+        if bad:
+            raise AdapterStateError(
+                f"adapter(s) {bad} have a non-finite (NaN/Inf) weight delta; refusing to merge them into "
+                "the base weights. Retrain or reload the adapter"
+            )
+        for name in todo:
+            self._add_to_base(deltas[name])
             self.merged_adapters.append(name)
+            self._merged_weights[name] = weights[name]
+        self._update_trainable()
 
-    def unmerge(self) -> None:
-        """Subtract the merged adapters from the base weight, last merged first."""
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self._add_to_base(-self.delta_weight(name))
+    def unmerge(self, adapters: list[str] | None = None) -> None:
+        """Subtract the merged adapters (default: all) from the base weight, last merged first,
+        using the weights as they were merged; the adapters become trainable again if active."""
+        for name in reversed(list(self.merged_adapters)):
+            if adapters is None or name in adapters:
+                self._add_to_base(-self._delta(name, *self._merged_weights.pop(name)))
+                self.merged_adapters.remove(name)
+        self._update_trainable()
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         base = self.base_layer

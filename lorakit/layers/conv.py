@@ -51,13 +51,10 @@ class LoraConv(LoraLayer):
         )
         self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, bias=False, dtype=dtype)
 
-    def delta_weight(self, adapter: str) -> torch.Tensor:
-        return conv_delta(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
+    def _delta(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        return conv_delta(lora_a, lora_b, self.scaling[adapter])
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self._lora_active():
-            a = self.lora_A[name]
-            h = self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))))
-            result = result + h.to(result.dtype) * self.scaling[name]
-        return result
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A[name]
+        h = self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))))
+        return result + h.to(result.dtype) * self.scaling[name]

@@ -12,17 +12,13 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..modeling import is_conv1d
 from .base import LoraLayer
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import LoraLinear
 
 Matcher = type | Callable[[nn.Module], bool]
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    utils = sys.modules.get("transformers.pytorch_utils")
-    return utils is not None and isinstance(module, utils.Conv1D)
 
 
 def _is_4bit_linear(module: nn.Module) -> bool:
@@ -32,7 +28,7 @@ def _is_4bit_linear(module: nn.Module) -> bool:
 
 _BUILTIN: list[tuple[Matcher, type[LoraLayer]]] = [
     (nn.Linear, LoraLinear),
-    (_is_hf_conv1d, LoraLinear),
+    (is_conv1d, LoraLinear),
     (_is_4bit_linear, LoraLinear),
     (nn.Embedding, LoraEmbedding),
     (nn.Conv1d, LoraConv),

@@ -41,20 +41,15 @@ class LoraEmbedding(LoraLayer):
         nn.init.zeros_(self.lora_embedding_A[adapter])
         nn.init.normal_(self.lora_embedding_B[adapter])
 
-    def delta_weight(self, adapter: str) -> torch.Tensor:
-        return embedding_delta(
-            self.lora_embedding_A[adapter], self.lora_embedding_B[adapter], self.scaling[adapter]
-        )
+    def _delta(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        return embedding_delta(lora_a, lora_b, self.scaling[adapter])
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        for name in self._lora_active():
-            a = self.lora_embedding_A[name]
-            b = self.lora_embedding_B[name]
-            # dropout does not apply to token ids (PEFT ignores it here as well)
-            after_a = F.embedding(
-                x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-            )
-            result = result + (after_a @ b.T).to(result.dtype) * self.scaling[name]
-        return result
+        a = self.lora_embedding_A[name]
+        b = self.lora_embedding_B[name]
+        # dropout does not apply to token ids (PEFT ignores it here as well)
+        after_a = F.embedding(
+            x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+        return result + (after_a @ b.T).to(result.dtype) * self.scaling[name]

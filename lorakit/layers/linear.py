@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ShapeMismatchError
+from ..modeling import is_conv1d
 from .base import LoraLayer
 
 
@@ -29,34 +29,22 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"  # transformers' GPT-2 layer
+        self.fan_in_fan_out = is_conv1d(base_layer)  # transformers' GPT-2 layer: weight [in, out]
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self._stacks: dict = {}  # mixed batches at inference: row routing -> stacked weights
 
     def _create_adapter(self, adapter: str, r: int) -> None:
         dtype = self._adapter_dtype()
         self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, dtype=dtype)
         self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, dtype=dtype)
 
-    def delta_weight(self, adapter: str) -> torch.Tensor:
-        return linear_delta(
-            self.lora_A[adapter].weight,
-            self.lora_B[adapter].weight,
-            self.scaling[adapter],
-            self.fan_in_fan_out,
-        )
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.row_adapters is not None:
-            return self._add_row_adapters(x, result)
-        for name in self._lora_active():
-            result = self._add_adapter(name, x, result)
-        return result
+    def _delta(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        return linear_delta(lora_a, lora_b, self.scaling[adapter], self.fan_in_fan_out)
 
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[name].weight
@@ -71,7 +59,11 @@ class LoraLinear(LoraLayer):
         )
         return out.view(result.shape).to(result.dtype)
 
-    def _add_row_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def route_rows(self, rows: list[str | None] | None) -> None:
+        super().route_rows(rows)
+        self._stacks = {}  # the stacks are only valid for one routing and one set of weights
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Mixed batch: row i gets adapter `row_adapters[i]` (nothing if None or not on this layer).
 
         BGMV-style: the adapters in use are stacked (ranks zero-padded to the largest), each row
@@ -81,16 +73,7 @@ class LoraLinear(LoraLayer):
         token per row costs more than the extra multiply-adds.
         """
         rows = self.row_adapters
-        if x.shape[0] != len(rows):
-            raise ShapeMismatchError(
-                f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
-                "give one adapter name (or None) per batch row"
-            )
         used = [n for n in dict.fromkeys(rows) if n in self.r]
-        if not used:
-            return result
-        if len(used) == 1 and all(n == used[0] for n in rows):  # uniform batch: the plain path
-            return self._add_adapter(used[0], x, result)
         a_stack, b_stack, p, idx, b_cat, mask = self._row_stacks(used)
         h = x.reshape(len(rows), -1, self.in_features).to(a_stack.dtype)
         if self.training and bool((p > 0).any()):
@@ -112,8 +95,8 @@ class LoraLinear(LoraLayer):
         """Stacked A [k+1, r, in], scaled B [k+1, out, r], dropout p, row index (slot 0 is "none"),
         and for decode steps B side by side [out, (k+1)*r] with each row's slot mask [rows, (k+1)*r]."""
         key = tuple(self.row_adapters)
-        if key in self._row_cache:
-            return self._row_cache[key]
+        if key in self._stacks:
+            return self._stacks[key]
         a0 = self.lora_A[used[0]].weight
         r = max(self.r[n] for n in used)
         a_stack = torch.stack(
@@ -131,5 +114,5 @@ class LoraLinear(LoraLayer):
         mask = F.one_hot(idx, len(used) + 1).to(a0.dtype).repeat_interleave(r, 1)
         stacks = (a_stack, b_stack, p.to(a0.dtype), idx, b_cat, mask)
         if not torch.is_grad_enabled():  # inference: reuse across decode steps (cleared on exit)
-            self._row_cache[key] = stacks
+            self._stacks[key] = stacks
         return stacks

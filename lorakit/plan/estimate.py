@@ -18,7 +18,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
-from ..inject import decoder_layers
+from ..modeling import HEAD_NAMES, decoder_layers
 from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, nf4_bytes, optimizer_state_bytes, step_memory
 from .models import ATTENTION, build_meta_model, load_config
 from .trace import ActivationTrace, trace_activations
@@ -27,7 +27,7 @@ METHODS = ("full", "lora", "qlora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DEVICES = ("cuda", "cpu")
-QUANT_SKIP = ("lm_head", "score", "classifier")  # output heads stay in full precision (QLoRA)
+QUANT_SKIP = HEAD_NAMES  # output heads stay in full precision (QLoRA)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..inject import decoder_layers
+from ..modeling import decoder_layers, is_causal_lm
 
 
 @dataclass
@@ -80,7 +80,7 @@ def trace_activations(model: nn.Module, batch: int, seq: int) -> ActivationTrace
     handles += [layer.register_forward_hook(leave) for layer in layers]
     device = torch.device("meta")
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    labels = ids if _is_causal_lm(model) else torch.zeros(batch, dtype=torch.long, device=device)
+    labels = ids if is_causal_lm(model) else torch.zeros(batch, dtype=torch.long, device=device)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(input_ids=ids, labels=labels)
@@ -91,8 +91,3 @@ def trace_activations(model: nn.Module, batch: int, seq: int) -> ActivationTrace
     trace.logits = logits.untyped_storage().nbytes()
     trace.loss_grad = logits.numel() * 4
     return trace
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    get_out = getattr(model, "get_output_embeddings", None)
-    return callable(get_out) and get_out() is not None

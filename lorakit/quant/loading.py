@@ -38,12 +38,13 @@ from torch import nn
 
 from ..errors import QuantizationError
 from ..heap import release_freed_memory
+from ..modeling import HEAD_NAMES, replace_module, tied_heads
 from .linear4bit import Linear4bit
 from .safetensors_io import SafetensorsReader, save_file
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SKIP = ("lm_head", "score", "classifier")
+DEFAULT_SKIP = HEAD_NAMES
 _TASKS = {"causal-lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification"}
 
 
@@ -52,14 +53,6 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(
         name == s or name.endswith("." + s) or name.startswith(s + ".") or f".{s}." in name for s in skip
     )
-
-
-def _tied_heads(model: nn.Module) -> set[str]:
-    """Names of linear layers whose weight is an embedding's weight (tied output heads)."""
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m.weight) in embedding_weights
-    }
 
 
 def _check_quantizable(model: nn.Module) -> None:
@@ -74,17 +67,12 @@ def _check_quantizable(model: nn.Module) -> None:
 
 
 def _targets(model: nn.Module, skip: Iterable[str]) -> list[str]:
-    tied = _tied_heads(model)
+    tied = tied_heads(model)
     return [
         n
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and n and n not in tied and not _skipped(n, skip)
     ]
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def quantize_model(
@@ -103,7 +91,7 @@ def quantize_model(
     names = _targets(model, skip_modules)
     for name in names:
         layer = Linear4bit.from_linear(model.get_submodule(name), compute_dtype, blocksize, double_quant)
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
         release_freed_memory()  # the freed full-precision weight and quantize temporaries
     log.info("quantized %d linear layers to NF4", len(names))
     return model
@@ -169,7 +157,7 @@ def load_quantized(
     with torch.device("meta"):
         model = cls.from_config(config)
     keys = _key_map(model, reader.keys())
-    tied = _tied_heads(model)
+    tied = tied_heads(model)
     missing = {k for k in model.state_dict() if k not in keys.values()}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or not name or name in tied:
@@ -187,7 +175,7 @@ def load_quantized(
                 weight_dtype=dtype or torch.float32,
                 device="meta",
             )
-            _replace(model, name, layer)
+            replace_module(model, name, layer)
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     by_module: dict[str, dict[str, str]] = {}
     for file_key, key in keys.items():
@@ -277,7 +265,7 @@ def save_quantized(model: nn.Module, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tied = _tied_heads(model)
+    tied = tied_heads(model)
     for name in tied:  # tied heads are stored once, as transformers does
         state.pop(f"{name}.weight", None)
     save_file(state, folder / "model.safetensors")

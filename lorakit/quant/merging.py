@@ -24,8 +24,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .. import _state
 from ..layers import LoraLayer
 from ..merge import unload
+from ..modeling import replace_module
 from .linear4bit import Linear4bit
 from .nf4 import quantize_nf4
 
@@ -40,16 +42,11 @@ def _merged_weight(wrapper: LoraLayer) -> torch.Tensor:
     return w
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _merge_4bit(model: nn.Module, build) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer) and isinstance(module.base_layer, Linear4bit):
-            _replace(model, name, build(module.base_layer, _merged_weight(module)))
-    if any(isinstance(m, LoraLayer) for m in model.modules()) or hasattr(model, "_lorakit_configs"):
+            replace_module(model, name, build(module.base_layer, _merged_weight(module)))
+    if any(isinstance(m, LoraLayer) for m in model.modules()) or _state.has_adapters(model):
         unload(model, merge=True)  # the remaining (full-precision) LoRA layers, configs, modules_to_save
 
 
@@ -67,7 +64,7 @@ def merge_to_dense(
     if dequantize_rest:
         for name, module in list(model.named_modules()):
             if isinstance(module, Linear4bit):
-                _replace(model, name, module.to_linear(dtype))
+                replace_module(model, name, module.to_linear(dtype))
     return model
 
 

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import _state
 from .._atomic import _fsync_dir
 from ..errors import AdapterFileError, ShapeMismatchError
 
@@ -98,7 +99,7 @@ def save_checkpoint(
         },
         tmp / STATE,
     )
-    if getattr(model, "_lorakit_configs", None):
+    if _state.has_adapters(model):
         from ..io import save_adapter
 
         save_adapter(model, tmp / "adapter")

@@ -24,6 +24,7 @@ from .. import data as D
 from ..config import LoraConfig
 from ..inject import inject, trainable_parameters
 from ..io import save_adapter
+from ..modeling import classifier_heads
 from . import distributed as dist
 from .config import TrainConfig, save_resolved
 from .eval import make_evaluator
@@ -33,7 +34,6 @@ from .report import METRICS, plot_training
 log = logging.getLogger(__name__)
 DEMO_SYSTEM = "Is this movie review positive or negative?"
 DEMO_MAX_CHARS = 400  # reviews are cut to this many characters, so the answer is never truncated away
-_HEADS = ("score", "classifier")
 
 
 @dataclass
@@ -101,7 +101,7 @@ def lora_config(cfg: TrainConfig, model) -> LoraConfig:
     """The LoraConfig of `cfg`; a classifier's new head is trained in full (modules_to_save)."""
     heads = None
     if cfg.task == "classification":
-        heads = [h for h in _HEADS if isinstance(getattr(model, h, None), torch.nn.Module)] or None
+        heads = classifier_heads(model) or None
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
