@@ -149,7 +149,7 @@ def generate_tokens(
         while alive:
             if regroup:  # (re)assign adapters to the current rows
                 stack.close()
-                stack.enter_context(route_rows(model, [rows[i].adapter for i in alive]))
+                stack.enter_context(adapters_for_rows(model, [rows[i].adapter for i in alive]))
                 regroup = False
             kwargs = {} if cache is None else {cache_kw: cache}
             out = model(
@@ -205,7 +205,7 @@ def _check_rows(model: nn.Module, rows: list[Row]) -> None:
 
 
 @contextlib.contextmanager
-def route_rows(model: nn.Module, names: list[str | None]) -> Iterator[None]:
+def adapters_for_rows(model: nn.Module, names: list[str | None]) -> Iterator[None]:
     """Inside the block row `i` uses adapter `names[i]` (None: the base). Rows that all use one
     adapter take the plain path (that adapter active, or adapters disabled), which works for every
     layer type; only a truly mixed batch goes through `lorakit.mixed.adapter_rows`. The model's

@@ -261,3 +261,17 @@ def test_context_and_template_errors_are_clear(setup):
             prompt_ids(tok, [{"role": "tool", "content": "x"}])
     finally:
         tok.chat_template = saved
+
+
+def test_embedding_adapter_in_a_mixed_batch_equals_rows_alone(setup, tmp_path):
+    folder, _, model, tok = setup
+    lorakit.load_adapter(model, make_embedding_adapter(folder, tmp_path / "emb", 4), "emb4")
+    try:
+        ids = prompt_ids(tok, "Mixed")
+        rows = [Row(ids, "emb4", Sampling(6)), Row(ids, "a1", Sampling(6)), Row(ids, None, Sampling(4))]
+        batch, _ = run_rows(model, tok, rows)
+        for i, row in enumerate(rows):
+            assert batch[i] == run_rows(model, tok, [row])[0][0], f"row {i}"
+        assert batch[0] != batch[1]
+    finally:
+        lorakit.delete_adapter(model, "emb4")

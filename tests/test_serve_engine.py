@@ -165,11 +165,25 @@ def test_one_bad_request_never_fails_its_batch(env, tmp_path):
         Row(ids, None, Sampling(5)),
     ]
     good, bad, embedding, base = run_jobs(engine, rows)
+    assert engine.batches == 1 + 4  # the batch failed (the bad row), then each row ran alone
     assert engine.max_rows_seen == 4  # all four were batched together
     assert isinstance(bad[-1], Failed) and bad[-1].status == 500 and "IndexError" in bad[-1].message
     assert text_of(good) == expected(env, "Fine", "a1", 5, chat=False)
     assert text_of(embedding) == expected(env, "Fine", "emb", 5, chat=False)
     assert text_of(base) == expected(env, "Fine", None, 5, chat=False)
+
+
+def test_embedding_and_linear_adapters_share_a_batch(env, tmp_path):
+    model, tok = lorakit.hf.load_model(env["folder"])
+    emb = make_embedding_adapter(env["folder"], tmp_path / "emb", 5)
+    engine = Engine(model, tok, AdapterCache(model, {"a1": env["paths"]["a1"], "emb": emb}), wait_ms=500)
+    ids = prompt_ids(tok, "Fine", chat=False)
+    events = run_jobs(engine, [Row(ids, "a1", Sampling(5)), Row(ids, "emb", Sampling(5))])
+    assert engine.batches == 1 and engine.max_rows_seen == 2  # one mixed batch, nothing rerun
+    assert [text_of(e) for e in events] == [expected(env, "Fine", "a1", 5, chat=False), text_of(events[1])]
+    ref, _ = lorakit.hf.load_model(env["folder"])
+    lorakit.load_adapter(ref, emb, "emb")
+    assert text_of(events[1]) == generate_text(ref, tok, "Fine", "emb", Sampling(5), chat=False)
 
 
 def test_embedding_adapter_served_beside_others(env, tmp_path):
