@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import random
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,10 @@ import torch
 from jinja2 import TemplateError
 from torch import nn
 
+from ._state import check_name
 from .adapters import active_adapters, disable_adapters, list_adapters, set_adapter
 from .errors import ConfigError
 from .mixed import adapter_rows
-
-ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -269,18 +267,15 @@ def generate_text(
 
 def split_adapter_spec(spec: str) -> tuple[str | None, str]:
     """`"NAME=DIR"` -> (NAME, DIR); `"DIR"` -> (None, DIR). A spec that names an existing folder is
-    a folder even if it holds '=' (`runs/lr=1e-4`). Raises `ConfigError` for an empty folder or a
-    name lorakit cannot use (adapter names are module keys: no '.', '/' or '=')."""
+    a folder even if it holds '=' (`runs/lr=1e-4`), and so is one whose NAME part holds a '/'.
+    Raises `ConfigError` for an empty folder or a name lorakit cannot use (no '.')."""
     name, sep, folder = spec.partition("=")
     if not sep or "/" in name or Path(spec).is_dir():
         name, folder = "", spec
     if not folder:
         raise ConfigError(f"--adapter {spec!r}: no folder given; expected [NAME=]DIR")
-    if sep and name and not ADAPTER_NAME_RE.fullmatch(name):
-        raise ConfigError(
-            f"--adapter {spec!r}: invalid adapter name {name!r}; use letters, digits, '_' and '-' "
-            "(no '.': adapter names are module keys)"
-        )
+    if sep and name:
+        check_name(name)  # the core's rule, checked before the (slow) model load
     return name or None, folder
 
 
