@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from fixtures import SERVE_KEY as KEY
 from fixtures import Server, make_embedding_adapter, serve_app, serve_env
 
@@ -208,3 +209,24 @@ def test_embedding_adapter_served_beside_others(env, tmp_path):
         }
     finally:
         server.stop()
+
+
+def test_modules_to_save_adapter_beside_another_both_answer(env, tmp_path):
+    """A modules_to_save copy cannot differ per row: the mixed batch fails, each request reruns alone."""
+    model, tok = lorakit.hf.load_model(env["folder"])
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"]))
+    with torch.no_grad():
+        for p in lorakit.io.adapter_state_dict(model).values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) * 0.5)
+    lorakit.save_adapter(model, tmp_path / "mts")
+    model, _ = lorakit.hf.load_model(env["folder"])
+    engine = Engine(
+        model, tok, AdapterCache(model, {"a1": env["paths"]["a1"], "mts": tmp_path / "mts"}), wait_ms=500
+    )
+    ids = prompt_ids(tok, "Fine", chat=False)
+    a1, mts = run_jobs(engine, [Row(ids, "a1", Sampling(5)), Row(ids, "mts", Sampling(5))])
+    assert engine.batches == 1 + 2
+    ref, _ = lorakit.hf.load_model(env["folder"])
+    lorakit.load_adapter(ref, tmp_path / "mts", "mts")
+    assert text_of(a1) == expected(env, "Fine", "a1", 5, chat=False)
+    assert text_of(mts) == generate_text(ref, tok, "Fine", "mts", Sampling(5), chat=False)
