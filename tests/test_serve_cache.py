@@ -116,3 +116,19 @@ def test_add_is_all_or_nothing_and_load_errors(setup, tmp_path):
         cache.add("../a1")
     with pytest.raises(ConfigError, match="without --adapter-dir"):
         AdapterCache(model).add("a1")
+
+
+def test_nested_layout_is_found(setup, tmp_path):
+    """`save_adapter(model, "out/x", adapter="x")` used to write out/x/x/: both layouts load."""
+    d, folder, paths = setup
+    shutil.copytree(paths["a1"], tmp_path / "given" / "alpha")
+    shutil.copytree(paths["a2"], tmp_path / "allowed" / "beta" / "beta")
+    model, _ = lorakit.hf.load_model(folder)
+    cache = AdapterCache(model, {"alpha": tmp_path / "given"}, adapter_dir=tmp_path / "allowed")
+    assert cache.names() == ["alpha", "beta"]
+    cache.ensure(["alpha", "beta"])
+    assert sorted(lorakit.list_adapters(model)) == ["alpha", "beta"]
+    for sub in ("p", "q"):
+        shutil.copytree(paths["a1"], tmp_path / "two" / sub)
+    with pytest.raises(AdapterFileError, match="has no adapter_config.json"):
+        AdapterCache(model, {"x": tmp_path / "two"})  # two nested adapters: ambiguous

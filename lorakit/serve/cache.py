@@ -44,6 +44,15 @@ def check_name(name: str) -> str:
     return name
 
 
+def adapter_folder(folder: Path) -> Path | None:
+    """The folder holding the adapter: `folder` itself, or its one subfolder with an adapter in it
+    (the nested layout `save_adapter(model, "out/x", adapter="x")` wrote: `out/x/x/`); else None."""
+    if (folder / CONFIG_NAME).is_file():
+        return folder
+    inner = list(folder.glob(f"*/{CONFIG_NAME}")) if folder.is_dir() else []
+    return inner[0].parent if len(inner) == 1 else None
+
+
 class AdapterCache:
     """Known adapters (name -> folder) and an LRU set of at most `capacity` loaded on `model`."""
 
@@ -65,10 +74,10 @@ class AdapterCache:
         self.loaded: OrderedDict[str, None] = OrderedDict()
         self._keys: dict[str, str] = {}  # loaded name -> its adapter name on the model
         for name, folder in (adapters or {}).items():
-            folder = Path(folder)
-            if not (folder / CONFIG_NAME).is_file():
+            found = adapter_folder(Path(folder))
+            if found is None:
                 raise AdapterFileError(f"adapter {name!r}: {folder} has no {CONFIG_NAME}")
-            self.known[check_name(name)] = folder
+            self.known[check_name(name)] = found
         if self.adapter_dir:
             for sub in sorted(self.adapter_dir.iterdir()):
                 if sub.name in self.known or not NAME_RE.fullmatch(sub.name) or ".." in sub.name:
@@ -178,8 +187,8 @@ class AdapterCache:
     def _confined(self, name: str) -> Path:
         """`adapter_dir/name` resolved, if it holds an adapter and neither it nor anything in it
         resolves outside `adapter_dir` (a symlink out); else `AdapterStateError`."""
-        folder = (self.adapter_dir / name).resolve()
-        if not (folder / CONFIG_NAME).is_file():
+        folder = adapter_folder((self.adapter_dir / name).resolve())
+        if folder is None:
             raise AdapterStateError(f"no adapter named {name!r} in the adapter folder")
         self._check_inside(name, folder)
         return folder
