@@ -272,3 +272,22 @@ def test_unsupported_fields_are_refused_not_ignored(env):
     assert post(env, "/v1/completions", {**body, **neutral}).status_code == 200
     r = post(env, "/admin/adapters", {"name": "model"})  # the base model's id
     assert r.status_code == 400 and "base model" in r.json()["error"]["message"]
+
+
+def test_defaults_fit_the_room_and_unknown_model_comes_first(env):
+    # completions default to 16 tokens; near the end of the context the default shrinks to fit
+    r = post(env, "/v1/completions", {"model": "a1", "prompt": list(range(1, 505)), "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
+    r = post(env, "/v1/completions", {"model": "nope", "prompt": "x", "max_tokens": 0})
+    assert r.status_code == 404  # the model is checked before the other fields
+
+
+def test_health_says_when_the_worker_is_not_running(env):
+    from fastapi.testclient import TestClient
+
+    from lorakit.serve import AdapterCache, Engine, create_app
+
+    engine = Engine(env["ref"], env["tok"], AdapterCache(env["ref"]))
+    client = TestClient(create_app(engine, "model"))  # no `with`: the lifespan (worker) never starts
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json() == {"status": "stopped"}

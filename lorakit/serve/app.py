@@ -56,7 +56,7 @@ async def _api_error(request: Request, e: APIError) -> JSONResponse:
 
 
 async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
-    return APIError(e.status_code, str(e.detail), "invalid_request_error").response()
+    return APIError(e.status_code, str(e.detail)).response()
 
 
 async def _internal_error(request: Request, e: Exception) -> JSONResponse:
@@ -87,10 +87,19 @@ def _adapter_for(request: Request, model: str) -> str | None:
     return model
 
 
-def _make_job(request: Request, body: Body, ids: list[int], max_tokens: int | None, param: str) -> Job:
-    """Check the request against the limits and queue it; 400/404/503 on failure."""
+def _make_job(
+    request: Request,
+    body: Body,
+    ids: list[int],
+    max_tokens: int | None,
+    param: str,
+    default: int | None = None,
+) -> Job:
+    """Check the request against the limits and queue it; 400/404/503 on failure. Without
+    `max_tokens` the reply may take `default` tokens (or all there is room for), within the room."""
     engine: Engine = request.app.state.engine
     limits: Limits = request.app.state.limits
+    adapter = _adapter_for(request, body.model)
     if body.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     if not ids:
@@ -113,7 +122,8 @@ def _make_job(request: Request, body: Body, ids: list[int], max_tokens: int | No
                 param=param,
                 code="context_length_exceeded",
             )
-    max_tokens = room if max_tokens is None else max_tokens
+    if max_tokens is None:
+        max_tokens = min(default or room, room)
     if not 1 <= max_tokens <= room:
         raise APIError(
             400,
@@ -125,7 +135,7 @@ def _make_job(request: Request, body: Body, ids: list[int], max_tokens: int | No
     except ConfigError as e:
         raise APIError.of(e) from None
     stop = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or [] if s]
-    job = Job(Row(ids, _adapter_for(request, body.model), sampling), asyncio.get_running_loop(), stop)
+    job = Job(Row(ids, adapter, sampling), asyncio.get_running_loop(), stop)
     try:
         engine.submit(job)
     except queue.Full:
@@ -134,8 +144,10 @@ def _make_job(request: Request, body: Body, ids: list[int], max_tokens: int | No
 
 
 @public.get("/health")
-async def health(request: Request) -> dict:
+async def health(request: Request):
     engine: Engine = request.app.state.engine
+    if not engine.alive:  # requests would wait for nobody: tell load balancers
+        return JSONResponse({"status": "stopped"}, status_code=503)
     return {"status": "ok", "queued": engine.queue.qsize(), "loaded_adapters": engine.cache.loaded_names()}
 
 
@@ -162,7 +174,7 @@ async def completions(request: Request):
     ids = list(prompt) if isinstance(prompt, list) else prompt_ids(engine.tokenizer, prompt, chat=False)
     if any(not 0 <= t < engine.vocab_size for t in ids):
         raise APIError(400, f"token ids must be in [0, {engine.vocab_size})", param="prompt")
-    job = _make_job(request, body, ids, body.max_tokens if body.max_tokens is not None else 16, "prompt")
+    job = _make_job(request, body, ids, body.max_tokens, "prompt", default=16)  # OpenAI's default
 
     def chunk(text: str, finish: str | None) -> dict:
         return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
@@ -217,9 +229,8 @@ async def _respond(
 ):
     """The reply to `job`: one JSON object, or server-sent events when `body.stream`."""
     head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    first = await _next_event(
-        request, job, watch=not body.stream
-    )  # an error before any output still gets its status
+    # wait for the first event before answering, so an error before any output gets its status
+    first = await _next_event(request, job, watch=not body.stream)
     if isinstance(first, Failed):
         raise APIError(first.status, first.message)
     if first is None:
