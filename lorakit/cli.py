@@ -20,12 +20,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lorakit.commands.tour",
         "inject, train, save, load and merge LoRA on the embedded model (a quick tour)",
     ),
-    "generate": ("lorakit.generate", "generate text with a model and adapters, streaming to the terminal"),
+    "generate": (
+        "lorakit.commands.generate",
+        "generate text with a model and adapters, streaming to the terminal",
+    ),
     "export": (
         "lorakit.commands.export",
         "merge adapters into the base and write it for other tools (--format hf: a plain HF folder)",
     ),
-    "serve": ("lorakit.serve.cli", "OpenAI-compatible server: one base model, many adapters, batched"),
+    "serve": ("lorakit.commands.serve", "OpenAI-compatible server: one base model, many adapters, batched"),
     "data": ("lorakit.commands.data", "check a dataset: format, counts, token lengths, what the loss covers"),
     "train": (
         "lorakit.commands.train",

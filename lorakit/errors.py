@@ -103,3 +103,20 @@ def _disk_nearly_full(path: str | os.PathLike, margin: int = 1 << 24) -> bool:
         return shutil.disk_usage(folder).free < margin
     except OSError:
         return False
+
+
+# The one table from error class to HTTP status (the server's answer to a request that raised it).
+HTTP_STATUS: dict[type[LorakitError], int] = {
+    AdapterStateError: 404,  # an unknown adapter name
+    AdapterFileError: 422,  # the adapter exists but its files are broken or unsafe
+    ShapeMismatchError: 422,  # the adapter does not fit the model
+    TargetNotFoundError: 422,
+    ConfigError: 400,
+    DataError: 400,
+    QuantizationError: 400,
+}
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status for `exc`: that of its nearest class in `HTTP_STATUS`, else 500."""
+    return next((HTTP_STATUS[c] for c in type(exc).__mro__ if c in HTTP_STATUS), 500)

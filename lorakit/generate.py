@@ -9,18 +9,19 @@ float rounding between batch shapes).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import random
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from torch import nn
 
-from .adapters import list_adapters
+from ._state import check_name
+from .adapters import active_adapters, disable_adapters, list_adapters, set_adapter
 from .errors import ConfigError
 from .mixed import adapter_rows
 
@@ -35,12 +36,23 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0 <= self.temperature <= 100:
-            raise ConfigError(f"temperature must be between 0 and 100, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be an integer of at least 1, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
+            raise ConfigError(f"temperature must be between 0 and 100, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            # torch.Generator.manual_seed takes 64 bits; anything else would fail mid-batch
+            raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass
@@ -60,8 +72,16 @@ def prompt_ids(tokenizer, prompt: str | list[dict], chat: bool = True) -> list[i
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("this tokenizer has no chat template; send a plain prompt instead of messages")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError) as e:  # e.g. a template that refuses a role
+        raise ConfigError(f"the tokenizer's chat template rejects these messages: {e}") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions `model` takes, prompt and reply together (None: no stated limit)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 def eos_ids(model: nn.Module, tokenizer) -> set[int]:
@@ -80,7 +100,10 @@ def _choose(logits: torch.Tensor, rows: list[Row], generators: list[torch.Genera
         s = row.sampling
         if s.temperature == 0:
             continue
-        probs = torch.softmax(logits[i].float() / s.temperature, -1)
+        # in float64 and shifted so the top logit is 0: a tiny temperature then gives -inf (p = 0),
+        # never inf - inf or 0 / 0 (a float32 tensor divided by 1e-90 divides by 0)
+        shifted = logits[i].double() - logits[i].double().max()
+        probs = torch.softmax(shifted / s.temperature, -1)
         if s.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p  # keep the smallest set reaching top_p
@@ -104,8 +127,7 @@ def generate_tokens(
     """
     if not rows:
         return
-    if any(not r.prompt_ids for r in rows):
-        raise ConfigError("a prompt is empty; give at least one token")
+    _check_rows(model, rows)
     device = next(model.parameters()).device
     longest = max(len(r.prompt_ids) for r in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long, device=device)
@@ -125,7 +147,7 @@ def generate_tokens(
         while alive:
             if regroup:  # (re)assign adapters to the current rows
                 stack.close()
-                stack.enter_context(adapter_rows(model, [rows[i].adapter for i in alive]))
+                stack.enter_context(adapters_for_rows(model, [rows[i].adapter for i in alive]))
                 regroup = False
             kwargs = {} if cache is None else {cache_kw: cache}
             out = model(
@@ -166,6 +188,40 @@ def generate_tokens(
             ids = torch.tensor(chosen, dtype=torch.long, device=device)[:, None]
             mask = torch.cat([mask, mask.new_ones(len(alive), 1)], 1)
             positions = positions[:, -1:] + 1
+
+
+def _check_rows(model: nn.Module, rows: list[Row]) -> None:
+    if any(not r.prompt_ids for r in rows):
+        raise ConfigError("a prompt is empty; give at least one token")
+    limit = context_length(model)
+    for r in rows:  # past it, learned position embeddings (GPT-2) fail mid-batch
+        if limit is not None and len(r.prompt_ids) + r.sampling.max_tokens > limit:
+            raise ConfigError(
+                f"a prompt of {len(r.prompt_ids)} tokens plus max_tokens {r.sampling.max_tokens} is more "
+                f"than the model's {limit} positions; lower max_tokens or shorten the prompt"
+            )
+
+
+@contextlib.contextmanager
+def adapters_for_rows(model: nn.Module, names: list[str | None]) -> Iterator[None]:
+    """Inside the block row `i` uses adapter `names[i]` (None: the base). Rows that all use one
+    adapter take the plain path (that adapter active, or adapters disabled), which works for every
+    layer type; only a truly mixed batch goes through `lorakit.mixed.adapter_rows`. The model's
+    active adapters are restored afterwards. Raises `AdapterStateError` for an unknown name."""
+    distinct = set(names)
+    if len(distinct) > 1:
+        with adapter_rows(model, names):
+            yield
+    elif None in distinct:
+        with disable_adapters(model):
+            yield
+    else:
+        previous = active_adapters(model)
+        set_adapter(model, distinct.pop())
+        try:
+            yield
+        finally:
+            set_adapter(model, previous)
 
 
 def _seed(seed: int | None) -> int:
@@ -209,59 +265,48 @@ def generate_text(
     return stream.text
 
 
-# command line ---------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
-    parser.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or smollm2-135m")
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="[NAME=]DIR",
-        help="adapter folder (repeatable; several are summed)",
-    )
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--system", default=None, help="a system message (chat models)")
-    parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+def split_adapter_spec(spec: str) -> tuple[str | None, str]:
+    """`"NAME=DIR"` -> (NAME, DIR); `"DIR"` -> (None, DIR). A spec that names an existing folder is
+    a folder even if it holds '=' (`runs/lr=1e-4`), and so is one whose NAME part holds a '/'.
+    Raises `ConfigError` for an empty folder or a name lorakit cannot use (no '.')."""
+    name, sep, folder = spec.partition("=")
+    if not sep or "/" in name or Path(spec).is_dir():
+        name, folder = "", spec
+    if not folder:
+        raise ConfigError(f"--adapter {spec!r}: no folder given; expected [NAME=]DIR")
+    if sep and name:
+        check_name(name)  # the core's rule, checked before the (slow) model load
+    return name or None, folder
 
 
 def load_for_inference(model_name: str, adapters: list[str]) -> tuple[nn.Module, object, str | None]:
     """Load the model, its tokenizer and `[NAME=]DIR` adapters; several are combined into one
-    adapter equal to their sum. Returns (model, tokenizer, adapter name or None)."""
+    adapter equal to their sum. Returns (model, tokenizer, adapter name or None).
+
+    Raises `ConfigError` for a bad spec or a name given twice, and what `load_adapter` raises."""
     from . import hf
     from .io import load_adapter
     from .merge import add_weighted_adapter
 
+    specs = [split_adapter_spec(s) for s in adapters]  # all checked before the (slow) model load
+    given = [name for name, _ in specs if name]
+    if len(set(given)) < len(given):
+        raise ConfigError(f"--adapter: a name is given twice in {given}")
     model, tokenizer = hf.load_model(model_name)
     model.eval()
-    names = []
-    for spec in adapters:
-        name, _, folder = spec.rpartition("=")
-        name = name or f"adapter{len(names)}"
+    names: list[str] = []
+    for name, folder in specs:
+        name = name or _fresh(f"adapter{len(names)}", given)
         load_adapter(model, folder, name)
         names.append(name)
     if len(names) > 1:
-        add_weighted_adapter(model, names, [1.0] * len(names), "sum", combination_type="cat")
-        return model, tokenizer, "sum"
+        total = _fresh("sum", names)
+        add_weighted_adapter(model, names, [1.0] * len(names), total, combination_type="cat")
+        return model, tokenizer, total
     return model, tokenizer, names[0] if names else None
 
 
-def run(args: argparse.Namespace) -> int:
-    model, tokenizer, adapter = load_for_inference(args.model, args.adapter)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
-    if args.system and not args.raw:
-        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
-
-    def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    generate_text(model, tokenizer, prompt, adapter, sampling, chat=not args.raw, on_text=show)
-    sys.stdout.write("\n")
-    return 0
+def _fresh(name: str, taken: list[str]) -> str:
+    while name in taken:
+        name += "_"
+    return name

@@ -252,3 +252,101 @@ def chat_expectation(tok):
     input_ids = [i for p, _ in pieces for i in p]
     labels = [i if learn else IGNORE_INDEX for p, learn in pieces for i in p]
     return input_ids, labels
+
+
+class Server:
+    """uvicorn serving `app` in a thread on a free loopback port (the serve tests)."""
+
+    def __init__(self, app, **config) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", **config)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+SERVE_KEY = "test-key"
+
+
+def serve_app(folder, adapters: dict, *extra: str):
+    """The app `lorakit serve --model folder --api-key SERVE_KEY --adapter name=path ... *extra` builds."""
+    from lorakit.cli import build_parser
+    from lorakit.commands.serve import build
+
+    argv = ["serve", "--model", str(folder), "--api-key", SERVE_KEY, *extra]
+    for name, path in adapters.items():
+        argv += ["--adapter", f"{name}={path}"]
+    app, _ = build(build_parser("serve").parse_args(argv))
+    return app
+
+
+def serve_env(d: Path) -> dict:
+    """A served tiny chat model in `d`: adapters a1, a2 given by name; a3, a4, late (a copy of a1)
+    and broken (corrupt weights) in the allowed --adapter-dir; outside/evil beside it; a reference
+    model with a1..a4 loaded. Stop `env["server"]` when done."""
+    import shutil
+
+    import openai
+
+    folder = tiny_chat_model(d / "model")
+    paths = {f"a{i}": make_adapter(folder, d / f"a{i}", i, r=4 + i) for i in range(1, 5)}
+    allowed = d / "allowed"
+    allowed.mkdir()
+    for name in ("a3", "a4"):  # a3 and a4 are found in --adapter-dir, loaded on first use
+        shutil.copytree(paths[name], allowed / name)
+    shutil.copytree(paths["a1"], allowed / "late")  # listed, loaded on first use or through the admin API
+    (allowed / "broken").mkdir()  # a config, but a corrupt weights file
+    shutil.copy(paths["a1"] / "adapter_config.json", allowed / "broken")
+    (allowed / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    (d / "outside").mkdir()
+    shutil.copytree(paths["a1"], d / "outside" / "evil")
+    ref, tok = lorakit.hf.load_model(folder)
+    for name, path in paths.items():
+        lorakit.load_adapter(ref, path, name)
+    app = serve_app(
+        folder, {"a1": paths["a1"], "a2": paths["a2"]}, "--adapter-dir", str(allowed), "--max-loaded", "3"
+    )
+    server = Server(app)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=SERVE_KEY, max_retries=0, timeout=120)
+    return {
+        "folder": folder,
+        "paths": paths,
+        "ref": ref,
+        "tok": tok,
+        "server": server,
+        "client": client,
+        "app": app,
+        "dir": d,
+    }
+
+
+def make_embedding_adapter(model_folder: Path, out: Path, seed: int, r: int = 4) -> Path:
+    """Like `make_adapter`, on `embed_tokens` and `q_proj` (a layer kind besides linear)."""
+    model, _ = lorakit.hf.load_model(model_folder)
+    lorakit.inject(
+        model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["embed_tokens", "q_proj"])
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lorakit.io.adapter_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    lorakit.save_adapter(model, out)
+    return out

@@ -1,15 +1,27 @@
 """lorakit.generate: equals transformers' greedy generate, batch rows equal rows alone (left padding,
 mixed adapters, rows leaving the batch), seeded sampling, EOS/length/cancel, streaming text, CLI."""
 
+import io
+
 import pytest
 import torch
-from fixtures import make_adapter, tiny_chat_model
+from fixtures import make_adapter, make_embedding_adapter, tiny_chat_model
 
 import lorakit
 import lorakit.hf
 from lorakit.cli import main
 from lorakit.errors import AdapterStateError, ConfigError
-from lorakit.generate import Row, Sampling, TextStream, eos_ids, generate_text, generate_tokens, prompt_ids
+from lorakit.generate import (
+    Row,
+    Sampling,
+    TextStream,
+    eos_ids,
+    generate_text,
+    generate_tokens,
+    load_for_inference,
+    prompt_ids,
+    split_adapter_spec,
+)
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +182,95 @@ def test_errors(setup, capsys):
         list(generate_tokens(model, [Row([], None)], set(), 0))
     assert main(["generate", "--model", str(folder / "missing"), "Hi"]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_adapter_specs(tmp_path, setup, capsys):
+    folder = setup[0]
+    with_eq = tmp_path / "lr=1e-4"
+    with_eq.mkdir()
+    assert split_adapter_spec(str(with_eq)) == (None, str(with_eq))  # an existing folder, '=' and all
+    assert split_adapter_spec("x=/b=c") == ("x", "/b=c")
+    assert split_adapter_spec("runs/lr=1/adapter") == (None, "runs/lr=1/adapter")
+    for bad, word in (
+        ("my.v1=/a", "invalid adapter name 'my.v1'"),
+        ("a=", "no folder"),
+    ):
+        with pytest.raises(ConfigError, match=word):
+            split_adapter_spec(bad)
+    with pytest.raises(ConfigError, match="given twice"):
+        load_for_inference(str(folder), ["a=/x", "a=/y"])
+    assert main(["generate", "--model", str(folder), "--adapter", "my.v1=/a", "Hi"]) == 1
+    assert "invalid adapter name 'my.v1'" in capsys.readouterr().err
+
+
+def test_embedding_adapter_generates_on_the_plain_path(setup, tmp_path, capsys):
+    folder, adapters, model, tok = setup
+    emb = make_embedding_adapter(folder, tmp_path / "emb", 3)
+    lorakit.load_adapter(model, emb, "emb")
+    lorakit.set_adapter(model, "emb")
+    ids = prompt_ids(tok, "Hi")
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids) :]
+    ref = [t for t in ref.tolist() if t not in eos_ids(model, tok)]
+    lorakit.set_adapter(model, ["a1", "a2"])
+    assert main(["generate", "--model", str(folder), "--adapter", str(emb), "--max-tokens", "6", "Hi"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(ref, skip_special_tokens=True)
+    out, _ = run_rows(model, tok, [Row(ids, "emb", Sampling(6))])
+    assert out[0] == ref and lorakit.active_adapters(model) == ["a1", "a2"]  # the active set is restored
+    lorakit.delete_adapter(model, "emb")
+
+
+def test_bad_sampling_and_cli_inputs(setup, capsys, monkeypatch):
+    folder = setup[0]
+    for bad in (
+        {"seed": 2**64},
+        {"seed": -1},
+        {"seed": 1.5},
+        {"max_tokens": True},
+        {"temperature": float("nan")},
+    ):
+        with pytest.raises(ConfigError):
+            Sampling(**bad)
+    Sampling(seed=2**64 - 1)
+    assert main(["generate", "--model", str(folder), "--seed", "-1", "Hi"]) == 1
+    assert "seed" in capsys.readouterr().err
+    assert main(["generate", "--model", str(folder), "--raw", "--system", "Be brief", "Hi"]) == 1
+    assert "--system" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9")))
+    assert main(["generate", "--model", str(folder), "-"]) == 1
+    assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_tiny_temperature_samples_like_greedy(setup):
+    _, _, model, tok = setup
+    ids = prompt_ids(tok, "Once upon a time")
+    greedy = run_rows(model, tok, [Row(ids, "a1", Sampling(6))])[0][0]
+    for t in (1e-30, 2e-91, 5e-324):  # logits / t overflow to inf: softmax(inf - inf) was NaN
+        assert run_rows(model, tok, [Row(ids, "a1", Sampling(6, t, 1.0, seed=1))])[0][0] == greedy
+
+
+def test_context_and_template_errors_are_clear(setup):
+    _, _, model, tok = setup
+    ids = prompt_ids(tok, "Hi")
+    with pytest.raises(ConfigError, match="512 positions"):  # the tiny model's max_position_embeddings
+        list(generate_tokens(model, [Row(ids, None, Sampling(600))], set(), 0))
+    saved = tok.chat_template
+    tok.chat_template = "{{ raise_exception('only user messages') }}"
+    try:
+        with pytest.raises(ConfigError, match="rejects these messages: only user messages"):
+            prompt_ids(tok, [{"role": "tool", "content": "x"}])
+    finally:
+        tok.chat_template = saved
+
+
+def test_embedding_adapter_in_a_mixed_batch_equals_rows_alone(setup, tmp_path):
+    folder, _, model, tok = setup
+    lorakit.load_adapter(model, make_embedding_adapter(folder, tmp_path / "emb", 4), "emb4")
+    try:
+        ids = prompt_ids(tok, "Mixed")
+        rows = [Row(ids, "emb4", Sampling(6)), Row(ids, "a1", Sampling(6)), Row(ids, None, Sampling(4))]
+        batch, _ = run_rows(model, tok, rows)
+        for i, row in enumerate(rows):
+            assert batch[i] == run_rows(model, tok, [row])[0][0], f"row {i}"
+        assert batch[0] != batch[1]
+    finally:
+        lorakit.delete_adapter(model, "emb4")

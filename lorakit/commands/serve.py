@@ -1,4 +1,6 @@
-"""`lorakit serve --model M --adapter name=DIR ... [--adapter-dir DIR] [--api-key KEY]`."""
+"""`lorakit serve --model M --adapter name=DIR ... [--adapter-dir DIR] [--api-key KEY]`.
+
+Every setting is checked before the model is loaded, so a bad flag fails in a second."""
 
 from __future__ import annotations
 
@@ -8,12 +10,15 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..hf import DEFAULT_MODEL
+from ..serve.cache import check_name
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or smollm2-135m")
+    """The flags of `lorakit serve`."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"HF folder, .gguf file or {DEFAULT_MODEL}")
     parser.add_argument("--served-model-name", default=None, help="the base model's id (default: its name)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="repeatable")
     parser.add_argument("--adapter-dir", default=None, help="folder of adapters loadable by name at run time")
@@ -31,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=4096)
     parser.add_argument("--max-tokens", type=int, default=1024, help="the most tokens a request may ask for")
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request body may take to arrive (else 408)",
+    )
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -42,6 +53,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
             raise ConfigError(f"--adapter {spec!r}: expected NAME=DIR")
         if name in out:
             raise ConfigError(f"--adapter: the name {name!r} is given twice")
+        check_name(name)
         out[name] = Path(folder)
     return out
 
@@ -49,24 +61,30 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
 def build(args: argparse.Namespace):
     """The FastAPI app for `args` (model and adapters loaded)."""
     from .. import hf
-    from .app import Limits, create_app
-    from .cache import AdapterCache
-    from .engine import Engine
+    from ..serve import AdapterCache, Engine, Limits, create_app
 
     adapters = parse_adapters(args.adapter)
+    limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.body_timeout)
+    Engine.check_settings(args.max_batch, args.batch_wait_ms, args.max_queue)  # before the slow load
+    if args.max_loaded < 1:
+        raise ConfigError(f"--max-loaded must be at least 1, got {args.max_loaded}")
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     model, tokenizer = hf.load_model(args.model)
     base_name = args.served_model_name or Path(str(args.model)).name
-    if base_name in adapters:
-        raise ConfigError(f"adapter name {base_name!r} is the base model's id; rename it")
     cache = AdapterCache(model, adapters, args.adapter_dir, args.max_loaded)
+    if base_name in cache:
+        raise ConfigError(
+            f"adapter name {base_name!r} is the base model's id; rename it or set --served-model-name"
+        )
     cache.ensure(list(adapters)[: args.max_loaded])  # fail at start, not at the first request
     engine = Engine(model, tokenizer, cache, args.max_batch, args.batch_wait_ms, args.max_queue)
-    limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes)
     api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")
     return create_app(engine, base_name, api_key, limits), api_key
 
 
 def run(args: argparse.Namespace) -> int:
+    """Load everything, then serve until interrupted."""
     import uvicorn
 
     app, api_key = build(args)
