@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorakit.train import TrainConfig
+from lorakit.train.config import FLAG_ALIASES
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,6 +20,39 @@ def test_cli_help_documents_every_setting(capsys):
     for name in TrainConfig.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in text
     assert "--config" in text
+
+
+def _train_flags() -> list[list[str]]:
+    """Each `lorakit train` option as a user passes it (with a value where it takes one)."""
+    from lorakit.cli import build_parser
+
+    parser = build_parser("train")
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices["train"]
+    argvs = []
+    for action in sub._actions:
+        for option in action.option_strings:
+            if option in ("-h", "--help") or option in FLAG_ALIASES.get(action.dest, ()):
+                continue
+            argvs.append([option] if action.nargs == 0 else [option, "8"])
+    return argvs
+
+
+@pytest.mark.parametrize("argv", _train_flags(), ids=lambda a: a[0])
+def test_every_train_flag_passes_through_torchrun_unchanged(argv):
+    """torchrun's parser takes a flag that abbreviates one of its own (`--r` for `--rdzv-*`) as its
+    own; every flag `lorakit train --help` lists (its aliases aside) must reach lorakit as given."""
+    from torch.distributed.run import get_args_parser
+
+    args = get_args_parser().parse_args(["--nproc_per_node", "2", "-m", "lorakit", "train", *argv])
+    assert args.module and args.training_script == "lorakit"
+    assert args.training_script_args == ["train", *argv]
+
+
+def test_the_rank_flag_and_its_alias_set_r():
+    from lorakit.cli import build_parser
+
+    for flag in ("--lora-rank", "--r"):
+        assert build_parser("train").parse_args(["train", flag, "4"]).r == 4
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,7 @@ def test_bad_settings_are_config_errors(flags, message):
         ({"threads": 0}, r"threads \(--threads\) must be"),
         ({"keep_checkpoints": 0}, r"keep_checkpoints \(--keep-checkpoints\) must be"),
         ({"max_steps": 5, "warmup_steps": 20}, r"warmup_steps \(20\) must be <= max_steps \(5\)"),
-        ({"r": 4.5}, r"r \(--r\) must be an integer, got 4.5"),
+        ({"r": 4.5}, r"r \(--lora-rank\) must be an integer, got 4.5"),
         ({"pack": "no"}, r"pack \(--pack\) must be true or false, got 'no'"),
         ({"lr": True}, r"lr \(--lr\) must be a number, got True"),
         ({"target_modules": " , "}, "target_modules is empty"),

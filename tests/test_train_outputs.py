@@ -62,7 +62,7 @@ def test_resume_with_changed_fixed_settings_lists_them(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_output(changed)
     message = str(err.value)
-    for part in ("--data 'd.jsonl' -> 'other.jsonl'", "--r 8 -> 4", "--batch-size 8 -> 16"):
+    for part in ("--data 'd.jsonl' -> 'other.jsonl'", "--lora-rank 8 -> 4", "--batch-size 8 -> 16"):
         assert part in message
     assert "lr" not in message.split("differ")[1].split("They")[0]
 

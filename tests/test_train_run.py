@@ -270,7 +270,8 @@ def test_torchrun_two_processes_match_one_process(tiny_folder, tmp_path):
     import subprocess
     import sys
 
-    steps = ["--max-steps", "6", "--save-every", "0", "--lora-dropout", "0"]
+    # --lora-rank at its default (16): the flag must reach lorakit through torchrun's parser
+    steps = ["--max-steps", "6", "--save-every", "0", "--lora-dropout", "0", "--lora-rank", "16"]
     subprocess.run(
         [sys.executable, *_train_cmd(tiny_folder, tmp_path / "one", *steps)],
         cwd=REPO,

@@ -18,7 +18,9 @@ from ..train.config import (
     CONFIGS,
     DEFAULT_CONFIG,
     FIELD_TYPES,
+    FLAG_ALIASES,
     TrainConfig,
+    flag,
     load_yaml,
     resolve_config,
 )
@@ -45,7 +47,7 @@ _HELP = {
     "max_grad_norm": "gradient clipping norm (0: no clipping)",
     "max_length": "tokens per example (longer ones are cut)",
     "pack": "pack several short causal-lm examples into one sequence",
-    "r": "LoRA rank",
+    "r": "LoRA rank (--r works too, but not under torchrun, which takes it for one of its own flags)",
     "lora_alpha": "LoRA alpha (scale = alpha / r)",
     "lora_dropout": "dropout on the LoRA input",
     "target_modules": "'all-linear', a comma list of module names (q_proj,v_proj), or a regex",
@@ -82,18 +84,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flags = (flag(f.name), *FLAG_ALIASES.get(f.name, ()))
         default = getattr(defaults, f.name)
         help_text = f"{_HELP[f.name]} [default: {default}]"
         kind = FIELD_TYPES[f.name].split("|")[0].strip()
         if kind == "bool":
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                *flags,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
         else:
             conv = {"int": int, "float": float}.get(kind, str)
             parser.add_argument(
-                flag, type=conv, default=argparse.SUPPRESS, help=help_text, metavar=kind.upper()
+                *flags,
+                dest=f.name,
+                type=conv,
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=kind.upper(),
             )
     parser.set_defaults(_train_fields=True)
 

@@ -157,8 +157,16 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+# Flags named other than "--" + the field: `--r` is a prefix of torchrun's own options (`--rdzv-*`,
+# `--role`, `--run-path`, ...), so torchrun's parser takes it as an ambiguous abbreviation of its
+# own and never passes it on. The old name stays as an alias for runs without torchrun.
+FLAG_NAMES = {"r": "--lora-rank"}
+FLAG_ALIASES = {"r": ("--r",)}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of `TrainConfig` field `name` (`max_steps` -> `--max-steps`)."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
 def _in_range(name: str, value: Any, lo, hi, lo_open: bool, hi_open: bool) -> None:
@@ -171,7 +179,7 @@ def _in_range(name: str, value: Any, lo, hi, lo_open: bool, hi_open: bool) -> No
         low = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
         high = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
         allowed = " and ".join(x for x in (low, high) if x)
-        raise ConfigError(f"{name} ({_flag(name)}) must be a finite number {allowed}, got {value!r}")
+        raise ConfigError(f"{name} ({flag(name)}) must be a finite number {allowed}, got {value!r}")
 
 
 def _check_type(name: str, value: Any) -> None:
@@ -187,7 +195,7 @@ def _check_type(name: str, value: Any) -> None:
     }[kind]
     if not ok:
         what = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[kind]
-        raise ConfigError(f"{name} ({_flag(name)}) must be {what}, got {value!r}")
+        raise ConfigError(f"{name} ({flag(name)}) must be {what}, got {value!r}")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .._atomic import clean_stale
 from ..errors import ConfigError, storage_errors
-from .config import CONFIG_FILE, TrainConfig
+from .config import CONFIG_FILE, TrainConfig, flag
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def check_resume(cfg: TrainConfig, out: Path) -> None:
     differ = [name for name in new if name in saved and saved[name] != new[name]]
     fixed = [name for name in differ if name in FIXED]
     if fixed:
-        listed = ", ".join(f"--{n.replace('_', '-')} {saved[n]!r} -> {new[n]!r}" for n in fixed)
+        listed = ", ".join(f"{flag(n)} {saved[n]!r} -> {new[n]!r}" for n in fixed)
         raise ConfigError(
             f"--resume: these settings differ from the run in {out}: {listed}. They change what its "
             "checkpoint means; resume with the saved values (see train_config.yaml) or start a new --output"
