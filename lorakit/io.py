@@ -148,7 +148,7 @@ def _adapter_files(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor]
     tensors = {
         k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()
     }
-    bad = next((k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    bad = first_non_finite(tensors)
     if bad is not None:
         raise AdapterStateError(
             f"adapter {name!r}: tensor {bad} holds NaN or Inf values; refusing to save it "
@@ -281,13 +281,20 @@ def load_adapter(
     return model
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or Inf, or None if all are finite."""
+    return next(
+        (k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None
+    )
+
+
 def _check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
-    for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise AdapterFileError(
-                f"{source}: tensor {key} holds NaN or Inf values; the adapter is corrupt (did its "
-                "training diverge?): retrain it or load an earlier checkpoint"
-            )
+    key = first_non_finite(tensors)
+    if key is not None:
+        raise AdapterFileError(
+            f"{source}: tensor {key} holds NaN or Inf values; the adapter is corrupt (did its "
+            "training diverge?): retrain it or load an earlier checkpoint"
+        )
 
 
 def adapter_folder(path: str | Path, name: str = "default") -> Path:

@@ -24,3 +24,13 @@ def tok():
     from lorakit.hf import DEFAULT_MODEL, load_tokenizer
 
     return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The served tiny chat model of `fixtures.serve_env`, one server per test module."""
+    from fixtures import serve_env
+
+    env = serve_env(tmp_path_factory.mktemp("serve"))
+    yield env
+    env["server"].stop()

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -21,6 +22,8 @@ from transformers import (
 
 import lorakit
 import lorakit.hf
+from lorakit.tasks import IGNORE_INDEX
+from lorakit.train import TrainConfig
 
 
 def tiny_llama(seed: int = 0, cls: type = LlamaForCausalLM, **overrides) -> LlamaForCausalLM:
@@ -149,11 +152,6 @@ QUANT_IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_see
 
 
 # training tests (test_train_*.py) ------------------------------------------------------------
-
-from torch import nn  # noqa: E402
-
-from lorakit.tasks import IGNORE_INDEX  # noqa: E402
-from lorakit.train import TrainConfig  # noqa: E402
 
 
 def train_llama(vocab: int = 128, seed: int = 0, cls: type | None = None, **kw) -> nn.Module:
@@ -296,6 +294,13 @@ def serve_app(folder, adapters: dict, *extra: str):
         argv += ["--adapter", f"{name}={path}"]
     app, _ = build(build_parser("serve").parse_args(argv))
     return app
+
+
+def expected(env: dict, prompt, adapter, max_tokens: int, chat: bool) -> str:
+    """What `lorakit generate` answers for `prompt` on `serve_env`'s reference model (greedy)."""
+    from lorakit.generate import Sampling, generate_text
+
+    return generate_text(env["ref"], env["tok"], prompt, adapter, Sampling(max_tokens=max_tokens), chat=chat)
 
 
 def serve_env(d: Path) -> dict:

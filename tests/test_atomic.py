@@ -8,7 +8,10 @@ from lorakit import _atomic
 from lorakit._atomic import atomic_folder, clean_stale, recover_folder
 
 
-def test_atomic_folder_replaces_the_whole_folder(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "rename-aside"])
+def test_atomic_folder_replaces_the_whole_folder(tmp_path, monkeypatch, exchange):
+    if not exchange:  # the fallback for systems without renameat2(RENAME_EXCHANGE)
+        monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
     with atomic_folder(tmp_path / "a") as t:
         (t / "old.txt").write_text("1")
     with atomic_folder(tmp_path / "a") as t:
@@ -25,16 +28,6 @@ def test_atomic_folder_keeps_the_old_folder_on_error(tmp_path):
         raise RuntimeError("killed mid-write")
     assert os.listdir(tmp_path) == ["a"]
     assert (tmp_path / "a" / "old.txt").read_text() == "1"
-
-
-def test_atomic_folder_without_rename_exchange(tmp_path, monkeypatch):
-    monkeypatch.setattr(_atomic, "_exchange", lambda a, b: False)
-    with atomic_folder(tmp_path / "a") as t:
-        (t / "old.txt").write_text("1")
-    with atomic_folder(tmp_path / "a") as t:
-        (t / "new.txt").write_text("2")
-    assert os.listdir(tmp_path) == ["a"]
-    assert os.listdir(tmp_path / "a") == ["new.txt"]
 
 
 def test_a_crash_between_the_fallback_renames_is_recovered(tmp_path):

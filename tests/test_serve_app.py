@@ -12,24 +12,13 @@ import time
 import httpx
 import pytest
 from fixtures import SERVE_KEY as KEY
-from fixtures import Server, serve_app, serve_env
+from fixtures import Server, expected, serve_app
 
 from lorakit.cli import main
 from lorakit.generate import Sampling, generate_text
 
 openai = pytest.importorskip("openai")
 BASE = "model"  # the base model's id: its folder's name
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    env = serve_env(tmp_path_factory.mktemp("serve"))
-    yield env
-    env["server"].stop()
-
-
-def expected(env, prompt, adapter, max_tokens, chat):
-    return generate_text(env["ref"], env["tok"], prompt, adapter, Sampling(max_tokens=max_tokens), chat=chat)
 
 
 def test_models_lists_base_and_adapters(env):

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 from fixtures import SERVE_KEY as KEY
-from fixtures import Server, make_embedding_adapter, serve_app, serve_env
+from fixtures import Server, expected, make_embedding_adapter, serve_app
 
 import lorakit
 import lorakit.hf
@@ -23,17 +23,6 @@ from lorakit.serve.engine import Done, Failed, Text
 from lorakit.serve.engine import Request as Job
 
 openai = pytest.importorskip("openai")
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    env = serve_env(tmp_path_factory.mktemp("serve"))
-    yield env
-    env["server"].stop()
-
-
-def expected(env, prompt, adapter, max_tokens, chat):
-    return generate_text(env["ref"], env["tok"], prompt, adapter, Sampling(max_tokens=max_tokens), chat=chat)
 
 
 def test_stop_strings(env):

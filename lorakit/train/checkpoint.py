@@ -29,6 +29,7 @@ from torch import nn
 from .. import _state
 from .._atomic import atomic_folder
 from ..errors import AdapterFileError, ShapeMismatchError, TrainingError, storage_errors
+from ..io import first_non_finite, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def save_checkpoint(
     tensors = {
         n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad
     }
-    bad = next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    bad = first_non_finite(tensors)
     if bad is not None:
         raise TrainingError(
             f"step {step}: trainable tensor {bad!r} holds NaN or Inf; not saving it as a checkpoint "
@@ -107,8 +108,6 @@ def save_checkpoint(
         torch.save(state, buffer)
         (tmp / STATE).write_bytes(buffer.getbuffer())
         if _state.has_adapters(model):
-            from ..io import save_adapter
-
             save_adapter(model, tmp / "adapter")
         (tmp / MARKER).write_text(json.dumps({"step": step}), encoding="utf-8")
     for old in complete_checkpoints(root)[:-keep]:
