@@ -231,7 +231,6 @@ def inject(
 def _apply(
     model: nn.Module, config: LoraConfig, adapter: str, targets: list[str], undo: _Undo, activate: bool
 ) -> None:
-    previous_active = _state.active(model)
     if not _state.has_adapters(model):
         for p in model.parameters():
             p.requires_grad_(False)
@@ -255,7 +254,7 @@ def _apply(
         if name and config.modules_to_save and _name_in(name, config.modules_to_save):
             undo.wrap(name, lambda m: ModulesToSave).add_adapter(adapter)
     _state.add_config(model, adapter, config)
-    _state.set_active(model, [adapter] if activate else (previous_active or [adapter]))
+    _state.set_active(model, [adapter] if activate else (undo.active or [adapter]))
     _mark_bias(model, config.bias)
     if not config.base_model_name_or_path and (base_name := _base_name(model)):
         config.base_model_name_or_path = base_name
