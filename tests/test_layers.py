@@ -142,3 +142,35 @@ def test_each_family_mixed_gradients_reach_only_each_rows_adapter(family):
     grads = {n: p.grad for n, p in layer.named_parameters() if "lora_" in n}  # lora_A.<adapter>...
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.split(".")[1] == "a")
     assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n.split(".")[1] == "b")
+
+
+def test_wrappers_look_like_the_layer_they_wrap():
+    """Model code reads `self.wo.weight` (T5), `in_features`, `padding_idx`, ...: each is the base's."""
+    import copy
+
+    lin = torch.nn.Linear(6, 4)
+    w = LoraLinear(lin)
+    assert w.weight is lin.weight and w.bias is lin.bias and w.in_features == 6
+    emb = LoraEmbedding(torch.nn.Embedding(10, 4, padding_idx=0))
+    assert emb.padding_idx == 0 and emb.weight is emb.base_layer.weight
+    assert LoraLinear(torch.nn.Linear(6, 4, bias=False)).bias is None
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        w.no_such_attribute  # noqa: B018
+    copy.deepcopy(w)  # no recursion while a copy has no base_layer yet
+
+
+def test_t5_runs_after_injection_and_its_output_is_unchanged():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    import lorakit
+
+    torch.manual_seed(0)
+    cfg = T5Config(
+        vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, decoder_start_token_id=0
+    )
+    model = T5ForConditionalGeneration(cfg).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    before = model(input_ids=ids, decoder_input_ids=ids).logits
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    after = model(input_ids=ids, decoder_input_ids=ids).logits  # read wo.weight.dtype: failed before
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)

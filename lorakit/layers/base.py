@@ -49,6 +49,30 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self._rows: list[str | None] | None = None
 
+    # looking like the wrapped layer -------------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: model code reads `self.proj.weight` (T5 its dtype, for one)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None when it has none)."""
+        return getattr(self.base_layer, "bias", None)
+
+    def __getattr__(self, name: str):
+        # nn.Module keeps parameters and submodules outside __dict__, so its own lookup runs first;
+        # what it does not know (in_features, kernel_size, padding_idx, ...) is the base layer's,
+        # as model code reading a wrapped layer expects. base_layer itself never falls through.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")  # absent mid-copy/unpickle
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
+
     # adapter management -----------------------------------------------------------------
 
     @property
