@@ -100,6 +100,13 @@ def _same(a, b) -> bool:
     return isinstance(a, bool) == isinstance(b, bool) and a == b  # True is not 1 here
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`: `include_usage` adds a last chunk with the token counts."""
+
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
 class Body(BaseModel):
     """The fields completions and chat completions share."""
 
@@ -122,6 +129,7 @@ class Body(BaseModel):
     stop: Str | Annotated[list[Str], Field(max_length=16)] | None = None
     presence_penalty: StrictFloat | StrictInt | None = None
     frequency_penalty: StrictFloat | StrictInt | None = None
+    stream_options: StreamOptions | None = None
 
 
 class CompletionBody(Body):

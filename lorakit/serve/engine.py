@@ -26,12 +26,12 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..errors import ConfigError, LorakitError, http_status
-from ..generate import Row, TextStream, context_length, eos_ids, generate_tokens
+from ..generate import Row, TextStream, context_length, eos_ids
 from .cache import AdapterCache, AdapterLoadError
 from .metrics import Metrics
 from .waiting import Waiting
@@ -187,11 +187,10 @@ class Engine:
         self._tasks_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._loop = None
-        if batching == "continuous":
-            from .scheduler import Continuous  # noqa: PLC0415 - it imports this module
+        from .scheduler import Continuous  # noqa: PLC0415 - both import this module
+        from .static import Static  # noqa: PLC0415
 
-            self._loop = Continuous(self)
+        self._loop = Continuous(self) if batching == "continuous" else Static(self)
         self.batches = 0  # statistics, for /health, /metrics and tests
         self.max_rows_seen = 0
         self.cancelled = 0
@@ -237,8 +236,7 @@ class Engine:
         self.waiting.wake()
         if self._thread:
             self._thread.join(timeout=30)
-        if self._loop is not None:
-            self._loop.cancel_all(Failed(503, "the server shut down before this request finished"))
+        self._loop.cancel_all(Failed(503, "the server shut down before this request finished"))
         for request in self.waiting.close():
             request.send(Failed(503, "the server shut down before this request started"))
 
@@ -250,7 +248,7 @@ class Engine:
     def rows(self) -> int:
         """Requests admitted to the batch and not finished (continuous batching; else 0 or 1
         batch)."""
-        return self._loop.rows() if self._loop else int(self.lock.locked())
+        return self._loop.rows()
 
     def in_flight(self) -> int:
         """Requests waiting or running."""
@@ -264,7 +262,7 @@ class Engine:
         """Run `action` on the model between two decoding steps (or two static batches); the
         future holds its result or error."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        if self._loop is None or not self.alive:
+        if self.batching == "static" or not self.alive:
             with self.lock:
                 _settle(future, action)
         else:
@@ -285,7 +283,7 @@ class Engine:
 
     def pinned(self) -> set[str]:
         """Model keys of the adapters rows use now (never evicted)."""
-        return self._loop.pinned() if self._loop else set()
+        return self._loop.pinned()
 
     def run_tasks(self) -> None:
         """Run the `between_steps` actions (the lock held)."""
@@ -295,104 +293,7 @@ class Engine:
             _settle(future, action)
 
     def _work(self) -> None:
-        if self._loop is not None:
-            self._loop.run(self._stop)
-            return
-        while not self._stop.is_set():
-            batch = self._collect()
-            try:
-                self._run(batch)
-            except Exception as e:  # noqa: BLE001 - the worker must outlive any batch
-                log.exception("batch failed")
-                for r in batch:  # a request that was answered already ignores this
-                    r.send(Failed(500, f"internal error: {type(e).__name__}"))
-
-    def _collect(self) -> list[Request]:
-        """Up to `max_batch` live requests arriving within the wait window, within the cache size."""
-        first = self.waiting.first(0.1)
-        if first is None:
-            return []
-        batch, deferred, adapters = [], [], set()
-        deadline = time.monotonic() + self.wait_s
-        request = first
-        while request is not None:
-            name = request.row.adapter
-            if request.cancelled.is_set():
-                pass
-            elif name is not None and name not in adapters and len(adapters) >= self.cache.capacity:
-                deferred.append(request)  # its adapter would not fit in memory with the others
-            else:
-                batch.append(request)
-                if name is not None:
-                    adapters.add(name)
-            if len(batch) >= self.max_batch:
-                break
-            request = self.waiting.first(max(deadline - time.monotonic(), 0.0))
-        for request in reversed(deferred):
-            self.waiting.put(request, front=True)
-        return batch
-
-    def _load_adapters(self, batch: list[Request]) -> list[Request]:
-        """Load the batch's adapters; requests whose adapter fails to load get an error and leave."""
-        ready: list[str] = []
-        for name in dict.fromkeys(r.row.adapter for r in batch if r.row.adapter):
-            try:
-                self.cache.ensure([*ready, name])
-                ready.append(name)
-            except Exception as e:  # noqa: BLE001 - only this adapter's requests may fail
-                log.error("adapter %s: %s", name, e)
-                failed = failure(e, name)
-                for r in batch:
-                    if r.row.adapter == name:
-                        r.send(failed)
-        return [r for r in batch if r.row.adapter is None or r.row.adapter in ready]
-
-    def _run(self, batch: list[Request]) -> None:
-        """Generate for `batch`. If it fails, each request that has not seen any output yet runs
-        again alone, so one request's error reaches that request only; a request that already
-        streamed text cannot be restarted and gets the error."""
-        if not batch:
-            return
-        with self.lock:
-            self.run_tasks()
-            batch = self._load_adapters(batch)
-            outputs = [_Output(r, self.tokenizer, self.metrics) for r in batch]
-            error = self._generate(batch, outputs)
-        if error is None:
-            return
-        for request, out in zip(batch, outputs):
-            if out.finished:
-                continue
-            if len(batch) > 1 and out.sent == 0:
-                self._run([request])
-            else:
-                out.fail(error)
-
-    def _generate(self, batch: list[Request], outputs: list[_Output]) -> Failed | None:
-        """Run `batch` to the end (the lock held); the failure, if any."""
-        if not batch:
-            return None
-        self.batches += 1
-        self.max_rows_seen = max(self.max_rows_seen, len(batch))
-        try:
-            rows = [replace(r.row, adapter=r.row.adapter and self.cache.key(r.row.adapter)) for r in batch]
-            for i, token, reason in generate_tokens(
-                self.model,
-                rows,
-                self.eos,
-                self.pad,
-                cancelled=lambda i: batch[i].cancelled.is_set() or outputs[i].stopped,
-            ):
-                if token is not None:
-                    outputs[i].push(token)
-                    self.metrics.step(1)
-                else:
-                    self.cancelled += outputs[i].finish(reason) == "cancelled"
-        except Exception as e:  # noqa: BLE001 - keep serving: report it to the clients and log it
-            if not isinstance(e, LorakitError):
-                log.exception("generation failed")
-            return failure(e)
-        return None
+        self._loop.run(self._stop)
 
 
 def failure(e: Exception, adapter: str | None = None) -> Failed:
