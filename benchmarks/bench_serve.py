@@ -9,7 +9,7 @@ and the time per output token after the first (TPOT). A run is bounded in count 
 configuration) and time (`--budget-s` per configuration: requests not finished by then are
 cancelled and counted as unfinished).
 
-    PYTHONPATH=. python benchmarks/bench_serve.py [--rates 0.5 1.5] [--requests 12] [--budget-s 30]
+    PYTHONPATH=. python benchmarks/bench_serve.py [--rates 0.3 1.0] [--requests 6] [--budget-s 240]
 
 Writes benchmarks/results/serve.json. The client runs in the server's process (one asyncio loop,
 the server in a thread): on a machine with few cores it competes for them, alike for every
@@ -71,7 +71,7 @@ def workload(seed: int, rate: float, n: int, adapters: list[str]) -> list[dict]:
             {
                 "at": t,
                 "prompt": " ".join(rng.sample(PROMPTS, rng.randint(1, 3))),
-                "max_tokens": rng.randint(8, 24),
+                "max_tokens": rng.randint(8, 16),
                 "model": rng.choice(adapters),
             }
         )
@@ -141,9 +141,9 @@ def summarize(records: list[dict], wall: float, sent: int, end: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.5], help="requests per second")
-    parser.add_argument("--requests", type=int, default=12, help="requests per configuration")
-    parser.add_argument("--budget-s", type=float, default=30.0, help="seconds per configuration")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 1.0], help="requests per second")
+    parser.add_argument("--requests", type=int, default=6, help="requests per configuration")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="seconds per configuration")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)

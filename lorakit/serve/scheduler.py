@@ -97,12 +97,14 @@ class Continuous:
         check_cache(getattr(out, self.cache_kw))
 
     def seqs(self) -> list[_Seq]:
+        """The rows admitted: waiting for their prefill, being prefilled, running (or ended and
+        not yet dropped from the batch: their adapters stay pinned until then)."""
         with self.guard:
             return [*self.ready, *(self.prefill.seqs if self.prefill else []), *self.running]
 
     def rows(self) -> int:
         """Requests admitted and not finished."""
-        return len(self.seqs())
+        return sum(not s.out.finished for s in self.seqs())
 
     def pinned(self) -> set[str]:
         return {s.key for s in self.seqs() if s.key}
@@ -117,6 +119,7 @@ class Continuous:
                     continue
                 with self.e.lock:
                     if self.e._tasks:
+                        self.compact()  # rows that ended release their adapters
                         self.unroute()  # the model's adapters may change: no routing in place
                         self.e.run_tasks()
                     worked = self.step()
@@ -135,7 +138,7 @@ class Continuous:
             self.ready, self.prefill, self.running, self.batch = [], None, [], None
 
     def admit(self) -> None:
-        tokens = sum(s.budget for s in self.seqs())
+        tokens = sum(s.budget for s in self.seqs() if not s.out.finished)
 
         def fits(request: Request) -> bool:
             budget = len(request.row.prompt_ids) + request.row.sampling.max_tokens
@@ -298,6 +301,8 @@ class Continuous:
             if len(keep) < len(p.seqs):
                 batch.select(keep)
             joined = [p.seqs[i] for i in keep]
+        self.compact()  # the routing changes anyway: drop the rows that have ended
+        with self.guard:
             if self.batch is None:
                 self.batch, self.running = batch, joined
             else:
@@ -305,13 +310,19 @@ class Continuous:
                 self.running = self.running + joined
 
     def decode(self) -> None:
+        """One token for every running row. A row that ends stays in the batch, fed but ignored,
+        until a group joins or dead rows outnumber live ones: re-packing the batch changes the
+        rows' adapter routing, which costs the mixed-adapter layers a rebuild of their stacks."""
+        for s in self.running:
+            if not s.out.finished and s.request.cancelled.is_set():
+                self.finish(s, "cancelled")
+        live = [i for i, s in enumerate(self.running) if not s.out.finished]
+        if 2 * len(live) < len(self.running):
+            self.compact()
+            live = list(range(len(self.running)))
         seqs, batch = self.running, self.batch
-        gone = [i for i, s in enumerate(seqs) if s.request.cancelled.is_set()]
-        if gone:
-            self.drop(seqs, [i for i in range(len(seqs)) if i not in gone], "cancelled")
-            seqs, batch = self.running, self.batch
-            if not seqs:
-                return
+        if not seqs:
+            return
         ids = torch.tensor([s.history[-1] for s in seqs], device=self.device)[:, None]
         positions = batch.positions[:, None]
         batch.grow()
@@ -320,23 +331,24 @@ class Continuous:
         except Exception as e:  # noqa: BLE001 - these rows have streamed text: they fail
             log.exception("decode step failed")
             for s in seqs:
-                self.finish(s, fail=failure(e))
+                if not s.out.finished:
+                    self.finish(s, fail=failure(e))
             with self.guard:
                 self.running, self.batch = [], None
             return
-        keep = self.emit(seqs, logits)
-        if len(keep) < len(seqs):
-            self.drop(seqs, keep)
+        self.emit([seqs[i] for i in live], logits[live])
+        if all(s.out.finished for s in seqs):
+            self.compact()
 
-    def drop(self, seqs: list[_Seq], keep: list[int], reason: str | None = None) -> None:
-        """Keep rows `keep` of the running batch (ending the others as `reason`, if given)."""
-        if reason:
-            for i in set(range(len(seqs))) - set(keep):
-                self.finish(seqs[i], reason)
+    def compact(self) -> None:
+        """Drop the rows that have ended from the running batch."""
+        live = [i for i, s in enumerate(self.running) if not s.out.finished]
+        if len(live) == len(self.running):
+            return
         with self.guard:
-            if keep:
-                self.batch.select(keep)
-                self.running = [seqs[i] for i in keep]
+            if live:
+                self.batch.select(live)
+                self.running = [self.running[i] for i in live]
             else:
                 self.running, self.batch = [], None
 
