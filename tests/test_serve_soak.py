@@ -72,7 +72,8 @@ def test_soak_random_clients_disconnects_and_adapter_churn(env):
         with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as http:
             while not stop.is_set():
                 r = http.post("/v1/load_lora_adapter", json={"lora_name": "churn", "lora_path": "churn"})
-                if r.status_code not in (200, 400):  # 400: still loaded from the last round
+                # 400: still loaded from the last round; 503: every cache slot in use by running rows
+                if r.status_code not in (200, 400, 503):
                     problems.append(("load", r.status_code, r.text[:200]))
                 time.sleep(0.3)
                 r = http.post("/v1/unload_lora_adapter", json={"lora_name": "churn"})
@@ -86,7 +87,7 @@ def test_soak_random_clients_disconnects_and_adapter_churn(env):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             clients = [pool.submit(client, seed) for seed in range(6)]
             churner = pool.submit(churn)
-            end = time.monotonic() + 25
+            end = time.monotonic() + 15
             while time.monotonic() < end:
                 assert httpx.get(server.url + "/health", timeout=10).status_code == 200
                 time.sleep(0.5)
