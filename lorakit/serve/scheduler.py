@@ -171,7 +171,7 @@ class Continuous:
         if self.running:
             self.decode()
             worked = True
-        if self.e.cache.draining:
+        if self.e.cache.draining - self.pinned():  # removed adapters no row uses any more
             self.unroute()
             self.e.cache.drain(self.pinned())
         return worked
