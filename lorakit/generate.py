@@ -34,6 +34,8 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from a token's logit once it has appeared
+    frequency_penalty: float = 0.0  # ... and this times the number of times it has appeared
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -45,6 +47,10 @@ class Sampling:
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
             # torch.Generator.manual_seed takes 64 bits; anything else would fail mid-batch
             raise ConfigError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        for key in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, key)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ConfigError(f"{key} must be between -2 and 2, got {value!r}")
 
 
 def _is_int(value) -> bool:
@@ -93,11 +99,18 @@ def eos_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-def _choose(logits: torch.Tensor, rows: list[Row], generators: list[torch.Generator]) -> list[int]:
-    """Next token per row: argmax for greedy rows, a seeded top-p sample for the others."""
+def choose_tokens(
+    logits: torch.Tensor,
+    samplings: list[Sampling],
+    generators: list[torch.Generator],
+    history: list[list[int]] | None = None,
+) -> list[int]:
+    """Next token per row of `logits` [rows, vocab]: argmax for greedy rows, a seeded top-p sample
+    for the others, after the presence/frequency penalties over each row's `history` (its tokens
+    generated so far). `logits` is changed in place where a penalty applies."""
+    penalize_rows(logits, samplings, history)
     chosen = logits.argmax(-1).tolist()
-    for i, row in enumerate(rows):
-        s = row.sampling
+    for i, s in enumerate(samplings):
         if s.temperature == 0:
             continue
         # in float64 and shifted so the top logit is 0: a tiny temperature then gives -inf (p = 0),
@@ -110,6 +123,16 @@ def _choose(logits: torch.Tensor, rows: list[Row], generators: list[torch.Genera
             probs = probs.scatter(0, order[drop], 0.0)
         chosen[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
     return chosen
+
+
+def penalize_rows(logits: torch.Tensor, samplings: list[Sampling], history: list[list[int]] | None) -> None:
+    """OpenAI's penalties, in place: logit[t] -= frequency * count(t) + presence * (count(t) > 0)."""
+    for i, s in enumerate(samplings):
+        if history is None or not history[i] or not (s.presence_penalty or s.frequency_penalty):
+            continue
+        counts = torch.bincount(torch.tensor(history[i]), minlength=logits.shape[-1])[: logits.shape[-1]]
+        counts = counts.to(logits.device, logits.dtype)
+        logits[i] -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def generate_tokens(
@@ -138,11 +161,10 @@ def generate_tokens(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generators = [torch.Generator().manual_seed(_seed(r.sampling.seed)) for r in rows]
     alive = list(range(len(rows)))  # original row numbers of the batch's current rows
-    counts = [0] * len(rows)
+    history: list[list[int]] = [[] for _ in rows]  # each row's tokens so far (the penalties)
     needs_rows = bool(list_adapters(model)) or any(r.adapter is not None for r in rows)
     cache, regroup = None, needs_rows
-    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes away)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = cache_argument(model)
     with torch.no_grad(), contextlib.ExitStack() as stack:
         while alive:
             if regroup:  # (re)assign adapters to the current rows
@@ -159,7 +181,12 @@ def generate_tokens(
                 **kwargs,
             )
             cache = getattr(out, cache_kw)
-            chosen = _choose(out.logits[:, -1], [rows[i] for i in alive], [generators[i] for i in alive])
+            chosen = choose_tokens(
+                out.logits[:, -1].float(),
+                [rows[i].sampling for i in alive],
+                [generators[i] for i in alive],
+                [history[i] for i in alive],
+            )
             keep = []
             for j, (i, token) in enumerate(zip(alive, chosen)):
                 reason = None
@@ -168,9 +195,9 @@ def generate_tokens(
                 elif token in eos:
                     reason = "stop"
                 else:
-                    counts[i] += 1
+                    history[i].append(token)
                     yield i, token, None
-                    if counts[i] >= rows[i].sampling.max_tokens:
+                    if len(history[i]) >= rows[i].sampling.max_tokens:
                         reason = "length"
                 if reason:
                     yield i, None, reason
@@ -188,6 +215,12 @@ def generate_tokens(
             ids = torch.tensor(chosen, dtype=torch.long, device=device)[:, None]
             mask = torch.cat([mask, mask.new_ones(len(alive), 1)], 1)
             positions = positions[:, -1:] + 1
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of `model.forward`'s KV-cache argument (and output attribute)."""
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes away)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _check_rows(model: nn.Module, rows: list[Row]) -> None:

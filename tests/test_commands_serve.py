@@ -34,6 +34,11 @@ def test_cli_arguments():
         (["--max-loaded", "0"], "--max-loaded"),
         (["--port", "70000"], "--port"),
         (["--adapter", "a/b=/x"], "invalid adapter name"),
+        (["--max-batch-tokens", "0"], "--max-batch-tokens"),
+        (["--prefill-chunk", "0"], "--prefill-chunk"),
+        (["--max-queue-per-adapter", "0"], "--max-queue-per-adapter"),
+        (["--max-loaded-bytes", "0"], "--max-loaded-bytes"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
     ],
 )
 def test_bad_flags_are_refused_before_the_model_loads(flags, word, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Fuzzing the server's HTTP bodies (hypothesis): random JSON values, wrong types, huge and negative
 numbers, NaN and infinities, odd Unicode (lone surrogates included), and raw bytes, sent to
-/v1/completions and /v1/chat/completions of a real uvicorn server. Every answer must be a 2xx or a
-4xx whose body is an OpenAI-style error with a message; never a 500, never a hang (10 s timeout).
+/v1/completions and /v1/chat/completions (n, logprobs, penalties and stream options included) of a
+real uvicorn server. Every answer must be a 2xx or a 4xx whose body is an OpenAI-style error with a
+message; never a 500, never a hang (10 s timeout).
 """
 
 import json
@@ -36,7 +37,10 @@ common = {
     "seed": maybe(numbers),
     "stop": maybe(text | st.lists(text, max_size=20)),
     "stream": maybe(st.booleans()),
-    "n": maybe(st.integers(0, 2)),
+    "n": maybe(st.integers(0, 3)),
+    "presence_penalty": maybe(st.floats(-3, 3)),
+    "frequency_penalty": maybe(st.floats(-3, 3)),
+    "stream_options": maybe(st.fixed_dictionaries({"include_usage": maybe(st.booleans())})),
 }
 part = st.fixed_dictionaries({"type": maybe(st.just("text")), "text": maybe(text)})
 message = st.fixed_dictionaries(
@@ -48,11 +52,14 @@ message = st.fixed_dictionaries(
 completion_fields = {
     **common,
     "prompt": maybe(text | st.lists(text, max_size=2) | st.lists(numbers, max_size=4)),
+    "logprobs": maybe(st.integers(-1, 21)),
 }
 chat_fields = {
     **common,
     "messages": maybe(st.lists(message, max_size=3)),
     "max_completion_tokens": maybe(st.integers(-2, 6)),
+    "logprobs": maybe(st.booleans()),
+    "top_logprobs": maybe(st.integers(-1, 21)),
 }
 
 
@@ -121,7 +128,9 @@ def test_chat_bodies(client, body, ascii_only):
 @settings(max_examples=40, deadline=None)
 @given(
     raw=st.binary(max_size=300),
-    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/admin/adapters"]),
+    path=st.sampled_from(
+        ["/v1/completions", "/v1/chat/completions", "/admin/adapters", "/v1/load_lora_adapter"]
+    ),
 )
 def test_raw_bytes(client, raw, path):
     check(client.post(path, content=raw))

@@ -274,3 +274,18 @@ def test_embedding_adapter_in_a_mixed_batch_equals_rows_alone(setup, tmp_path):
         assert batch[0] != batch[1]
     finally:
         lorakit.delete_adapter(model, "emb4")
+
+
+def test_penalties_follow_the_openai_formula():
+    from lorakit.generate import penalize_rows
+
+    logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
+    want = logits.clone()
+    want[0, 3] -= 0.25 * 2 + 0.5  # seen twice: frequency * count + presence
+    want[0, 5] -= 0.25 * 1 + 0.5
+    both = Sampling(4, 0.0, 1.0, None, 0.5, 0.25)
+    penalize_rows(logits, [both, both], [[3, 3, 5], []])  # row 1 has no history: unchanged
+    assert torch.allclose(logits, want)
+    for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": float("nan")}, {"presence_penalty": True}):
+        with pytest.raises(ConfigError, match="penalty"):
+            Sampling(**bad)

@@ -15,7 +15,7 @@ from fixtures import SERVE_KEY as KEY
 from fixtures import Server, expected, serve_app
 
 from lorakit.cli import main
-from lorakit.generate import Sampling, generate_text
+from lorakit.generate import Row, Sampling, eos_ids, generate_text, generate_tokens, prompt_ids
 
 openai = pytest.importorskip("openai")
 BASE = "model"  # the base model's id: its folder's name
@@ -105,8 +105,8 @@ def test_bad_requests_get_openai_errors(env):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="a1", prompt="word " * 5000, max_tokens=2)
     assert e.value.body["code"] == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.completions.create(model="a1", prompt="x", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client.completions.create(model="a1", prompt="x", max_tokens=2, n=17)
     auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     r = httpx.post(url + "/v1/completions", content=b"{not json", headers=auth)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
@@ -249,15 +249,14 @@ def test_dotted_adapter_names_are_served(env):
 def test_unsupported_fields_are_refused_not_ignored(env):
     body = {"model": "a1", "prompt": "Hi", "max_tokens": 2}
     for extra in (
-        {"logprobs": 3},
         {"echo": True},
         {"best_of": 2},
-        {"presence_penalty": 0.5},
         {"logit_bias": {"5": 1}},
+        {"response_format": {"type": "json_object"}},
     ):
         r = post(env, "/v1/completions", {**body, **extra})
         assert r.status_code == 400 and "not supported" in r.json()["error"]["message"], extra
-    neutral = {"logprobs": None, "echo": False, "presence_penalty": 0.0, "user": "someone"}
+    neutral = {"echo": False, "best_of": 1, "user": "someone"}
     assert post(env, "/v1/completions", {**body, **neutral}).status_code == 200
     r = post(env, "/admin/adapters", {"name": "model"})  # the base model's id
     assert r.status_code == 400 and "base model" in r.json()["error"]["message"]
@@ -280,3 +279,98 @@ def test_health_says_when_the_worker_is_not_running(env):
     client = TestClient(create_app(engine, "model"))  # no `with`: the lifespan (worker) never starts
     r = client.get("/health")
     assert r.status_code == 503 and r.json() == {"status": "stopped"}
+
+
+def test_n_seeds_penalties_logprobs_and_usage(env):
+    client = env["client"]
+    kw = {"model": "a2", "prompt": "Dice", "max_tokens": 6, "temperature": 0.9, "seed": 5}
+    got = client.completions.create(n=3, **kw)
+    want = [
+        generate_text(env["ref"], env["tok"], "Dice", "a2", Sampling(6, 0.9, 1.0, 5 + i), chat=False)
+        for i in range(3)
+    ]
+    assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == want
+    ref, tok = env["ref"], env["tok"]
+    n_tokens = [
+        sum(t is not None for _, t, _ in generate_tokens(ref, [row], eos_ids(ref, tok), 0))
+        for row in (
+            Row(prompt_ids(tok, "Dice", chat=False), "a2", Sampling(6, 0.9, 1.0, 5 + i)) for i in range(3)
+        )
+    ]
+    assert got.usage.completion_tokens == sum(n_tokens) and got.usage.prompt_tokens == len(
+        tok("Dice")["input_ids"]
+    )
+    streamed = ["", ""]
+    for chunk in client.completions.create(n=2, stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == want[:2]
+    penalized = client.completions.create(
+        model="a1", prompt="Again and again", max_tokens=10, temperature=0, frequency_penalty=1.5
+    )
+    assert penalized.choices[0].text == generate_text(
+        env["ref"], env["tok"], "Again and again", "a1", Sampling(10, 0.0, 1.0, None, 0.0, 1.5), chat=False
+    )
+    lp = client.completions.create(model="a1", prompt="Hi", max_tokens=5, temperature=0, logprobs=2)
+    c = lp.choices[0]
+    assert len(c.logprobs.tokens) == lp.usage.completion_tokens == len(c.logprobs.token_logprobs)
+    assert all(
+        len(top) <= 2 and max(top.values()) >= p - 1e-5
+        for top, p in zip(c.logprobs.top_logprobs, c.logprobs.token_logprobs)
+    )
+    chat = client.chat.completions.create(
+        model="a1",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5) for t in content)  # greedy
+
+
+def test_metrics_are_prometheus_text(env):
+    env["client"].completions.create(model="a1", prompt="Measure", max_tokens=3, temperature=0)
+    r = httpx.get(env["server"].url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    lines = r.text.splitlines()
+    for name in ("lorakit_queue_depth", "lorakit_rows_in_flight", "lorakit_tokens_per_second"):
+        assert any(line.startswith(name + " ") for line in lines), name
+    assert any(line.startswith('lorakit_requests_total{adapter="a1",outcome=') for line in lines)
+    count = next(
+        line for line in lines if line.startswith('lorakit_time_to_first_token_seconds_count{adapter="a1"}')
+    )
+    inf = next(
+        line
+        for line in lines
+        if line.startswith('lorakit_time_to_first_token_seconds_bucket{adapter="a1",le="+Inf"}')
+    )
+    assert int(count.split()[-1]) == int(inf.split()[-1]) >= 1
+    assert httpx.get(env["server"].url + "/metrics").status_code == 401  # behind the key
+
+
+def test_vllm_load_and_unload_endpoints(env):
+    url, auth = env["server"].url, {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": "a4"}, headers=auth)
+    assert r.status_code == 200 and "added successfully" in r.text
+    got = env["client"].completions.create(model="v", prompt="Hi", max_tokens=6, temperature=0)
+    assert got.choices[0].text == expected(env, "Hi", "a4", 6, chat=False)
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "v", "lora_path": "a4"}, headers=auth)
+    assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"]
+    outside = str(env["dir"] / "outside" / "evil")
+    for path in (outside, "../outside/evil"):
+        r = httpx.post(
+            url + "/v1/load_lora_adapter", json={"lora_name": "w", "lora_path": path}, headers=auth
+        )
+        assert r.status_code == 400 and "outside the allowed adapter folder" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "w", "lora_path": "a4"})
+    assert r.status_code == 401
+    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "v"}, headers=auth)
+    assert r.status_code == 200 and "removed successfully" in r.text
+    with pytest.raises(openai.NotFoundError):
+        env["client"].completions.create(model="v", prompt="Hi", max_tokens=2)
+    assert (
+        httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "v"}, headers=auth).status_code == 404
+    )

@@ -132,3 +132,31 @@ def test_nested_layout_is_found(setup, tmp_path):
         shutil.copytree(paths["a1"], tmp_path / "two" / sub)
     with pytest.raises(AdapterFileError, match="has no adapter_config.json"):
         AdapterCache(model, {"x": tmp_path / "two"})  # two nested adapters: ambiguous
+
+
+def test_byte_limit_pinned_adapters_and_deferred_unload(setup):
+    from lorakit.serve.cache import NoRoom
+
+    d, folder, paths = setup
+    model, _ = lorakit.hf.load_model(folder)
+    probe = AdapterCache(model, paths)
+    probe.ensure(["a1"])
+    size = probe.loaded_bytes()
+    assert size == sum(p.nbytes for p in lorakit.io.adapter_state_dict(model, probe.key("a1")).values())
+    probe.unload("a1")
+    cache = AdapterCache(model, paths, capacity=8, max_bytes=2 * size + size // 2)  # room for two
+    k1, _ = cache.load("a1"), cache.load("a2")
+    k3 = cache.load("a3", pinned={k1})  # a1 is in use: a2 (the other one) goes
+    assert cache.loaded_names() == ["a1", "a3"] and cache.loaded_bytes() <= cache.max_bytes
+    with pytest.raises(NoRoom):
+        cache.load("a2", pinned={k1, k3})
+    cache.remove("a1", pinned={k1})  # forgotten at once, on the model until its rows are done
+    assert "a1" not in cache and k1 in lorakit.list_adapters(model)
+    cache.drain({k1})
+    assert k1 in lorakit.list_adapters(model)
+    cache.drain(set())
+    assert k1 not in lorakit.list_adapters(model) and not cache.draining
+    tiny = AdapterCache(lorakit.hf.load_model(folder)[0], paths, max_bytes=size - 1)
+    with pytest.raises(AdapterStateError, match="more than --max-loaded-bytes"):
+        tiny.load("a1")
+    assert tiny.loaded_names() == []

@@ -21,6 +21,7 @@ from lorakit.generate import Row, Sampling, generate_text, prompt_ids
 from lorakit.serve import AdapterCache, Engine
 from lorakit.serve.engine import Done, Failed, Text
 from lorakit.serve.engine import Request as Job
+from lorakit.serve.waiting import Overloaded
 
 openai = pytest.importorskip("openai")
 
@@ -96,6 +97,7 @@ def test_full_queue_answers_503_and_disconnect_cancels(env):
                 time.sleep(0.5)
                 busy = httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=60)
                 assert busy.status_code == 503 and busy.json()["error"]["type"] == "server_error"
+                assert busy.headers["retry-after"] == "1"
                 engine.lock.release()
                 try:
                     assert all(f.result().status_code == 200 for f in futures)
@@ -141,12 +143,13 @@ def text_of(events: list) -> str:
     return "".join(e.piece for e in events[:-1])
 
 
-def test_one_bad_request_never_fails_its_batch(env, tmp_path):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_one_bad_request_never_fails_its_batch(env, tmp_path, batching):
     emb = make_embedding_adapter(env["folder"], tmp_path / "emb", 5)
-    lorakit.load_adapter(env["ref"], emb, "emb")
+    lorakit.load_adapter(env["ref"], emb, f"emb_{batching}")
     model, tok = lorakit.hf.load_model(env["folder"])
     cache = AdapterCache(model, {"a1": env["paths"]["a1"], "emb": emb})
-    engine = Engine(model, tok, cache, max_batch=8, wait_ms=500)
+    engine = Engine(model, tok, cache, max_batch=8, wait_ms=500, batching=batching)
     ids = prompt_ids(tok, "Fine", chat=False)
     rows = [
         Row(ids, "a1", Sampling(5)),
@@ -155,21 +158,26 @@ def test_one_bad_request_never_fails_its_batch(env, tmp_path):
         Row(ids, None, Sampling(5)),
     ]
     good, bad, embedding, base = run_jobs(engine, rows)
-    assert engine.batches == 1 + 4  # the batch failed (the bad row), then each row ran alone
-    assert engine.max_rows_seen == 4  # all four were batched together
+    if batching == "static":
+        assert engine.batches == 1 + 4  # the batch failed (the bad row), then each row ran alone
+        assert engine.max_rows_seen == 4  # all four were batched together
     assert isinstance(bad[-1], Failed) and bad[-1].status == 500 and "IndexError" in bad[-1].message
     assert text_of(good) == expected(env, "Fine", "a1", 5, chat=False)
-    assert text_of(embedding) == expected(env, "Fine", "emb", 5, chat=False)
+    assert text_of(embedding) == expected(env, "Fine", f"emb_{batching}", 5, chat=False)
     assert text_of(base) == expected(env, "Fine", None, 5, chat=False)
 
 
-def test_embedding_and_linear_adapters_share_a_batch(env, tmp_path):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_embedding_and_linear_adapters_share_a_batch(env, tmp_path, batching):
     model, tok = lorakit.hf.load_model(env["folder"])
     emb = make_embedding_adapter(env["folder"], tmp_path / "emb", 5)
-    engine = Engine(model, tok, AdapterCache(model, {"a1": env["paths"]["a1"], "emb": emb}), wait_ms=500)
+    cache = AdapterCache(model, {"a1": env["paths"]["a1"], "emb": emb})
+    engine = Engine(model, tok, cache, wait_ms=500, batching=batching)
     ids = prompt_ids(tok, "Fine", chat=False)
     events = run_jobs(engine, [Row(ids, "a1", Sampling(5)), Row(ids, "emb", Sampling(5))])
-    assert engine.batches == 1 and engine.max_rows_seen == 2  # one mixed batch, nothing rerun
+    assert engine.max_rows_seen == 2  # one mixed batch (static) or shared decode steps (continuous)
+    if batching == "static":
+        assert engine.batches == 1  # nothing rerun
     assert [text_of(e) for e in events] == [expected(env, "Fine", "a1", 5, chat=False), text_of(events[1])]
     ref, _ = lorakit.hf.load_model(env["folder"])
     lorakit.load_adapter(ref, emb, "emb")
@@ -200,7 +208,8 @@ def test_embedding_adapter_served_beside_others(env, tmp_path):
         server.stop()
 
 
-def test_modules_to_save_adapter_beside_another_both_answer(env, tmp_path):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_modules_to_save_adapter_beside_another_both_answer(env, tmp_path, batching):
     """A modules_to_save adapter batched with another: each copy serves its own rows (as in PEFT), so
     both requests answer from one batch, each as it would alone."""
     model, tok = lorakit.hf.load_model(env["folder"])
@@ -211,12 +220,47 @@ def test_modules_to_save_adapter_beside_another_both_answer(env, tmp_path):
     lorakit.save_adapter(model, tmp_path / "mts")
     model, _ = lorakit.hf.load_model(env["folder"])
     engine = Engine(
-        model, tok, AdapterCache(model, {"a1": env["paths"]["a1"], "mts": tmp_path / "mts"}), wait_ms=500
+        model,
+        tok,
+        AdapterCache(model, {"a1": env["paths"]["a1"], "mts": tmp_path / "mts"}),
+        wait_ms=500,
+        batching=batching,
     )
     ids = prompt_ids(tok, "Fine", chat=False)
     a1, mts = run_jobs(engine, [Row(ids, "a1", Sampling(5)), Row(ids, "mts", Sampling(5))])
-    assert engine.batches == 1
+    assert engine.max_rows_seen == 2
     ref, _ = lorakit.hf.load_model(env["folder"])
     lorakit.load_adapter(ref, tmp_path / "mts", "mts")
     assert text_of(a1) == expected(env, "Fine", "a1", 5, chat=False)
     assert text_of(mts) == generate_text(ref, tok, "Fine", "mts", Sampling(5), chat=False)
+
+
+def test_stop_lets_short_requests_finish_and_cancels_the_rest(env):
+    model, tok = lorakit.hf.load_model(env["folder"])
+    engine = Engine(model, tok, AdapterCache(model), max_batch=4)
+    ids = prompt_ids(tok, "Fine", chat=False)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine.start()
+        long, short = Job(Row(ids, None, Sampling(500)), loop), Job(Row(ids, None, Sampling(3)), loop)
+        engine.submit(long)
+        first = await asyncio.wait_for(long.events.get(), 60)  # it runs
+        engine.submit(short)
+        start = time.monotonic()
+        await asyncio.to_thread(engine.stop, 0.5)
+        assert time.monotonic() - start < 15
+        with pytest.raises(Overloaded) as e:
+            engine.submit(Job(Row(ids, None, Sampling(3)), loop))
+        assert e.value.status == 503
+        out = []
+        for job in (long, short):
+            events = [first] if job is long else []
+            while not events or isinstance(events[-1], Text):
+                events.append(await asyncio.wait_for(job.events.get(), 10))
+            out.append(events)
+        return out
+
+    long, short = asyncio.run(main())
+    assert isinstance(short[-1], Done)  # finished within the deadline
+    assert isinstance(long[-1], Failed) and long[-1].status == 503 and "shut down" in long[-1].message

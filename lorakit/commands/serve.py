@@ -42,6 +42,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds a request body may take to arrive (else 408)",
     )
+    parser.add_argument(
+        "--batching",
+        choices=["continuous", "static"],
+        default="continuous",
+        help="continuous: rows join and leave at every decoding step; static: whole batches",
+    )
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=16384, help="prompt + max_tokens of all rows in flight"
+    )
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
+    parser.add_argument(
+        "--max-queue-per-adapter", type=int, default=None, help="waiting requests per adapter before 429"
+    )
+    parser.add_argument("--max-loaded-bytes", type=int, default=None, help="memory limit of loaded adapters")
+    parser.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown"
+    )
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
@@ -65,22 +82,36 @@ def build(args: argparse.Namespace):
 
     adapters = parse_adapters(args.adapter)
     limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.body_timeout)
-    Engine.check_settings(args.max_batch, args.batch_wait_ms, args.max_queue)  # before the slow load
+    engine_args = (
+        args.max_batch,
+        args.batch_wait_ms,
+        args.max_queue,
+        args.batching,
+        args.max_batch_tokens,
+        args.prefill_chunk,
+    )
+    Engine.check_settings(*engine_args)  # before the slow load
     if args.max_loaded < 1:
         raise ConfigError(f"--max-loaded must be at least 1, got {args.max_loaded}")
+    if args.max_queue_per_adapter is not None and args.max_queue_per_adapter < 1:
+        raise ConfigError(f"--max-queue-per-adapter must be at least 1, got {args.max_queue_per_adapter}")
+    if args.max_loaded_bytes is not None and args.max_loaded_bytes < 1:
+        raise ConfigError(f"--max-loaded-bytes must be at least 1, got {args.max_loaded_bytes}")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise ConfigError(f"--shutdown-timeout must be a finite number >= 0, got {args.shutdown_timeout}")
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     model, tokenizer = hf.load_model(args.model)
     base_name = args.served_model_name or Path(str(args.model)).name
-    cache = AdapterCache(model, adapters, args.adapter_dir, args.max_loaded)
+    cache = AdapterCache(model, adapters, args.adapter_dir, args.max_loaded, args.max_loaded_bytes)
     if base_name in cache:
         raise ConfigError(
             f"adapter name {base_name!r} is the base model's id; rename it or set --served-model-name"
         )
     cache.ensure(list(adapters)[: args.max_loaded])  # fail at start, not at the first request
-    engine = Engine(model, tokenizer, cache, args.max_batch, args.batch_wait_ms, args.max_queue)
+    engine = Engine(model, tokenizer, cache, *engine_args, args.max_queue_per_adapter)
     api_key = args.api_key or os.environ.get("LORAKIT_API_KEY")
-    return create_app(engine, base_name, api_key, limits), api_key
+    return create_app(engine, base_name, api_key, limits, args.shutdown_timeout), api_key
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,5 +121,12 @@ def run(args: argparse.Namespace) -> int:
     app, api_key = build(args)
     if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    # uvicorn stops accepting on SIGINT/SIGTERM and gives open requests the same deadline
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)),
+    )
     return 0

@@ -1,7 +1,12 @@
 """`lorakit serve`: an OpenAI-compatible server for one base model and many LoRA adapters.
 
-`cache` (which adapters exist and which are loaded, LRU), `engine` (the dynamic batcher that runs
-concurrent requests as mixed-adapter batches), `bodies` (what a request may hold, and reading it), `app` (the FastAPI routes); the command line is `lorakit.commands.serve`.
+`cache` (which adapters exist and which are loaded: LRU within a count and a byte limit),
+`engine` (the worker that owns the model: requests, events, run-time adapter changes), `waiting`
+(the bounded queue, round-robin by adapter), `scheduler` (continuous batching: rows join and leave
+at every decoding step) over `batch` (their re-packed KV cache), `static` (whole batches, the
+earlier batcher), `metrics` (Prometheus text), `bodies` (what a request may hold, and reading it),
+`replies` (JSON and server-sent-event answers), `app` (the FastAPI routes); the command line is
+`lorakit.commands.serve`.
 """
 
 from .app import create_app

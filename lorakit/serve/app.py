@@ -11,30 +11,49 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
-import queue
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import ConfigError, LorakitError, http_status
 from ..generate import Row, Sampling, prompt_ids
-from .bodies import AdminBody, APIError, Body, ChatBody, CompletionBody, Limits, message_text, read_body
-from .engine import Done, Engine, Event, Failed, Text
+from .bodies import (
+    AdminBody,
+    APIError,
+    Body,
+    ChatBody,
+    CompletionBody,
+    Limits,
+    LoadLoraBody,
+    UnloadLoraBody,
+    message_text,
+    read_body,
+)
+from .cache import NoRoom
+from .engine import Engine, TokenLogprob
 from .engine import Request as Job
+from .replies import chat_logprobs, completion_logprobs, respond
+from .waiting import Overloaded
 
 
 def create_app(
-    engine: Engine, base_name: str, api_key: str | None = None, limits: Limits | None = None
+    engine: Engine,
+    base_name: str,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    shutdown_timeout: float = 30.0,
+    retry_after: int = 1,
 ) -> FastAPI:
-    """The FastAPI app serving `engine`; `base_name` is the `model` id of the plain base model."""
+    """The FastAPI app serving `engine`; `base_name` is the `model` id of the plain base model.
+    On shutdown, requests in flight get `shutdown_timeout` seconds to finish (then a 503); a
+    busy server's 429/503 answers say `Retry-After: retry_after`."""
     app = FastAPI(title="lorakit", lifespan=_lifespan, openapi_url=None)  # no unauthenticated docs
     app.state.engine, app.state.base_name = engine, base_name
+    app.state.shutdown_timeout, app.state.retry_after = shutdown_timeout, retry_after
     app.state.api_key, app.state.limits = api_key, limits or Limits()
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -48,7 +67,7 @@ def create_app(
 async def _lifespan(app: FastAPI):
     app.state.engine.start()
     yield
-    app.state.engine.stop()
+    await asyncio.to_thread(app.state.engine.stop, app.state.shutdown_timeout)
 
 
 async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -87,21 +106,21 @@ def _adapter_for(request: Request, model: str) -> str | None:
     return model
 
 
-def _make_job(
+def _make_jobs(
     request: Request,
     body: Body,
     ids: list[int],
     max_tokens: int | None,
     param: str,
     default: int | None = None,
-) -> Job:
-    """Check the request against the limits and queue it; 400/404/503 on failure. Without
-    `max_tokens` the reply may take `default` tokens (or all there is room for), within the room."""
+    logprobs: int | None = None,
+) -> list[Job]:
+    """Check the request against the limits and queue its `n` jobs; 400/404, or 429/503 with a
+    Retry-After when the server is busy. Without `max_tokens` the reply may take `default` tokens
+    (or all there is room for), within the room."""
     engine: Engine = request.app.state.engine
     limits: Limits = request.app.state.limits
     adapter = _adapter_for(request, body.model)
-    if body.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
     if not ids:
         raise APIError(400, "the prompt is empty", param=param)
     if len(ids) > limits.max_prompt_tokens:
@@ -130,17 +149,33 @@ def _make_job(
             f"max_tokens must be between 1 and {room} for this prompt, got {max_tokens}",
             param="max_tokens",
         )
-    try:
-        sampling = Sampling(max_tokens, body.temperature, body.top_p, body.seed)
-    except ConfigError as e:
-        raise APIError.of(e) from None
     stop = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or [] if s]
-    job = Job(Row(ids, adapter, sampling), asyncio.get_running_loop(), stop)
+    if logprobs is not None and engine.batching == "static":
+        raise APIError(400, "logprobs need continuous batching (this server runs --batching static)")
+    jobs = []
+    for i in range(body.n):  # choice i samples with seed + i: n different, reproducible replies
+        seed = None if body.seed is None else (body.seed + i) % 2**64 if 0 <= body.seed < 2**64 else body.seed
+        try:
+            sampling = Sampling(
+                max_tokens,
+                body.temperature,
+                body.top_p,
+                seed,
+                body.presence_penalty or 0.0,
+                body.frequency_penalty or 0.0,
+            )
+        except ConfigError as e:
+            raise APIError.of(e) from None
+        jobs.append(Job(Row(ids, adapter, sampling), asyncio.get_running_loop(), stop, logprobs))
     try:
-        engine.submit(job)
-    except queue.Full:
-        raise APIError(503, "the server is busy (request queue full); retry later") from None
-    return job
+        for job in jobs:
+            engine.submit(job)
+    except Overloaded as e:
+        for job in jobs:
+            job.cancelled.set()
+        retry = {"Retry-After": str(request.app.state.retry_after)}
+        raise APIError(e.status, e.message, code="server_busy", headers=retry) from None
+    return jobs
 
 
 @public.get("/health")
@@ -148,7 +183,29 @@ async def health(request: Request):
     engine: Engine = request.app.state.engine
     if not engine.alive:  # requests would wait for nobody: tell load balancers
         return JSONResponse({"status": "stopped"}, status_code=503)
-    return {"status": "ok", "queued": engine.queue.qsize(), "loaded_adapters": engine.cache.loaded_names()}
+    return {
+        "status": "ok",
+        "queued": len(engine.waiting),
+        "in_flight": engine.in_flight(),
+        "loaded_adapters": engine.cache.loaded_names(),
+    }
+
+
+@private.get("/metrics")
+async def metrics(request: Request) -> PlainTextResponse:
+    engine: Engine = request.app.state.engine
+    waiting = {a or "": n for a, n in engine.waiting.sizes().items()}
+    text = engine.metrics.render(
+        {
+            "lorakit_queue_depth": ("requests waiting to start", len(engine.waiting)),
+            "lorakit_queue_depth_by_adapter": ("requests waiting, by adapter", waiting),
+            "lorakit_requests_in_flight": ("requests waiting or running", engine.in_flight()),
+            "lorakit_rows_in_flight": ("rows admitted to the batch", engine.rows()),
+            "lorakit_loaded_adapters": ("adapters on the model", len(engine.cache.loaded_names())),
+            "lorakit_loaded_adapter_bytes": ("bytes of loaded adapters", engine.cache.loaded_bytes()),
+        }
+    )
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
 @private.get("/v1/models")
@@ -174,103 +231,50 @@ async def completions(request: Request):
     ids = list(prompt) if isinstance(prompt, list) else prompt_ids(engine.tokenizer, prompt, chat=False)
     if any(not 0 <= t < engine.vocab_size for t in ids):
         raise APIError(400, f"token ids must be in [0, {engine.vocab_size})", param="prompt")
-    job = _make_job(request, body, ids, body.max_tokens, "prompt", default=16)  # OpenAI's default
+    jobs = _make_jobs(request, body, ids, body.max_tokens, "prompt", default=16, logprobs=body.logprobs)
+    tok = engine.tokenizer
 
-    def chunk(text: str, finish: str | None) -> dict:
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    def chunk(i: int, text: str, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict:
+        return {
+            "index": i,
+            "text": text,
+            "finish_reason": finish,
+            "logprobs": completion_logprobs(tok, logprobs),
+        }
 
-    return await _respond(request, job, body, "text_completion", "cmpl", chunk, chunk, len(ids))
+    return await respond(request, jobs, body, "text_completion", "cmpl", chunk, chunk, len(ids))
 
 
 @private.post("/v1/chat/completions")
 async def chat(request: Request):
     body = await read_body(request, ChatBody)
     messages = [{"role": m.role, "content": message_text(m.content)} for m in body.messages]
+    tok = request.app.state.engine.tokenizer
     try:
-        ids = prompt_ids(request.app.state.engine.tokenizer, messages)
+        ids = prompt_ids(tok, messages)
     except ConfigError as e:  # no chat template, or one that rejects the roles
         raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
     # max_completion_tokens supersedes max_tokens (OpenAI); 0 is a value, not "unset"
     wanted = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-    job = _make_job(request, body, ids, wanted, "messages")
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    jobs = _make_jobs(request, body, ids, wanted, "messages", logprobs=logprobs)
 
-    def chunk(key: str) -> Callable[[str, str | None], dict]:
-        def make(text: str, finish: str | None) -> dict:
+    def chunk(key: str) -> Callable:
+        def make(i: int, text: str, finish: str | None, lps: list[TokenLogprob] | None) -> dict:
             return {
-                "index": 0,
+                "index": i,
                 key: {"role": "assistant", "content": text},
                 "finish_reason": finish,
-                "logprobs": None,
+                "logprobs": chat_logprobs(tok, lps),
             }
 
         return make
 
-    return await _respond(
-        request, job, body, "chat.completion", "chatcmpl", chunk("delta"), chunk("message"), len(ids)
+    return await respond(
+        request, jobs, body, "chat.completion", "chatcmpl", chunk("delta"), chunk("message"), len(ids)
     )
-
-
-async def _next_event(request: Request, job: Job, watch: bool = True) -> Event | None:
-    """The job's next event; None if the client went away (`watch`; the job is then cancelled).
-    A stream does not watch: Starlette ends it when a send to a gone client fails."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), timeout=0.5)
-        except TimeoutError:
-            if watch and await request.is_disconnected():
-                job.cancelled.set()
-                return None
-            if not request.app.state.engine.alive:
-                return Failed(503, "the server's generation worker has stopped; retry later")
-
-
-async def _respond(
-    request: Request, job: Job, body: Body, kind: str, prefix: str, delta, whole, n_prompt: int
-):
-    """The reply to `job`: one JSON object, or server-sent events when `body.stream`."""
-    head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-    # wait for the first event before answering, so an error before any output gets its status
-    first = await _next_event(request, job, watch=not body.stream)
-    if isinstance(first, Failed):
-        raise APIError(first.status, first.message)
-    if first is None:
-        return JSONResponse({}, status_code=499)
-    if body.stream:
-        return StreamingResponse(
-            _stream(request, job, first, head, kind, delta), media_type="text/event-stream"
-        )
-    pieces, event = [], first
-    while isinstance(event, Text):
-        pieces.append(event.piece)
-        event = await _next_event(request, job)
-    if event is None:
-        return JSONResponse({}, status_code=499)
-    if isinstance(event, Failed):
-        raise APIError(event.status, event.message)
-    choice = whole("".join(pieces), event.finish_reason)
-    n = event.completion_tokens
-    usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
-    return {**head, "object": kind, "choices": [choice], "usage": usage}
-
-
-async def _stream(
-    request: Request, job: Job, event: Event, head: dict, kind: str, chunk
-) -> AsyncIterator[str]:
-    obj = kind + ".chunk" if kind == "chat.completion" else kind
-    try:
-        while event is not None:
-            if isinstance(event, Text):
-                yield _sse({**head, "object": obj, "choices": [chunk(event.piece, None)]})
-            elif isinstance(event, Done):
-                yield _sse({**head, "object": obj, "choices": [chunk("", event.finish_reason)]})
-                yield "data: [DONE]\n\n"
-                return
-            else:  # the status line is sent already: the error goes in the stream
-                yield _sse(APIError(event.status, event.message).body())
-                return
-            event = await _next_event(request, job, watch=False)
-    finally:  # normal end, or the client went away (the response task is cancelled)
-        job.cancelled.set()
 
 
 # admin: adapters by name from --adapter-dir -----------------------------------------------------
@@ -300,13 +304,34 @@ async def unload(request: Request, name: str) -> dict:
     return {"id": name, "deleted": True}
 
 
-async def _admin(action: Callable[[str], None], name: str) -> None:
+@private.post("/v1/load_lora_adapter")
+async def load_lora(request: Request) -> PlainTextResponse:
+    """vLLM's endpoint: load `lora_path` (inside --adapter-dir; default `lora_name`) as `lora_name`."""
+    body = await read_body(request, LoadLoraBody)
+    engine: Engine = request.app.state.engine
+    if body.lora_name == request.app.state.base_name:
+        raise APIError(400, f"{body.lora_name!r} is the base model's id", param="lora_name")
+    if body.lora_name in engine.cache.loaded_names():  # vLLM's answer
+        raise APIError(
+            400, f"The lora adapter '{body.lora_name}' has already been loaded.", param="lora_name"
+        )
+    await _admin(lambda name: engine.add_adapter(name, body.lora_path), body.lora_name, "lora_name")
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@private.post("/v1/unload_lora_adapter")
+async def unload_lora(request: Request) -> PlainTextResponse:
+    """vLLM's endpoint: forget `lora_name` (rows using it finish first)."""
+    body = await read_body(request, UnloadLoraBody)
+    await _admin(request.app.state.engine.remove_adapter, body.lora_name, "lora_name")
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+async def _admin(action: Callable[[str], None], name: str, param: str = "name") -> None:
     try:
-        await asyncio.to_thread(action, name)  # waits for the model lock: between batches
+        await asyncio.to_thread(action, name)  # the files are read here, the model changes between steps
+    except NoRoom as e:
+        raise APIError(503, str(e), headers={"Retry-After": "1"}) from None
     except LorakitError as e:
         code = "model_not_found" if http_status(e) == 404 else None
-        raise APIError.of(e, param="name", code=code) from None
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+        raise APIError.of(e, param=param, code=code) from None

@@ -51,9 +51,12 @@ class Limits:
 class APIError(Exception):
     """An error answer: HTTP status, message, and OpenAI's `type`, `param` and `code` fields."""
 
-    def __init__(self, status: int, message: str, type_: str | None = None, param=None, code=None):
+    def __init__(
+        self, status: int, message: str, type_: str | None = None, param=None, code=None, headers=None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
         self.type = type_ or ("server_error" if status >= 500 else "invalid_request_error")
 
     @classmethod
@@ -66,7 +69,7 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         # a 408 answers a body that never fully arrived: the connection cannot be reused
-        headers = {"Connection": "close"} if self.status == 408 else None
+        headers = {"Connection": "close"} if self.status == 408 else self.headers
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -84,13 +87,9 @@ Str = Annotated[StrictStr, AfterValidator(_utf8)]
 # OpenAI fields this server does not implement, with the values that mean "not used": any other
 # value is refused (400) rather than silently ignored
 UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
     "logit_bias": (None, {}),
     "tools": (None, []),
     "response_format": (None, {"type": "text"}),
@@ -99,6 +98,13 @@ UNSUPPORTED = {
 
 def _same(a, b) -> bool:
     return isinstance(a, bool) == isinstance(b, bool) and a == b  # True is not 1 here
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`: `include_usage` adds a last chunk with the token counts."""
+
+    model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
 
 
 class Body(BaseModel):
@@ -117,16 +123,21 @@ class Body(BaseModel):
     max_tokens: StrictInt | None = None
     temperature: StrictFloat | StrictInt = 1.0
     top_p: StrictFloat | StrictInt = 1.0
-    n: StrictInt = 1
+    n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
     stream: StrictBool = False
     seed: StrictInt | None = None
     stop: Str | Annotated[list[Str], Field(max_length=16)] | None = None
+    presence_penalty: StrictFloat | StrictInt | None = None
+    frequency_penalty: StrictFloat | StrictInt | None = None
+    stream_options: StreamOptions | None = None
 
 
 class CompletionBody(Body):
-    """`POST /v1/completions`: a string, one string in a list, or token ids."""
+    """`POST /v1/completions`: a string, one string in a list, or token ids; `logprobs`: how many
+    top tokens to list per generated token (0-20)."""
 
     prompt: Str | list[Str] | list[StrictInt]
+    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
 
 class TextPart(BaseModel):
@@ -150,12 +161,29 @@ class ChatBody(Body):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
 
 
 class AdminBody(BaseModel):
     """`POST /admin/adapters`: the adapter to load by name."""
 
     name: Str
+
+
+class LoadLoraBody(BaseModel):
+    """vLLM's `POST /v1/load_lora_adapter`: the served name and the folder (inside --adapter-dir)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: Str
+    lora_path: Str | None = None
+
+
+class UnloadLoraBody(BaseModel):
+    """vLLM's `POST /v1/unload_lora_adapter`."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: Str
 
 
 async def read_body(request: Request, model: type[BaseModel]) -> BaseModel:

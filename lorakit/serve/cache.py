@@ -9,6 +9,11 @@ A served name is public (any `NAME_RE` name, dots included, e.g. `llama-3.1-math
 the adapter is loaded under a key made of letters, digits and `_` only, because adapter names
 are module keys, which cannot hold a '.'.
 
+Besides the count (`capacity`), `max_bytes` bounds the memory the loaded adapters take (their
+parameters, measured once loaded). Adapters in use by running rows are `pinned`: never evicted;
+removing one forgets its name at once (new requests get a 404) and takes it off the model once
+its last row has left (`drain`).
+
 Not thread-safe on its own: the engine calls it while holding its model lock.
 """
 
@@ -22,9 +27,9 @@ from pathlib import Path
 from torch import nn
 
 from ..adapters import delete_adapter, list_adapters
-from ..config import CONFIG_NAME
+from ..config import CONFIG_NAME, LoraConfig
 from ..errors import AdapterFileError, AdapterStateError, ConfigError, LorakitError
-from ..io import adapter_folder, load_adapter
+from ..io import adapter_folder, adapter_state_dict, first_non_finite, load_adapter, read_adapter_tensors
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,10 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 class AdapterLoadError(LorakitError):
     """A known adapter's files could not be loaded: the server's fault, not the request's (500)."""
+
+
+class NoRoom(LorakitError):
+    """The adapter does not fit beside the adapters in use now; it may once their rows finish."""
 
 
 def check_name(name: str) -> str:
@@ -53,11 +62,16 @@ class AdapterCache:
         adapters: dict[str, str | Path] | None = None,
         adapter_dir: str | Path | None = None,
         capacity: int = 8,
+        max_bytes: int | None = None,
     ) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ConfigError(f"the adapter cache needs room for at least one adapter, got {capacity}")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
+            raise ConfigError(f"--max-loaded-bytes must be a positive number of bytes, got {max_bytes!r}")
         self.model = model
-        self.capacity = capacity
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self.sizes: dict[str, int] = {}  # loaded name -> bytes of its parameters
+        self.draining: set[str] = set()  # model keys of removed adapters that rows still use
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else None
         if self.adapter_dir and not self.adapter_dir.is_dir():
             raise ConfigError(f"--adapter-dir {adapter_dir}: no such folder")
@@ -93,40 +107,92 @@ class AdapterCache:
         """The model's name for loaded adapter `name` (what `Row.adapter` must hold)."""
         return self._keys[name]
 
-    def add(self, name: str) -> None:
-        """Make `adapter_dir/name` known and load it, all or nothing: a folder that fails to load
-        is not left behind as a known name. Raises `ConfigError` (bad name, no adapter dir),
-        `AdapterStateError` (no such adapter folder) or the loader's error (a broken adapter)."""
+    def add(self, name: str, pinned: set[str] | frozenset = frozenset(), path: str | None = None) -> None:
+        """Make `adapter_dir/name` (or the folder `path`, which must lie inside `adapter_dir`)
+        known and load it, all or nothing: a folder that fails to load is not left behind as a
+        known name. Raises `ConfigError` (bad name, no adapter dir, a path outside it),
+        `AdapterStateError` (no such adapter folder), `NoRoom`, or the loader's error."""
         new = name not in self.known
         if new:
-            self._register(name)
+            self._register(name, path)
         try:
-            self._make_room([name])
-            self._load(name)
+            self._fit(name, pinned)
         except LorakitError:
             if new:
                 del self.known[name]
             raise
 
-    def remove(self, name: str) -> None:
-        """Forget `name`, unloading it first. Raises `AdapterStateError` if unknown."""
+    def remove(self, name: str, pinned: set[str] | frozenset = frozenset()) -> None:
+        """Forget `name`, unloading it first (or, if its model key is `pinned`, once `drain` finds
+        it unused). Raises `AdapterStateError` if unknown."""
         if name not in self.known:
             raise AdapterStateError(f"no adapter named {name!r}")
-        self.unload(name)
+        if name in self.loaded and self._keys[name] in pinned:
+            del self.loaded[name], self.sizes[name]
+            self.draining.add(self._keys.pop(name))
+        else:
+            self.unload(name)
         del self.known[name]
 
     def unload(self, name: str) -> None:
         """Take `name` off the model (it stays known)."""
         if name in self.loaded:
-            del self.loaded[name]
+            del self.loaded[name], self.sizes[name]
             delete_adapter(self.model, self._keys.pop(name))
             log.info("unloaded adapter %s", name)
+
+    def drain(self, pinned: set[str] | frozenset) -> None:
+        """Take removed adapters that no row uses any more (not `pinned`) off the model."""
+        for key in sorted(self.draining - set(pinned)):
+            self.draining.discard(key)
+            delete_adapter(self.model, key)
+
+    def loaded_bytes(self) -> int:
+        """Bytes of the loaded adapters' parameters."""
+        return sum(self.sizes.values())
+
+    def load(self, name: str, pinned: set[str] | frozenset = frozenset()) -> str:
+        """Load known adapter `name` (if it is not loaded), evicting least recently used adapters
+        whose model key is not `pinned`; return its model key. Raises `NoRoom` while the pinned
+        adapters leave no room, `AdapterStateError` for an unknown name or one larger than
+        `max_bytes` on its own, and `AdapterLoadError` for files that fail to load."""
+        if name not in self.known:
+            raise AdapterStateError(f"no adapter named {name!r}")
+        try:
+            return self._fit(name, pinned)
+        except (AdapterStateError, AdapterLoadError, NoRoom):
+            raise
+        except LorakitError as e:
+            raise AdapterLoadError(f"adapter {name!r} could not be loaded: {e}") from e
+
+    def _fit(self, name: str, pinned: set[str] | frozenset) -> str:
+        """`load` without wrapping the loader's errors."""
+        if name in self.loaded:
+            self.loaded.move_to_end(name)
+            return self._keys[name]
+        free = [n for n in self.loaded if self._keys[n] not in pinned]
+        if len(self.loaded) - len(free) >= self.capacity:
+            raise NoRoom(f"adapter {name!r}: all {self.capacity} cache slots hold adapters in use")
+        while len(self.loaded) >= self.capacity:
+            self.unload(free.pop(0))
+        self._load(name)
+        while self.max_bytes and self.loaded_bytes() > self.max_bytes and free:
+            self.unload(free.pop(0))
+        if self.max_bytes and self.loaded_bytes() > self.max_bytes:
+            size = self.sizes[name]
+            self.unload(name)
+            if size > self.max_bytes:
+                raise AdapterStateError(
+                    f"adapter {name!r} takes {size} bytes, more than --max-loaded-bytes {self.max_bytes}"
+                )
+            raise NoRoom(f"adapter {name!r} ({size} bytes) does not fit beside the adapters in use")
+        return self._keys[name]
 
     def ensure(self, names: list[str]) -> None:
         """Load `names` (at most `capacity`), evicting the least recently used others.
 
-        Raises `AdapterStateError` for an unknown name and `AdapterLoadError` for an adapter whose
-        files fail to load (the cause chained)."""
+        Raises `AdapterStateError` for an unknown name (or names that do not fit together) and
+        `AdapterLoadError` for an adapter whose files fail to load (the cause chained)."""
         if len(names) > self.capacity:
             raise AdapterStateError(
                 f"{len(names)} adapters needed at once but the cache holds {self.capacity}"
@@ -134,19 +200,12 @@ class AdapterCache:
         for name in names:
             if name not in self.known:
                 raise AdapterStateError(f"no adapter named {name!r}")
-        self._make_room(names)
         for name in names:
+            pinned = {self._keys[n] for n in names if n in self.loaded}
             try:
-                self._load(name)
-            except (AdapterStateError, AdapterLoadError):
-                raise
-            except LorakitError as e:
-                raise AdapterLoadError(f"adapter {name!r} could not be loaded: {e}") from e
-
-    def _make_room(self, names: list[str]) -> None:
-        missing = [n for n in names if n not in self.loaded]
-        while self.loaded and len(self.loaded) + len(missing) > self.capacity:
-            self.unload(next(n for n in self.loaded if n not in names))
+                self.load(name, pinned)
+            except NoRoom as e:
+                raise AdapterStateError(f"{e} (--max-loaded-bytes is too small for this batch)") from None
 
     def _load(self, name: str) -> None:
         if name in self.loaded:
@@ -158,6 +217,7 @@ class AdapterCache:
         key = self._new_key(name)
         load_adapter(self.model, folder, key, activate=False)
         self.loaded[name], self._keys[name] = None, key
+        self.sizes[name] = sum(t.nbytes for t in adapter_state_dict(self.model, key).values())
         log.info("loaded adapter %s from %s", name, folder)
 
     def _new_key(self, name: str) -> str:
@@ -167,20 +227,41 @@ class AdapterCache:
             key += "_"
         return key
 
-    def _register(self, name: str) -> None:
+    def precheck(self, name: str, path: str | None = None) -> None:
+        """Read and check the files of adapter `name` (known, or `adapter_dir/name`, or `path` in
+        it) without touching the model: the slow part of a load, safe off the engine thread.
+        Raises what `add` raises for a bad name or folder, and the reader's errors."""
+        folder = self.known[name] if name in self.known else self._locate(name, path)
+        LoraConfig.from_json_file(folder / CONFIG_NAME)
+        bad = first_non_finite(read_adapter_tensors(folder))
+        if bad is not None:
+            raise AdapterFileError(f"{folder}: tensor {bad} holds NaN or Inf values; the adapter is corrupt")
+
+    def _register(self, name: str, path: str | None = None) -> None:
+        self.known[name] = self._locate(name, path)
+
+    def _locate(self, name: str, path: str | None) -> Path:
         check_name(name)
         if self.adapter_dir is None:
             raise ConfigError(
-                "this server was started without --adapter-dir, so it cannot load adapters by name"
+                "this server was started without --adapter-dir, so it cannot load adapters at run time"
             )
-        self.known[name] = self._confined(name)
+        if path is None:
+            return self._confined(name)
+        given = (self.adapter_dir / path).resolve()  # an absolute `path` replaces adapter_dir
+        if given == self.adapter_dir or not given.is_relative_to(self.adapter_dir):
+            raise ConfigError(
+                f"lora_path {path!r} is outside the allowed adapter folder; put the adapter in "
+                "--adapter-dir and give its path there"
+            )
+        return self._confined(str(given.relative_to(self.adapter_dir)))
 
     def _confined(self, name: str) -> Path:
         """`adapter_dir/name` resolved, if it holds an adapter and neither it nor anything in it
         resolves outside `adapter_dir` (a symlink out); else `AdapterStateError`."""
         folder = (self.adapter_dir / name).resolve()
         if folder.is_dir():
-            folder = adapter_folder(folder, name)  # the folder itself, or PEFT's folder/<name>
+            folder = adapter_folder(folder, Path(name).name)  # the folder itself, or PEFT's folder/<name>
         if not (folder / CONFIG_NAME).is_file():
             raise AdapterStateError(f"no adapter named {name!r} in the adapter folder")
         self._check_inside(name, folder)

@@ -1,0 +1,179 @@
+"""Serving benchmark: `lorakit serve` under Poisson load on loopback, side by side in one run.
+
+SmolLM2-135M-Instruct with 8 random-but-fixed adapters (r=16 on all 7 linear projections). For each
+arrival rate, and for requests all on one adapter or spread over the 8, the same request stream
+(prompts, output lengths, adapters and arrival times drawn from `--seed`) is sent to the server
+with continuous batching and with static batching (`--batching static`), in interleaved order.
+Each request streams (`/v1/chat/completions`, greedy); the client records time to first token (TTFT)
+and the time per output token after the first (TPOT). A run is bounded in count (`--requests` per
+configuration) and time (`--budget-s` per configuration: requests not finished by then are
+cancelled and counted as unfinished).
+
+    PYTHONPATH=. python benchmarks/bench_serve.py [--rates 0.3 1.0] [--requests 6] [--budget-s 240]
+
+Writes benchmarks/results/serve.json. The client runs in the server's process (one asyncio loop,
+the server in a thread): on a machine with few cores it competes for them, alike for every
+configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+import lorakit.hf
+from lorakit.serve import AdapterCache, Engine, create_app
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_inference import PROMPTS, make_adapters  # noqa: E402 - the same adapters and prompts
+
+
+class Server:
+    """uvicorn serving `app` on a free loopback port, in a thread."""
+
+    def __init__(self, app) -> None:
+        import socket
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def workload(seed: int, rate: float, n: int, adapters: list[str]) -> list[dict]:
+    """`n` requests: Poisson arrival times at `rate` per second, prompt, max_tokens, adapter."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(
+            {
+                "at": t,
+                "prompt": " ".join(rng.sample(PROMPTS, rng.randint(1, 3))),
+                "max_tokens": rng.randint(8, 16),
+                "model": rng.choice(adapters),
+            }
+        )
+    return out
+
+
+async def one(client: httpx.AsyncClient, url: str, req: dict, start: float, record: dict) -> None:
+    """Send `req` at its arrival time; `record` fills in as its reply streams (so a request cut
+    off by the time budget still counts the tokens it got)."""
+    await asyncio.sleep(max(0.0, start + req["at"] - time.monotonic()))
+    body = {"model": req["model"], "max_tokens": req["max_tokens"]}
+    body["messages"] = [{"role": "user", "content": req["prompt"]}]
+    body.update(temperature=0, stream=True, stream_options={"include_usage": True})
+    record.update(sent=time.monotonic(), stamps=[], tokens=0, done=False)
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                record.update(tokens=data["usage"]["completion_tokens"], done=r.status_code == 200)
+            elif data["choices"][0]["delta"]["content"]:
+                record["stamps"].append(time.monotonic())
+
+
+async def drive(url: str, reqs: list[dict], budget_s: float) -> tuple[list[dict], float, float]:
+    """Run the workload for at most `budget_s` seconds; the records, the seconds it took, and
+    the time of the cut."""
+    records: list[dict] = [{} for _ in reqs]
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=256)) as client:
+        start = time.monotonic()
+        tasks = [asyncio.create_task(one(client, url, r, start, rec)) for r, rec in zip(reqs, records)]
+        _, pending = await asyncio.wait(tasks, timeout=budget_s)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return [r for r in records if r], time.monotonic() - start, start + budget_s
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def summarize(records: list[dict], wall: float, sent: int, end: float) -> dict:
+    """Tokens/s over the run (a cut-off request counts its streamed pieces); TTFT percentiles over
+    the requests sent (one that got no token before the cut at `end` counts `end - sent`, a lower
+    bound); TPOT percentiles over the finished requests."""
+    done = [r for r in records if r["done"]]
+    ttft = [(r["stamps"][0] if r["stamps"] else end) - r["sent"] for r in records]
+    tpot = [(r["stamps"][-1] - r["stamps"][0]) / (r["tokens"] - 1) for r in done if r["tokens"] > 1]
+    tokens = sum(r["tokens"] if r["done"] else len(r["stamps"]) for r in records)
+    return {
+        "requests": sent,
+        "finished": len(done),
+        "no_first_token": sum(not r["stamps"] for r in records),
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_s": pct(ttft, 0.5),
+        "ttft_p99_s": pct(ttft, 0.99),
+        "tpot_p50_s": pct(tpot, 0.5),
+        "tpot_p99_s": pct(tpot, 0.99),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 1.0], help="requests per second")
+    parser.add_argument("--requests", type=int, default=6, help="requests per configuration")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="seconds per configuration")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp())
+    model, tok = lorakit.hf.load_model("smollm2-135m")
+    names = make_adapters(model, tmp, 8, 16)
+    model, tok = lorakit.hf.load_model("smollm2-135m")  # a clean base; the cache loads the files
+    cache = AdapterCache(model, {n: tmp for n in names}, capacity=8)
+    cache.ensure(names)
+    rows = []
+    for rate in args.rates:
+        for spread in (1, 8):
+            reqs = workload(args.seed, rate, args.requests, names[:spread])
+            for batching in ("continuous", "static"):
+                engine = Engine(model, tok, cache, max_batch=args.max_batch, batching=batching)
+                server = Server(create_app(engine, "base", shutdown_timeout=0))
+                try:
+                    records, wall, end = asyncio.run(drive(server.url, reqs, args.budget_s))
+                finally:
+                    server.stop()
+                row = {"rate": rate, "adapters": spread, "batching": batching}
+                row.update(summarize(records, wall, len(reqs), end))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
