@@ -355,3 +355,50 @@ def make_embedding_adapter(model_folder: Path, out: Path, seed: int, r: int = 4)
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     lorakit.save_adapter(model, out)
     return out
+
+
+# GGUF export builders (tests/test_export_*.py) ----------------------------------------------------
+
+TINY_FAMILY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=96,
+    max_position_embeddings=64,
+)
+
+
+def tiny_family(family: str, seed: int = 0, **overrides) -> nn.Module:
+    """A small random causal LM of `family` ("llama", "mistral", "qwen2", "qwen3", "gemma"): rows of
+    64/96 so every GGUF block type applies, GQA (4 heads, 2 key/value heads), non-trivial norms."""
+    import transformers
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    }
+    config_cls, model_cls = classes[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**TINY_FAMILY_SHAPE, **overrides})).eval()
+    with torch.no_grad():  # norms and biases start at 1 / 0: make them random so layouts show
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.3 + (0 if family == "gemma" or "bias" in name else 1))
+    return model
+
+
+def random_lora(model: nn.Module, seed: int = 0, **config) -> nn.Module:
+    """Inject a LoRA adapter (default: rank 4 on attention and MLP) with random nonzero A and B."""
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **config}
+    lorakit.inject(model, lorakit.LoraConfig(**settings))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lorakit.io.adapter_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model

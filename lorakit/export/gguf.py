@@ -138,8 +138,8 @@ def _model_tensors(model: nn.Module, config, arch):
 
     def source():
         for hf_name, tensor in merged_tensors(model):
-            if hf_name == "lm_head.weight" and arch.norm_plus_one:
-                continue  # Gemma's head is the embedding (llama.cpp reads token_embd for it)
+            if not arch.writes(hf_name):
+                continue
             gguf_name = names.gguf_name(hf_name)
             yield gguf_name, lambda t=tensor, n=hf_name: to_gguf(n, t, config, arch).numpy()
 
@@ -198,7 +198,8 @@ def read_gguf_state_dict(path: str | os.PathLike, config) -> dict[str, torch.Ten
     reader = gguf.GGUFReader(path)
     by_gguf = {}
     for hf_name in _hf_names(config):
-        by_gguf[names.gguf_name(hf_name)] = hf_name
+        if arch.writes(hf_name):
+            by_gguf[names.gguf_name(hf_name)] = hf_name
     state = {}
     for t in reader.tensors:
         hf_name = by_gguf[t.name]

@@ -31,6 +31,11 @@ class Arch:
     permute_qk: bool = False
     norm_plus_one: bool = False
     write_head_dim: bool = False  # key_length/value_length keys (families whose head_dim is free)
+    head_is_embedding: bool = False  # no output.weight: llama.cpp computes the head with token_embd
+
+    def writes(self, hf_name: str) -> bool:
+        """Whether the tensor `hf_name` has a place in the GGUF file."""
+        return not (self.head_is_embedding and hf_name == "lm_head.weight")
 
 
 # Hugging Face `config.model_type` -> family
@@ -39,7 +44,7 @@ ARCHS: dict[str, Arch] = {
     "mistral": Arch("LLAMA", permute_qk=True),
     "qwen2": Arch("QWEN2"),
     "qwen3": Arch("QWEN3", write_head_dim=True),
-    "gemma": Arch("GEMMA", norm_plus_one=True, write_head_dim=True),
+    "gemma": Arch("GEMMA", norm_plus_one=True, write_head_dim=True, head_is_embedding=True),
 }
 
 
