@@ -402,3 +402,33 @@ def random_lora(model: nn.Module, seed: int = 0, **config) -> nn.Module:
         for p in lorakit.io.adapter_state_dict(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer of ~300 tokens (trained here on a few sentences) with ChatML
+    special tokens and template: SmolLM2's kind of tokenizer, small enough for fast GGUF tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = ["the movie was great", "the plot was thin and the acting worse", "def f(x): return x + 1"] * 20
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok

@@ -124,10 +124,15 @@ def test_each_type_is_within_its_rounding_bound(kind, tmp_path):
         assert t.tensor_type == wanted, t.name
         err = (x - y).abs().reshape(-1, block)
         scale = x.abs().reshape(-1, block) if block == 1 else x.abs().reshape(-1, block).amax(1, keepdim=True)
-        assert bool((err <= scale * BOUNDS[kind] + 1e-7).all()), (t.name, (err / scale.clamp_min(1e-12)).max())
+        assert bool((err <= scale * BOUNDS[kind] + 1e-7).all()), (
+            t.name,
+            (err / scale.clamp_min(1e-12)).max(),
+        )
         if kind not in ("f16", "bf16"):
             assert (err > 0).any()  # really quantized
-    assert int(field(gguf.GGUFReader(out), "general.file_type")) == getattr(gguf.LlamaFileType, f"MOSTLY_{kind.upper()}")
+    assert int(field(gguf.GGUFReader(out), "general.file_type")) == getattr(
+        gguf.LlamaFileType, f"MOSTLY_{kind.upper()}"
+    )
 
 
 def _gguf_name(model, hf_name):
@@ -153,7 +158,9 @@ def test_metadata_keys(family, tmp_path):
     }
     for key, value in expect.items():
         assert field(reader, f"{arch}.{key}") == value, key
-    assert field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(model.config.rms_norm_eps)
+    assert field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(
+        model.config.rms_norm_eps
+    )
     assert field(reader, f"{arch}.rope.freq_base") == model.config.rope_parameters["rope_theta"]
     if family == "llama":
         assert field(reader, "llama.rope.dimension_count") == 16
@@ -180,7 +187,9 @@ def test_bad_inputs_are_refused_with_what_to_do(tmp_path):
     model = tiny_family("llama")
     with pytest.raises(ConfigError, match=r"--type must be one of \['f32', 'f16', 'bf16', 'q8_0'"):
         export_gguf(model, None, tmp_path / "m.gguf", type="q3_k")
-    with pytest.raises(ConfigError, match=r"does not know the architecture 'gpt2'; it knows \['gemma', 'llama'"):
+    with pytest.raises(
+        ConfigError, match=r"does not know the architecture 'gpt2'; it knows \['gemma', 'llama'"
+    ):
         export_gguf(tiny_gpt2(), None, tmp_path / "g.gguf")
     (tmp_path / "taken.gguf").write_bytes(b"precious")
     with pytest.raises(ConfigError, match="already exists; choose another --output or pass --overwrite"):
