@@ -8,14 +8,17 @@
   `"llama"`, read with the `gguf` package's own `LlamaHfVocab` (tokens, scores, types).
 
 The special token ids, add-BOS/EOS flags and merges come from the `gguf` package's `SpecialVocab`;
-the chat template from the tokenizer. `tokenizer.ggml.pre` (llama.cpp's pre-tokenizer) cannot be
-read off a tokenizer; it is named for the families whose pre-tokenizer lorakit knows, else
-"default" (llama.cpp then warns and uses GPT-2's). Checked token by token against the GGUF file
+the chat template from the tokenizer. `tokenizer.ggml.pre` (llama.cpp's pre-tokenizer, a regex it
+implements itself) is read off the tokenizer where its pre-tokenizer is GPT-2's plain byte-level
+split ("gpt-2"; "smollm" for SmolLM's vocabulary, as llama.cpp's converter names it), else named
+for the families whose pre-tokenizer lorakit knows (Qwen: "qwen2", Llama 3: "llama-bpe"), else
+"default" (logged; llama.cpp then uses its default regex). Checked token by token against the GGUF file
 that llama.cpp's converter wrote for SmolLM2 (tests/test_export_gguf.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -26,16 +29,22 @@ from .gguf_arch import text_config
 log = logging.getLogger(__name__)
 
 
-def _pre_tokenizer(config, vocab_size: int) -> str:
-    """llama.cpp's pre-tokenizer name for the families lorakit knows (see the module docstring)."""
+def _pre_tokenizer(tokenizer, config, vocab_size: int) -> str:
+    """llama.cpp's pre-tokenizer name: from the tokenizer's own pre-tokenizer where it is GPT-2's
+    (a plain byte-level split), else for the families lorakit knows (see the module docstring)."""
+    pre = tokenizer.backend_tokenizer.pre_tokenizer
+    state = json.loads(pre.__getstate__()) if pre is not None else {}
+    if state.get("type") == "ByteLevel" and state.get("use_regex", True):
+        # GPT-2's regex; llama.cpp names SmolLM's vocabulary (49152 tokens) "smollm" (no space cleanup)
+        return "smollm" if vocab_size == 49152 else "gpt-2"
     model_type = getattr(config, "model_type", "")
     if model_type in ("qwen2", "qwen3"):
         return "qwen2"
-    if model_type == "llama" and vocab_size == 49152:
-        return "smollm"
     if model_type == "llama" and vocab_size >= 128000:
         return "llama-bpe"
-    log.warning("tokenizer.ggml.pre: no known pre-tokenizer for %s; writing 'default'", model_type)
+    log.warning(
+        "tokenizer.ggml.pre: no known pre-tokenizer for this %s tokenizer; writing 'default'", model_type
+    )
     return "default"
 
 
@@ -88,7 +97,7 @@ def add_tokenizer(writer, tokenizer, config) -> None:
         writer.add_tokenizer_model(kind)
         if kind == "gpt2":
             tokens, types = _gpt2_tokens(tokenizer, vocab_size)
-            writer.add_tokenizer_pre(_pre_tokenizer(text_config(config), vocab_size))
+            writer.add_tokenizer_pre(_pre_tokenizer(tokenizer, text_config(config), vocab_size))
             writer.add_token_list(tokens)
             writer.add_token_types(types)
             writer.add_add_space_prefix(False)
