@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import lorakit  # noqa: E402
 import lorakit.hf  # noqa: E402
-from lorakit.export import export_gguf, export_gguf_lora  # noqa: E402
+from lorakit.export import export_gguf, export_gguf_lora, read_gguf_state_dict  # noqa: E402
+from lorakit.export.check import plain_model  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -98,13 +99,20 @@ def check_model(label, model, tok, work: Path, types, lora_check: bool, rows: li
         path = export_gguf(model, tok, work / f"{label}-{kind}.gguf", type=kind)
         t0 = time.perf_counter()
         theirs, tokens = llama_cpp_last_logits(path, ids, threads=threads)
+        seconds = time.perf_counter() - t0
+        # the file's own weights (dequantized with gguf.quants) in PyTorch: what lorakit's report uses
+        from_file = torch_last_logits(
+            plain_model(model.config, read_gguf_state_dict(path, model.config)), ids
+        )
         rows.append(
             {
                 "model": label,
                 "file": f"merged {kind}",
                 **compare(ours, theirs),
+                "max_abs_diff_vs_file_in_torch": compare(from_file, theirs)["max_abs_diff"],
+                "torch_file_vs_adapter_max_abs_diff": compare(ours, from_file)["max_abs_diff"],
                 "same_tokens": tokens == ids,
-                "seconds": time.perf_counter() - t0,
+                "seconds": seconds,
             }
         )
         print(rows[-1], flush=True)

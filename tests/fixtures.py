@@ -432,3 +432,19 @@ def tiny_bpe_tokenizer():
     )
     tok.chat_template = CHATML_TEMPLATE
     return tok
+
+
+def tiny_byte_fallback_tokenizer():
+    """A SentencePiece-style BPE with byte fallback (Llama 2 / Mistral / Gemma's kind), ~300 tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_], show_progress=False
+    )
+    tk.train_from_iterator(["the movie was great", "the plot was thin"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

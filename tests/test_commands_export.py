@@ -50,7 +50,8 @@ def test_gguf_prints_what_the_export_cost(setup, tmp_path, capsys):
     assert types[len(tok)] == gguf.TokenType.UNUSED
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id
     assert reader.fields["tokenizer.chat_template"].contents() == tok.chat_template
-    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # a plain byte-level pre-tokenizer
+    # transformers loads a qwen2 folder's tokenizer as Qwen2Tokenizer (Qwen's regex split): llama.cpp's "qwen2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "qwen2"
 
 
 def test_gguf_lora_and_ollama_from_the_command_line(setup, tmp_path, capsys):

@@ -244,3 +244,23 @@ def test_qlora_base_is_merged_into_the_dequantized_weights(tmp_path):
     gaps = logit_gaps(model, None, out)
     assert gaps["merged fp32"]["max_abs_diff"] < 1e-4 and gaps["gguf file"]["max_abs_diff"] < 1e-4
     assert gaps["gguf file"]["same_argmax"]
+
+
+def test_byte_fallback_tokenizer_is_written_as_llama_cpp_llama_vocab(tmp_path):
+    from fixtures import tiny_byte_fallback_tokenizer
+
+    tok = tiny_byte_fallback_tokenizer()
+    model = tiny_family("gemma", vocab_size=320, num_hidden_layers=1)
+    reader = gguf.GGUFReader(export_gguf(model, tok, tmp_path / "m.gguf", type="f32"))
+    assert field(reader, "tokenizer.ggml.model") == "llama"
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    assert len(tokens) == len(types) == len(field(reader, "tokenizer.ggml.scores")) == 320
+    assert tokens[:4] == ["<unk>", "<s>", "</s>", "<0x00>"]
+    assert types[:4] == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.BYTE]
+    assert tokens[len(tok)] == f"[PAD{len(tok)}]" and types[len(tok)] == gguf.TokenType.UNUSED
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    assert tokens[: len(tok)] == [by_id[i] for i in range(len(tok))]
+    assert (field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")) == (
+        1,
+        2,
+    )
