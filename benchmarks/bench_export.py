@@ -2,8 +2,8 @@
 
 Each variant runs in a fresh process: load SmolLM2-135M-Instruct (fp32) with a random rank-16 LoRA on
 every linear layer, then export. A thread samples the process's resident memory (RSS, psutil) every
-2 ms during the export; the table reports the peak above the RSS just before the export started,
-beside the size of the file(s) written. Variants:
+2 ms during the export; the table reports the peak above the RSS just before the export started
+(every weight paged in first), beside the size of the file(s) written. Variants:
 
 - `gguf f16`, `gguf q8_0`: `lorakit.export.export_gguf` (streams one merged tensor at a time);
 - `hf fp32 (save_pretrained)`: `lorakit.export.export_hf` (merges in place, then transformers'
@@ -40,6 +40,9 @@ def _worker(variant: str, out: Path) -> dict:
     lorakit.inject(
         model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
     )
+    with torch.no_grad():  # page in every weight (safetensors loads are mmapped) so RSS starts at the model
+        for t in model.state_dict().values():
+            t.float().sum()
     proc = psutil.Process()
     before = proc.memory_info().rss
     peak = [before]
@@ -88,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             runs.append({"round": round_, **json.loads(proc.stdout.strip().splitlines()[-1])})
             print(runs[-1], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(runs, indent=2))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(runs, indent=2))
     print(
         "\n| variant | output MB | peak RSS above the loaded model, MB (min / median / max) | seconds (median) |"
     )
