@@ -30,3 +30,11 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# llama.cpp interop (not part of `make test`): builds llama-cpp-python from source on first use
+# (~15 min on 2 cores), then checks that llama.cpp computes lorakit's logits on lorakit's GGUF files
+.PHONY: interop
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+interop: $(VENV)/.installed
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install $(LLAMA_CPP_PYTHON)
+	$(PY) benchmarks/interop_llama_cpp.py

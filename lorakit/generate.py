@@ -312,9 +312,12 @@ def split_adapter_spec(spec: str) -> tuple[str | None, str]:
     return name or None, folder
 
 
-def load_for_inference(model_name: str, adapters: list[str]) -> tuple[nn.Module, object, str | None]:
+def load_for_inference(
+    model_name: str, adapters: list[str], quantize: str | None = None
+) -> tuple[nn.Module, object, str | None]:
     """Load the model, its tokenizer and `[NAME=]DIR` adapters; several are combined into one
-    adapter equal to their sum. Returns (model, tokenizer, adapter name or None).
+    adapter equal to their sum. Returns (model, tokenizer, adapter name or None). `quantize="nf4"`
+    loads the base in 4-bit (as QLoRA trained it).
 
     Raises `ConfigError` for a bad spec or a name given twice, and what `load_adapter` raises."""
     from . import hf
@@ -325,7 +328,7 @@ def load_for_inference(model_name: str, adapters: list[str]) -> tuple[nn.Module,
     given = [name for name, _ in specs if name]
     if len(set(given)) < len(given):
         raise ConfigError(f"--adapter: a name is given twice in {given}")
-    model, tokenizer = hf.load_model(model_name)
+    model, tokenizer = hf.load_model(model_name, quantize=quantize)
     model.eval()
     names: list[str] = []
     for name, folder in specs:

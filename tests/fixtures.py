@@ -355,3 +355,96 @@ def make_embedding_adapter(model_folder: Path, out: Path, seed: int, r: int = 4)
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     lorakit.save_adapter(model, out)
     return out
+
+
+# GGUF export builders (tests/test_export_*.py) ----------------------------------------------------
+
+TINY_FAMILY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=96,
+    max_position_embeddings=64,
+)
+
+
+def tiny_family(family: str, seed: int = 0, **overrides) -> nn.Module:
+    """A small random causal LM of `family` ("llama", "mistral", "qwen2", "qwen3", "gemma"): rows of
+    64/96 so every GGUF block type applies, GQA (4 heads, 2 key/value heads), non-trivial norms."""
+    import transformers
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    }
+    config_cls, model_cls = classes[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**TINY_FAMILY_SHAPE, **overrides})).eval()
+    with torch.no_grad():  # norms and biases start at 1 / 0: make them random so layouts show
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.3 + (0 if family == "gemma" or "bias" in name else 1))
+    return model
+
+
+def random_lora(model: nn.Module, seed: int = 0, **config) -> nn.Module:
+    """Inject a LoRA adapter (default: rank 4 on attention and MLP) with random nonzero A and B."""
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **config}
+    lorakit.inject(model, lorakit.LoraConfig(**settings))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lorakit.io.adapter_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer of ~300 tokens (trained here on a few sentences) with ChatML
+    special tokens and template: SmolLM2's kind of tokenizer, small enough for fast GGUF tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = ["the movie was great", "the plot was thin and the acting worse", "def f(x): return x + 1"] * 20
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_byte_fallback_tokenizer():
+    """A SentencePiece-style BPE with byte fallback (Llama 2 / Mistral / Gemma's kind), ~300 tokens."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_], show_progress=False
+    )
+    tk.train_from_iterator(["the movie was great", "the plot was thin"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

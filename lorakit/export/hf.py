@@ -19,6 +19,8 @@ from ..errors import ConfigError, storage_errors
 from ..inject import lora_layers
 from ..merge import unload
 from ..modeling import tied_embeddings
+from ..quant.merging import merge_to_dense
+from .tensors import has_4bit
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,18 @@ def export_hf(
     changes one of them (merging into a shared matrix would change both).
     Raises `ConfigError` for an unknown dtype, an `output` that is a file, or one that exists and
     is not empty (unless `overwrite`); `StorageError` when the disk is full or not writable.
+    A 4-bit (QLoRA) base is merged exactly into its dequantized weights (`merge_to_dense`), in
+    `dtype` or else the dtype of the model's other parameters; it is never re-quantized to NF4.
     """
     output = Path(output)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     check_output(output, overwrite)
     _untie_if_adapted(model)
-    unload(model, merge=True)
+    if has_4bit(model):  # QLoRA: merge into the dequantized weights, never re-quantize to NF4
+        merge_to_dense(model, DTYPES[dtype] if dtype else _float_dtype(model))
+    else:
+        unload(model, merge=True)
     if dtype is not None:
         model.to(DTYPES[dtype])
     clean_stale(output.parent)  # what a killed export left beside `output`
@@ -57,6 +64,11 @@ def export_hf(
             tokenizer.save_pretrained(tmp)
     log.info("wrote the merged model to %s", output)
     return output
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's full-precision parameters (what a 4-bit base dequantizes to)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def check_output(output: Path, overwrite: bool) -> None:
