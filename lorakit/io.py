@@ -10,6 +10,10 @@ lorakit adds `lorakit_fingerprint` to the config: the adapted modules' names and
 the base model's name when known), so loading onto the wrong model fails before any tensor moves.
 Loading reads safetensors only; pickle (`.bin`) files are refused unless `allow_pickle=True`;
 NaN/Inf tensors and unusable adapter names are refused before the model changes.
+
+An adapter given by Hub ID (`org/name`, no such local folder) is fetched through the Hugging Face
+cache like a model (`lorakit.hf.hub_folder`, imported only then): downloaded when online, read from
+the cache when offline (`HF_HUB_OFFLINE=1`); only the adapter files are fetched.
 """
 
 from __future__ import annotations
@@ -250,18 +254,20 @@ def load_adapter(
     *,
     activate: bool = True,
     allow_pickle: bool = False,
+    revision: str | None = None,
 ) -> nn.Module:
     """Load the adapter folder `path` onto `model` as `adapter` (default "default").
 
     `path` is the adapter folder itself, or (PEFT's layout for named adapters) a folder whose
     subfolder `path/<adapter>` holds it; the subfolder wins when both hold an adapter_config.json.
+    A `path` that is no local folder but a Hub ID is fetched at `revision` (see `adapter_source`).
     The whole file must fit: a bad adapter name, a fingerprint that disagrees with the model, a
     missing or unexpected tensor, a wrong shape or NaN/Inf values raise (`ConfigError`,
     `ShapeMismatchError`, `AdapterFileError`) and leave the model as it was. Returns `model`.
     """
     name = "default" if adapter is None else adapter
     _state.check_name(name)  # before anything changes
-    path = adapter_folder(path, name)
+    path = adapter_folder(adapter_source(path, revision, allow_pickle=allow_pickle), name)
     config = LoraConfig.from_json_file(path / CONFIG_NAME)
     tensors = read_adapter_tensors(path, allow_pickle=allow_pickle)
     _check_finite(tensors, path)
@@ -295,6 +301,23 @@ def _check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
             f"{source}: tensor {key} holds NaN or Inf values; the adapter is corrupt (did its "
             "training diverge?): retrain it or load an earlier checkpoint"
         )
+
+
+def adapter_source(path: str | Path, revision: str | None = None, *, allow_pickle: bool = False) -> Path:
+    """`path` itself when it exists, is absolute or starts with '.' (a local path); else the local
+    snapshot of Hub repo `path` at `revision`, holding only adapter files (top level and PEFT's
+    named-adapter subfolders). Raises `AdapterFileError` naming what was tried when neither has it."""
+    local = Path(path)
+    if local.exists() or local.is_absolute() or str(path).startswith("."):
+        return local
+    from .hf import hub_folder  # the Hub integration, imported only for a Hub ID
+
+    names = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME) if allow_pickle else (CONFIG_NAME, WEIGHTS_NAME)
+    patterns = (*names, *(f"*/{n}" for n in names))
+    try:
+        return hub_folder(str(path), revision, patterns, what="adapter")
+    except LorakitError as e:
+        raise AdapterFileError(str(e)) from None
 
 
 def adapter_folder(path: str | Path, name: str = "default") -> Path:

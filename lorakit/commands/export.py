@@ -14,9 +14,15 @@ from ..hf import DEFAULT_MODEL
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `lorakit export`."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"HF folder, .gguf file or {DEFAULT_MODEL}")
     parser.add_argument(
-        "--adapter", action="append", required=True, metavar="DIR", help="adapter folder (repeatable; summed)"
+        "--model", default=DEFAULT_MODEL, help=f"HF folder, .gguf file, Hub ID (org/name) or {DEFAULT_MODEL}"
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="adapter folder or Hub ID (repeatable; summed)",
     )
     parser.add_argument("--output", required=True, help="the folder to write")
     parser.add_argument(

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=DEFAULT_MODEL,
         help=f"a built-in name ({DEFAULT_MODEL}, {', '.join(BUILTIN)}), a Hugging Face folder, "
-        "a config.json or a .gguf file (only its shape is read)",
+        "a config.json, a .gguf file or a Hub ID (only its shape is read)",
     )
     parser.add_argument("--method", choices=METHODS, default="lora")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank")

@@ -78,7 +78,8 @@ def model_names() -> list[str]:
 
 def load_config(model: str):
     """A transformers config for `model`: a built-in name (see `BUILTIN`), the embedded default,
-    a Hugging Face folder, a `config.json` file or a `.gguf` file (only its metadata is read).
+    a Hugging Face folder, a `config.json` file, a `.gguf` file (only its metadata is read) or a
+    Hub ID (only its config.json is fetched, through the Hugging Face cache).
 
     Raises `ConfigError` when the model is not found or its config cannot be read.
     """
@@ -101,12 +102,10 @@ def load_config(model: str):
             if "model_type" not in data:
                 raise ConfigError(f"{path}: no 'model_type' key; give a transformers config.json")
             return transformers.AutoConfig.for_model(data.pop("model_type"), **data)
-        if not path.exists() and model not in model_names():
-            raise ConfigError(
-                f"model {model!r} not found: give a built-in name ({', '.join(model_names())}), "
-                "a Hugging Face folder, a config.json or a .gguf file"
-            )
-        from ..hf import resolve
+        from ..hf import hub_folder, resolve
+
+        if not path.exists() and model not in model_names():  # a Hub ID: its config.json is enough
+            return transformers.AutoConfig.from_pretrained(hub_folder(model, patterns=("config.json",)))
 
         return transformers.AutoConfig.from_pretrained(resolve(model))
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
