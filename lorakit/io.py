@@ -40,7 +40,7 @@ from .errors import (
     storage_errors,
 )
 from .inject import inject, lora_layers
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraParam, ModulesToSave
 from .merge import unload
 from .modeling import is_conv1d
 
@@ -81,8 +81,34 @@ def _config(model: nn.Module, adapter: str) -> LoraConfig:
     return _state.config(model, adapter)
 
 
+def _fingerprint_name(name: str, layer: LoraLayer) -> str:
+    """A wrapper's name in the fingerprint: an adapted parameter goes by its own name on the plain
+    model (`mlp.experts.gate_up_proj`), since nested wrappers' names do not exist before injection."""
+    if isinstance(layer, LoraParam):
+        return f"{name.replace('.base_layer', '')}.{layer.parameter_name}"
+    return name
+
+
+def _shape_at(model: nn.Module, name: str) -> list[int]:
+    """The fingerprint shape of module (or adapted parameter) `name`; AttributeError if absent."""
+    try:
+        return _module_shape(model.get_submodule(name))
+    except AttributeError:
+        owner_name, _, pname = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        while isinstance(owner, LoraLayer):  # already wrapped by another adapter
+            owner = owner.base_layer
+        p = owner._parameters.get(pname)
+        if p is None:
+            raise
+        return list(p.shape)
+
+
 def _module_shape(module: nn.Module) -> list[int]:
-    """The base weight's logical shape ([out, in] for every linear kind, GPT-2 Conv1D included)."""
+    """The base weight's logical shape ([out, in] for every linear kind, GPT-2 Conv1D included;
+    an adapted parameter's own shape)."""
+    if isinstance(module, LoraParam):
+        return list(module.param.shape)
     if isinstance(module, LoraLayer):
         if isinstance(module, LoraLinear):
             return [module.out_features, module.in_features]
@@ -97,7 +123,9 @@ def _module_shape(module: nn.Module) -> list[int]:
 
 def fingerprint(model: nn.Module, adapter: str = "default") -> dict:
     """Names and base shapes of the modules `adapter` adapts, plus the base model's name."""
-    modules = {name: _module_shape(m) for name, m in lora_layers(model) if adapter in m.r}
+    modules = {
+        _fingerprint_name(name, m): _module_shape(m) for name, m in lora_layers(model) if adapter in m.r
+    }
     return {"base_model_name_or_path": _config(model, adapter).base_model_name_or_path, "modules": modules}
 
 
@@ -160,7 +188,9 @@ def _adapter_files(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor]
         )
     data = config.to_dict()
     if config.target_modules == "all-linear":  # what PEFT writes: the resolved module names
-        data["target_modules"] = sorted(n for n, m in lora_layers(model) if name in m.r)
+        data["target_modules"] = sorted(
+            n for n, m in lora_layers(model) if name in m.r and not isinstance(m, LoraParam)
+        )
     # lorakit detects the transposed GPT-2 layout per layer; PEFT readers want the flag
     data["fan_in_fan_out"] = any(
         getattr(m, "fan_in_fan_out", False) for _, m in lora_layers(model) if name in m.r
@@ -233,7 +263,7 @@ def _check_fingerprint(model: nn.Module, config: LoraConfig, source: Path) -> No
     bad = []
     for name, shape in modules.items():
         try:
-            have = _module_shape(model.get_submodule(name))
+            have = _shape_at(model, name)
         except AttributeError:
             bad.append(f"{name} (missing from the model)")
             continue
