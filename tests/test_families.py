@@ -14,6 +14,8 @@ import transformers as T
 import lorakit
 from lorakit.inject import lora_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
+
 LM, CLS, S2S, IMAGE = "lm", "cls", "s2s", "image"
 VOCAB = 64
 DECODER = dict(
@@ -165,7 +167,9 @@ def family(request):
 
 
 def test_all_linear_wraps_what_peft_wraps(family):
-    ours = {n for n, _ in lora_layers(lorakit.inject(make(family), lorakit.LoraConfig(**config_kwargs(family))))}
+    ours = {
+        n for n, _ in lora_layers(lorakit.inject(make(family), lorakit.LoraConfig(**config_kwargs(family))))
+    }
     theirs = peft_wrapped(peft.get_peft_model(make(family), peft.LoraConfig(**config_kwargs(family))))
     assert ours == theirs and ours
 

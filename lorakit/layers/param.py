@@ -102,8 +102,10 @@ class LoraParam(LoraLayer):
             self.param.add_(delta.to(self.param.dtype))
 
     def forward(self, *args, **kwargs):
-        names = self._batch_adapters(args[0]) if args else self._lora_active()
-        if names is None:
+        # routed rows are not checked against the input: experts see the tokens flattened
+        mine = None if self._rows is None else {n if n in self.r else None for n in self._rows}
+        names = self._lora_active() if mine is None else [n for n in mine if n is not None]
+        if mine is not None and len(mine) > 1:
             raise AdapterStateError(
                 f"a mixed-adapter batch reached the adapted parameter {self.parameter_name!r}: "
                 "target_parameters layers take one adapter per batch; split the batch by adapter"
