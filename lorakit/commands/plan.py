@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=["all-linear"],
         help="'all-linear', module names (q_proj v_proj, or q_proj,v_proj), or a regex",
     )
+    parser.add_argument(
+        "--target-parameters",
+        nargs="+",
+        default=[],
+        help="parameters to adapt as well, e.g. mlp.experts.gate_up_proj mlp.experts.down_proj (MoE experts)",
+    )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument(
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         r=args.r,
         lora_alpha=args.lora_alpha,
         target_modules=parse_targets(args.target_modules),
+        target_parameters=tuple(p for v in args.target_parameters for p in v.split(",") if p),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         dtype=args.dtype,

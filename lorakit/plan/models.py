@@ -63,6 +63,37 @@ BUILTIN: dict[str, tuple[str, dict[str, Any]]] = {
         "mistral",
         _seven_b(vocab=32000, intermediate=14336, kv_heads=8, context=32768, sliding_window=None),
     ),
+    # mistralai/Mixtral-8x7B-v0.1's config.json: Mistral-7B's shape with 8 experts, 2 per token
+    "mixtral-8x7b": (
+        "mixtral",
+        _seven_b(
+            vocab=32000,
+            intermediate=14336,
+            kv_heads=8,
+            context=32768,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=None,
+        ),
+    ),
+    # Qwen/Qwen3-30B-A3B's config.json: 48 layers, 128 experts of width 768, 8 per token
+    "qwen3-30b-a3b": (
+        "qwen3_moe",
+        dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            max_position_embeddings=40960,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 ATTENTION = ("sdpa", "eager")
