@@ -148,7 +148,7 @@ def _wrappable(config: LoraConfig, name: str, module: nn.Module) -> bool:
     if isinstance(config.target_modules, list) and not _has_children(module):
         raise ConfigError(
             f"target module {name!r} is a {type(module).__name__}, which lorakit cannot wrap; "
-            "supported: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d, Linear4bit, "
+            "supported: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d, Linear4bit, "
             "or register your own with lorakit.layers.register(cls, wrapper)"
         )
     return False

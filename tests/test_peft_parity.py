@@ -191,3 +191,59 @@ def test_trained_biases_cross_with_peft(bias, tmp_path, ids):
     lorakit.save_adapter(ours, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
     assert torch.allclose(_logits(back, ids), _logits(src, ids), atol=1e-5, rtol=0)
+
+
+# --- more layer kinds: grouped convolutions, Conv3d (and 1x1x1) -------------------------------------
+
+LAYER_KINDS = {  # name -> (layer, input shape, rank)
+    "conv1d-groups2": (lambda: torch.nn.Conv1d(4, 8, 3, padding=1, groups=2), (2, 4, 9), 2),
+    "conv2d-groups3": (lambda: torch.nn.Conv2d(6, 6, 3, padding=1, groups=3), (2, 6, 5, 5), 3),
+    "conv3d": (lambda: torch.nn.Conv3d(3, 4, 3, stride=2, padding=1), (2, 3, 5, 6, 4), 2),
+    "conv3d-1x1x1": (lambda: torch.nn.Conv3d(3, 5, 1), (2, 3, 3, 2, 2), 2),
+}
+
+
+class OneLayer(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = LAYER_KINDS[kind][0]()
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_layer_kinds_cross_with_peft_merge_and_unload(kind, tmp_path):
+    _, shape, r = LAYER_KINDS[kind]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    kw = dict(r=r, lora_alpha=4, target_modules=["layer"], init_lora_weights=False)
+    ours = lorakit.inject(OneLayer(kind), lorakit.LoraConfig(**kw))
+    with torch.no_grad():
+        expected, base = ours(x), OneLayer(kind)(x)
+    assert not torch.allclose(expected, base, atol=1e-3)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(OneLayer(kind), tmp_path / "ours")
+    reference = peft.get_peft_model(OneLayer(kind), peft.LoraConfig(**kw))
+    reference.save_pretrained(tmp_path / "peft")
+    back = lorakit.load_adapter(OneLayer(kind), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(back(x), reference(x), atol=1e-5, rtol=0)
+        if "groups" in kind:  # B∘A crosses groups: no grouped kernel holds it (PEFT refuses too)
+            with pytest.raises(lorakit.errors.AdapterStateError, match="grouped convolution"):
+                lorakit.merge(ours)
+        else:
+            lorakit.merge(ours)
+            torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+            lorakit.unmerge(ours)
+        plain = lorakit.unload(ours, merge=False)
+        assert type(plain.layer) is type(OneLayer(kind).layer)
+        torch.testing.assert_close(plain(x), base, atol=1e-6, rtol=0)
+
+
+def test_grouped_conv_rank_must_be_a_multiple_of_groups():
+    model = OneLayer("conv2d-groups3")
+    with pytest.raises(lorakit.errors.ConfigError, match="multiple of this convolution's groups=3"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["layer"]))
+    assert type(model.layer) is torch.nn.Conv2d  # left as it was

@@ -28,6 +28,7 @@ _BUILTIN: list[tuple[Matcher, type[LoraLayer]]] = [
     (nn.Embedding, LoraEmbedding),
     (nn.Conv1d, LoraConv),
     (nn.Conv2d, LoraConv),
+    (nn.Conv3d, LoraConv),
 ]
 _USER: list[tuple[Matcher, type[LoraLayer]]] = []
 
