@@ -148,7 +148,7 @@ def _wrappable(config: LoraConfig, name: str, module: nn.Module) -> bool:
     if isinstance(config.target_modules, list) and not _has_children(module):
         raise ConfigError(
             f"target module {name!r} is a {type(module).__name__}, which lorakit cannot wrap; "
-            "supported: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d, Linear4bit, "
+            "supported: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention, Linear4bit, "
             "or register your own with lorakit.layers.register(cls, wrapper)"
         )
     return False
@@ -374,6 +374,8 @@ class _Undo:
             original, module = module, wrapper_of(module)(module)
             replace_module(self.model, name, module)
             self.wrapped.append((name, original))
+            # wrappers a wrapper put inside its base (MultiheadAttention's out_proj), undone first
+            self.wrapped += [(f"{name}.{inner}", m) for inner, m in getattr(module, "inner_originals", [])]
         self.touched.append(module)
         return module
 

@@ -150,6 +150,8 @@ def test_train_by_hub_id_saves_an_adapter_naming_it(offline, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(f'{{"text": "fact {i} is {i * 7}"}}\n' for i in range(8)))
     argv = ["train", "--model", "org/tiny", "--data", str(data), "--output", str(tmp_path / "run")]
-    assert main([*argv, "--max-steps", "1", "--batch-size", "4", "--eval-fraction", "0", "--threads", "1"]) == 0
+    assert (
+        main([*argv, "--max-steps", "1", "--batch-size", "4", "--eval-fraction", "0", "--threads", "1"]) == 0
+    )
     config = lorakit.LoraConfig.from_json_file(tmp_path / "run" / "adapter")
     assert config.base_model_name_or_path == "org/tiny"

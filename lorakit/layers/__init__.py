@@ -6,7 +6,7 @@ from .dispatch import register, wrapper_for
 from .embedding import LoraEmbedding, embedding_delta
 from .linear import LoraLinear, linear_delta
 from .modules_to_save import ModulesToSave
-from .param import LoraParam, param_delta
+from .param import LoraMultiheadAttention, LoraParam, param_delta
 
 __all__ = [
     "LoraLayer",
@@ -15,6 +15,7 @@ __all__ = [
     "LoraConv",
     "ModulesToSave",
     "LoraParam",
+    "LoraMultiheadAttention",
     "param_delta",
     "register",
     "wrapper_for",

@@ -108,11 +108,15 @@ class LoraParam(LoraLayer):
         if mine is not None and len(mine) > 1:
             raise AdapterStateError(
                 f"a mixed-adapter batch reached the adapted parameter {self.parameter_name!r}: "
-                "target_parameters layers take one adapter per batch; split the batch by adapter"
+                "this layer takes one adapter per batch; split the batch by adapter"
             )
         if not names:
             return self.base_layer(*args, **kwargs)
-        return functional_call(self.base_layer, {self._path: self._adapted(names)}, args, kwargs)
+        return functional_call(self.base_layer, self._swapped(names), args, kwargs)
+
+    def _swapped(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors the base runs with (name inside `base_layer` -> adapted value)."""
+        return {self._path: self._adapted(names)}
 
     def _adapted(self, names: list[str]) -> torch.Tensor:
         """`W + sum of the adapters' deltas`, one fused multiply-add per adapter, in W's dtype."""
@@ -132,3 +136,39 @@ class LoraParam(LoraLayer):
 
     def extra_repr(self) -> str:
         return f"parameter={self.parameter_name!r}, {super().extra_repr()}"
+
+
+class LoraMultiheadAttention(LoraParam):
+    """Wraps an `nn.MultiheadAttention` in PEFT's layout: `in_proj_weight` (q, k, v stacked,
+    `[3 * embed, embed]`) is adapted here, `out_proj` by a `LoraLinear` put inside `base_layer`
+    (saved as `attn.lora_A.weight` and `attn.base_layer.out_proj.lora_A.weight`). The attention reads
+    both weights directly, never calling `out_proj`, so both deltas enter through the weights it runs
+    with; dropout has no input to act on and is not applied (as in PEFT)."""
+
+    def __init__(self, base_layer: nn.MultiheadAttention) -> None:
+        if not base_layer._qkv_same_embed_dim:
+            raise ConfigError(
+                "LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim (one in_proj_weight), as in PEFT"
+            )
+        super().__init__(base_layer, "in_proj_weight")
+        from .linear import LoraLinear
+
+        # (name inside this wrapper, original): what inject's undo and unload put back
+        self.inner_originals = [("base_layer.out_proj", base_layer.out_proj)]
+        base_layer.out_proj = LoraLinear(base_layer.out_proj)
+
+    def update_layer(self, adapter: str, r: int, lora_alpha: float, lora_dropout: float = 0.0, *args, **kw):
+        LoraLayer.update_layer(self, adapter, r, lora_alpha, lora_dropout, *args, **kw)
+        self.base_layer.out_proj.update_layer(adapter, r, lora_alpha, lora_dropout, *args, **kw)
+
+    def delete_adapter(self, adapter: str) -> None:
+        super().delete_adapter(adapter)
+        self.base_layer.out_proj.delete_adapter(adapter)
+
+    def _swapped(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out_proj = self.base_layer.out_proj
+        w = out_proj.base_layer.weight
+        for name in names:
+            if name in out_proj.r and name not in out_proj.merged_adapters:
+                w = w + out_proj.delta_weight(name).to(w.dtype)
+        return {**super()._swapped(names), "out_proj.base_layer.weight": w}
