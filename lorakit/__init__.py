@@ -19,7 +19,9 @@ Layout (../shared/DESIGN.md), and where the tree chose another shape, why:
   called by training and opt-in loading only), `_packages` (files shipped in other packages).
 - integration modules that know transformers: `hf`, `quant.hf_loading`, `plan.models`, and
   `tasks.auto_model_class` (imported when called); `data/`, `train/`, `export/`, `serve/` and
-  `generate` reach it only through them.
+  `generate` reach it only through them. `hf` also owns the Hugging Face Hub (`huggingface_hub`,
+  imported when called); the core's `io.adapter_source` imports `hf` only for an adapter given by
+  Hub ID.
 """
 
 __version__ = "0.1.0"

@@ -58,11 +58,19 @@ class LoraConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
+    # parameters (not modules) to adapt, PEFT's rule: a name equal to `module.param` or ending in `.name`
+    target_parameters: list[str] | None = None
     # keys of adapter_config.json this version does not interpret, kept for the round trip
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for key in ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform"):
+        for key in (
+            "target_modules",
+            "exclude_modules",
+            "modules_to_save",
+            "layers_to_transform",
+            "target_parameters",
+        ):
             value = getattr(self, key)
             if isinstance(value, (set, frozenset, tuple)):  # to JSON's list; names sorted, as before
                 names = key.endswith("_modules") and all(isinstance(v, str) for v in value)
@@ -93,12 +101,12 @@ class LoraConfig:
             raise ConfigError(
                 "use_dora=True is not supported by lorakit yet; use plain LoRA (use_dora=False)"
             )
-        if self.target_modules is None:
+        if self.target_modules is None and not self.target_parameters:
             raise ConfigError(
                 "LoraConfig.target_modules is required: a list of module names (e.g. ['q_proj', 'v_proj']), "
                 "a full-match regex string, or 'all-linear'"
             )
-        if isinstance(self.target_modules, list) and not self.target_modules:
+        if isinstance(self.target_modules, list) and not self.target_modules and not self.target_parameters:
             raise ConfigError("LoraConfig.target_modules is an empty list; name at least one module")
 
     def rank_for(self, module_name: str) -> int:
@@ -265,6 +273,7 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("base_model_name_or_path", _is_opt_str, "None or a string"),
     ("inference_mode", _is_bool, "true or false"),
     ("extra", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a {key: value} object"),
+    ("target_parameters", lambda v: _is_names(v, allow_str=False), "None or a list of parameter names"),
 )
 
 

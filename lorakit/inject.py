@@ -8,6 +8,7 @@ recorded through `lorakit._state` (name -> LoraConfig) for saving.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ from torch import nn
 from . import _state
 from .config import LoraConfig
 from .errors import AdapterStateError, ConfigError, LorakitError, TargetNotFoundError
-from .layers import LoraLayer, LoraLinear, ModulesToSave, wrapper_for
+from .layers import LoraLayer, LoraLinear, LoraParam, ModulesToSave, wrapper_for
 from .modeling import output_head_names, replace_module
 
 
@@ -74,7 +75,7 @@ def _check_matching(config: LoraConfig) -> None:
     for key in ("target_modules", "exclude_modules"):
         value = getattr(config, key)
         ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-        if not ok and not (key == "exclude_modules" and value is None):
+        if not ok and not (value is None and (key == "exclude_modules" or config.target_parameters)):
             raise ConfigError(
                 f"LoraConfig.{key} must be a list of module names or a regex string, got {value!r}"
             )
@@ -147,7 +148,7 @@ def _wrappable(config: LoraConfig, name: str, module: nn.Module) -> bool:
     if isinstance(config.target_modules, list) and not _has_children(module):
         raise ConfigError(
             f"target module {name!r} is a {type(module).__name__}, which lorakit cannot wrap; "
-            "supported: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d, Linear4bit, "
+            "supported: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d, nn.MultiheadAttention, Linear4bit, "
             "or register your own with lorakit.layers.register(cls, wrapper)"
         )
     return False
@@ -158,6 +159,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     model's candidate names) when nothing matches or `layers_to_transform` names layers the model
     lacks, `ConfigError` when a match cannot be wrapped or a matching field is invalid."""
     _check_matching(config)
+    if not config.target_modules:  # None or []: only parameters are targeted
+        return []
     heads = output_head_names(model)
     names, layers = [], set()
     for name, module in _candidates(model):
@@ -168,7 +171,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if _in_selected_layer(config, name):
             names.append(name)
     _check_layers_exist(model, config, layers)
-    if not names:
+    if not names and (config.target_modules or not config.target_parameters):
         leaves = sorted(
             {n.rsplit(".", 1)[-1] for n, m in _candidates(model) if n and wrapper_for(m) is not None}
         )
@@ -189,6 +192,73 @@ def _check_layers_exist(model: nn.Module, config: LoraConfig, layers: set[int]) 
         f"layers_to_transform names layer(s) {missing} that {type(model).__name__} does not have: the modules "
         f"matching target_modules={config.target_modules!r} (layers_pattern={config.layers_pattern!r}) are in "
         f"{have}; pick indices in that range"
+    )
+
+
+def find_parameter_targets(
+    model: nn.Module, config: LoraConfig, modules: list[str] = ()
+) -> list[tuple[str, str]]:
+    """(module name, parameter name) of every parameter `config.target_parameters` adapts (PEFT's
+    rule: `module.param` equals a target or ends with `.target`), a module's parameters in their
+    registration order (the first is wrapped innermost, as in PEFT). Raises `ConfigError` for a
+    parameter of the model itself or of a module in `modules` (targeted by `target_modules`), and
+    `TargetNotFoundError` when nothing matches."""
+    wanted = sorted(set(config.target_parameters or []))
+    if not wanted:
+        return []
+    found = []
+    for name, module in _candidates(model):
+        owner = module
+        while isinstance(owner, LoraParam):
+            owner = owner.base_layer
+        for pname, p in owner.named_parameters(recurse=False):
+            key = f"{name}.{pname}" if name else pname
+            if p is None or not any(key == t or key.endswith("." + t) for t in wanted):
+                continue
+            if not name:
+                raise ConfigError(
+                    f"target_parameters: {pname!r} belongs to the model itself; LoRA cannot wrap it"
+                )
+            if name in modules or (isinstance(module, LoraLayer) and not isinstance(module, LoraParam)):
+                raise ConfigError(
+                    f"target_parameters: {key!r} belongs to {name}, which target_modules adapts too; "
+                    "target the module or its parameter, not both (PEFT's rule)"
+                )
+            found.append((name, pname))
+    if not found:
+        params = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.dim() in (2, 3)})
+        raise TargetNotFoundError(
+            f"target_parameters={wanted} matches no parameter of {type(model).__name__}. "
+            f"2-D and 3-D parameter names in this model: {params[:40]}"
+        )
+    return found
+
+
+# model types whose MoE experts transformers 5 fuses into 3-D parameters, and for which PEFT 0.21.2
+# turns "all-linear" into the router and experts as target_parameters, gate_up_proj (two fused
+# projections, each at rank r in transformers 4) at rank 2r and alpha 2*alpha
+# (peft.utils.transformers_weight_conversion: _MODEL_TO_CONVERSION_PATTERN onto mixtral/qwen2_moe)
+FUSED_EXPERT_MODELS = frozenset(
+    "mixtral minimax minimax_m2 qwen3_moe qwen3_next qwen3_omni_moe qwen3_omni_moe_thinker "
+    "qwen3_omni_moe_text olmoe flex_olmo deepseek_v2 deepseek_v3 deepseek_v32 dots1 ernie4_5_moe "
+    "glm4_moe glm4_moe_lite glm_moe_dsa glm4v_moe longcat_flash solar_open mellum beam hunyuan_v1_moe "
+    "sarvam_mla exaone_moe cohere2_moe afmoe Dots3NoteTextModel UnlimitedOcrTextModel".split()
+)
+FUSED_EXPERT_PARAMETERS = ("gate.weight", "gate_up_proj", "down_proj")
+
+
+def resolve_all_linear(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """`config` with "all-linear" extended to the router and experts on a fused-MoE model (see
+    `FUSED_EXPERT_MODELS`), as PEFT does; any other config is returned as it is."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if config.target_modules != "all-linear" or model_type not in FUSED_EXPERT_MODELS:
+        return config
+    fused = r".*\.gate_up_proj"
+    return dataclasses.replace(
+        config,
+        target_parameters=sorted({*(config.target_parameters or []), *FUSED_EXPERT_PARAMETERS}),
+        rank_pattern={**config.rank_pattern, fused: config.r * 2},
+        alpha_pattern={**config.alpha_pattern, fused: config.lora_alpha * 2},
     )
 
 
@@ -218,38 +288,47 @@ def inject(
         raise AdapterStateError(
             f"model already has an adapter named {adapter!r}; pick another name or delete it first"
         )
+    config = resolve_all_linear(model, config)
     targets = find_targets(model, config)
+    params = find_parameter_targets(model, config, targets)
+    _check_same_parameters(model, config)
     undo = _Undo(model, adapter)
     try:
-        _apply(model, config, adapter, targets, undo, activate)
+        _apply(model, config, adapter, targets, undo, activate, params)
     except BaseException:
         undo.run()
         raise
     return model
 
 
+def _check_same_parameters(model: nn.Module, config: LoraConfig) -> None:
+    """PEFT's rule: every adapter with `target_parameters` targets the same set (the wrappers nest)."""
+    mine = set(config.target_parameters or [])
+    for other, cfg in _state.configs(model).items():
+        theirs = set(cfg.target_parameters or [])
+        if mine and theirs and mine != theirs:
+            raise ConfigError(
+                f"target_parameters={sorted(mine)} differs from adapter {other!r}'s {sorted(theirs)}: "
+                "adapters that target parameters must all target the same ones (PEFT's rule)"
+            )
+
+
 def _apply(
-    model: nn.Module, config: LoraConfig, adapter: str, targets: list[str], undo: _Undo, activate: bool
+    model: nn.Module,
+    config: LoraConfig,
+    adapter: str,
+    targets: list[str],
+    undo: _Undo,
+    activate: bool,
+    params: list[tuple[str, str]] = (),
 ) -> None:
     if not _state.has_adapters(model):
         for p in model.parameters():
             p.requires_grad_(False)
     for name in targets:
-        module = undo.wrap(name, wrapper_for)
-        r = config.rank_for(name)
-        try:
-            module.update_layer(
-                adapter,
-                r,
-                config.alpha_for(name),
-                config.lora_dropout,
-                config.init_lora_weights,
-                config.use_rslora,
-            )
-        except (RuntimeError, MemoryError, ValueError, TypeError, OverflowError) as e:
-            if isinstance(e, LorakitError):
-                raise
-            raise ConfigError(f"cannot build adapter {adapter!r} on {name} with r={r}: {e}") from None
+        _add_adapter(undo.wrap(name, wrapper_for), config, adapter, name)
+    for name, pname in params:
+        _add_adapter(undo.wrap_param(name, pname), config, adapter, f"{name}.{pname}")
     for name, _ in list(_candidates(model)):
         if name and config.modules_to_save and _name_in(name, config.modules_to_save):
             undo.wrap(name, lambda m: ModulesToSave).add_adapter(adapter)
@@ -258,6 +337,24 @@ def _apply(
     _mark_bias(model, config.bias)
     if not config.base_model_name_or_path and (base_name := _base_name(model)):
         config.base_model_name_or_path = base_name
+
+
+def _add_adapter(module: LoraLayer, config: LoraConfig, adapter: str, key: str) -> None:
+    """Add `adapter` to the wrapper `module` (called `key` in rank/alpha patterns)."""
+    r = config.rank_for(key)
+    try:
+        module.update_layer(
+            adapter,
+            r,
+            config.alpha_for(key),
+            config.lora_dropout,
+            config.init_lora_weights,
+            config.use_rslora,
+        )
+    except (RuntimeError, MemoryError, ValueError, TypeError, OverflowError) as e:
+        if isinstance(e, LorakitError):
+            raise
+        raise ConfigError(f"cannot build adapter {adapter!r} on {key} with r={r}: {e}") from None
 
 
 class _Undo:
@@ -277,8 +374,25 @@ class _Undo:
             original, module = module, wrapper_of(module)(module)
             replace_module(self.model, name, module)
             self.wrapped.append((name, original))
+            # wrappers a wrapper put inside its base (MultiheadAttention's out_proj), undone first
+            self.wrapped += [(f"{name}.{inner}", m) for inner, m in getattr(module, "inner_originals", [])]
         self.touched.append(module)
         return module
+
+    def wrap_param(self, name: str, parameter: str) -> LoraParam:
+        """The `LoraParam` adapting `parameter` of the module at `name`, nesting a new one if needed."""
+        module = self.model.get_submodule(name)
+        inner = module
+        while isinstance(inner, LoraParam):
+            if inner.parameter_name == parameter:
+                self.touched.append(inner)
+                return inner
+            inner = inner.base_layer
+        wrapper = LoraParam(module, parameter)
+        replace_module(self.model, name, wrapper)
+        self.wrapped.append((name, module))
+        self.touched.append(wrapper)
+        return wrapper
 
     def run(self) -> None:
         for module in self.touched:

@@ -10,6 +10,10 @@ lorakit adds `lorakit_fingerprint` to the config: the adapted modules' names and
 the base model's name when known), so loading onto the wrong model fails before any tensor moves.
 Loading reads safetensors only; pickle (`.bin`) files are refused unless `allow_pickle=True`;
 NaN/Inf tensors and unusable adapter names are refused before the model changes.
+
+An adapter given by Hub ID (`org/name`, no such local folder) is fetched through the Hugging Face
+cache like a model (`lorakit.hf.hub_folder`, imported only then): downloaded when online, read from
+the cache when offline (`HF_HUB_OFFLINE=1`); only the adapter files are fetched.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from .errors import (
     storage_errors,
 )
 from .inject import inject, lora_layers
-from .layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraEmbedding, LoraLayer, LoraLinear, LoraParam, ModulesToSave
 from .merge import unload
 from .modeling import is_conv1d
 
@@ -77,8 +81,34 @@ def _config(model: nn.Module, adapter: str) -> LoraConfig:
     return _state.config(model, adapter)
 
 
+def _fingerprint_name(name: str, layer: LoraLayer) -> str:
+    """A wrapper's name in the fingerprint: an adapted parameter goes by its own name on the plain
+    model (`mlp.experts.gate_up_proj`), since nested wrappers' names do not exist before injection."""
+    if isinstance(layer, LoraParam):
+        return f"{name.replace('.base_layer', '')}.{layer.parameter_name}"
+    return name
+
+
+def _shape_at(model: nn.Module, name: str) -> list[int]:
+    """The fingerprint shape of module (or adapted parameter) `name`; AttributeError if absent."""
+    try:
+        return _module_shape(model.get_submodule(name))
+    except AttributeError:
+        owner_name, _, pname = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        while isinstance(owner, LoraLayer):  # already wrapped by another adapter
+            owner = owner.base_layer
+        p = owner._parameters.get(pname)
+        if p is None:
+            raise
+        return list(p.shape)
+
+
 def _module_shape(module: nn.Module) -> list[int]:
-    """The base weight's logical shape ([out, in] for every linear kind, GPT-2 Conv1D included)."""
+    """The base weight's logical shape ([out, in] for every linear kind, GPT-2 Conv1D included;
+    an adapted parameter's own shape)."""
+    if isinstance(module, LoraParam):
+        return list(module.param.shape)
     if isinstance(module, LoraLayer):
         if isinstance(module, LoraLinear):
             return [module.out_features, module.in_features]
@@ -93,7 +123,9 @@ def _module_shape(module: nn.Module) -> list[int]:
 
 def fingerprint(model: nn.Module, adapter: str = "default") -> dict:
     """Names and base shapes of the modules `adapter` adapts, plus the base model's name."""
-    modules = {name: _module_shape(m) for name, m in lora_layers(model) if adapter in m.r}
+    modules = {
+        _fingerprint_name(name, m): _module_shape(m) for name, m in lora_layers(model) if adapter in m.r
+    }
     return {"base_model_name_or_path": _config(model, adapter).base_model_name_or_path, "modules": modules}
 
 
@@ -156,7 +188,9 @@ def _adapter_files(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor]
         )
     data = config.to_dict()
     if config.target_modules == "all-linear":  # what PEFT writes: the resolved module names
-        data["target_modules"] = sorted(n for n, m in lora_layers(model) if name in m.r)
+        data["target_modules"] = sorted(
+            n for n, m in lora_layers(model) if name in m.r and not isinstance(m, LoraParam)
+        )
     # lorakit detects the transposed GPT-2 layout per layer; PEFT readers want the flag
     data["fan_in_fan_out"] = any(
         getattr(m, "fan_in_fan_out", False) for _, m in lora_layers(model) if name in m.r
@@ -229,7 +263,7 @@ def _check_fingerprint(model: nn.Module, config: LoraConfig, source: Path) -> No
     bad = []
     for name, shape in modules.items():
         try:
-            have = _module_shape(model.get_submodule(name))
+            have = _shape_at(model, name)
         except AttributeError:
             bad.append(f"{name} (missing from the model)")
             continue
@@ -250,18 +284,20 @@ def load_adapter(
     *,
     activate: bool = True,
     allow_pickle: bool = False,
+    revision: str | None = None,
 ) -> nn.Module:
     """Load the adapter folder `path` onto `model` as `adapter` (default "default").
 
     `path` is the adapter folder itself, or (PEFT's layout for named adapters) a folder whose
     subfolder `path/<adapter>` holds it; the subfolder wins when both hold an adapter_config.json.
+    A `path` that is no local folder but a Hub ID is fetched at `revision` (see `adapter_source`).
     The whole file must fit: a bad adapter name, a fingerprint that disagrees with the model, a
     missing or unexpected tensor, a wrong shape or NaN/Inf values raise (`ConfigError`,
     `ShapeMismatchError`, `AdapterFileError`) and leave the model as it was. Returns `model`.
     """
     name = "default" if adapter is None else adapter
     _state.check_name(name)  # before anything changes
-    path = adapter_folder(path, name)
+    path = adapter_folder(adapter_source(path, revision, allow_pickle=allow_pickle), name)
     config = LoraConfig.from_json_file(path / CONFIG_NAME)
     tensors = read_adapter_tensors(path, allow_pickle=allow_pickle)
     _check_finite(tensors, path)
@@ -295,6 +331,23 @@ def _check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
             f"{source}: tensor {key} holds NaN or Inf values; the adapter is corrupt (did its "
             "training diverge?): retrain it or load an earlier checkpoint"
         )
+
+
+def adapter_source(path: str | Path, revision: str | None = None, *, allow_pickle: bool = False) -> Path:
+    """`path` itself when it exists, is absolute or starts with '.' (a local path); else the local
+    snapshot of Hub repo `path` at `revision`, holding only adapter files (top level and PEFT's
+    named-adapter subfolders). Raises `AdapterFileError` naming what was tried when neither has it."""
+    local = Path(path)
+    if local.exists() or local.is_absolute() or str(path).startswith("."):
+        return local
+    from .hf import hub_folder  # the Hub integration, imported only for a Hub ID
+
+    names = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME) if allow_pickle else (CONFIG_NAME, WEIGHTS_NAME)
+    patterns = (*names, *(f"*/{n}" for n in names))
+    try:
+        return hub_folder(str(path), revision, patterns, what="adapter")
+    except LorakitError as e:
+        raise AdapterFileError(str(e)) from None
 
 
 def adapter_folder(path: str | Path, name: str = "default") -> Path:

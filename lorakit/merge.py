@@ -122,7 +122,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _merge_layers(model, _state.active(model))
     else:
         unmerge(model)
-    for name, module in list(model.named_modules()):
+    for name, module in reversed(list(model.named_modules())):  # inner (nested) wrappers first
         if isinstance(module, LoraLayer):
             replace_module(model, name, module.base_layer)
         elif isinstance(module, ModulesToSave):

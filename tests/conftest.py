@@ -1,7 +1,13 @@
 """pytest fixtures; the model and adapter builders live in fixtures.py."""
 
+import os
+
 import pytest
 import torch
+
+# nothing may reach a hub from the tests: a Hub ID resolves from the Hugging Face cache only
+# (lorakit.hf reads HF_HUB_OFFLINE at each call; tests that build a cache set HF_HOME themselves)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture

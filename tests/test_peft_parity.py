@@ -191,3 +191,118 @@ def test_trained_biases_cross_with_peft(bias, tmp_path, ids):
     lorakit.save_adapter(ours, tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
     assert torch.allclose(_logits(back, ids), _logits(src, ids), atol=1e-5, rtol=0)
+
+
+# --- more layer kinds: grouped convolutions, Conv3d (and 1x1x1) -------------------------------------
+
+LAYER_KINDS = {  # name -> (layer, input shape, rank)
+    "conv1d-groups2": (lambda: torch.nn.Conv1d(4, 8, 3, padding=1, groups=2), (2, 4, 9), 2),
+    "conv2d-groups3": (lambda: torch.nn.Conv2d(6, 6, 3, padding=1, groups=3), (2, 6, 5, 5), 3),
+    "conv3d": (lambda: torch.nn.Conv3d(3, 4, 3, stride=2, padding=1), (2, 3, 5, 6, 4), 2),
+    "conv3d-1x1x1": (lambda: torch.nn.Conv3d(3, 5, 1), (2, 3, 3, 2, 2), 2),
+}
+
+
+class OneLayer(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = LAYER_KINDS[kind][0]()
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_layer_kinds_cross_with_peft_merge_and_unload(kind, tmp_path):
+    _, shape, r = LAYER_KINDS[kind]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    kw = dict(r=r, lora_alpha=4, target_modules=["layer"], init_lora_weights=False)
+    ours = lorakit.inject(OneLayer(kind), lorakit.LoraConfig(**kw))
+    with torch.no_grad():
+        expected, base = ours(x), OneLayer(kind)(x)
+    assert not torch.allclose(expected, base, atol=1e-3)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(OneLayer(kind), tmp_path / "ours")
+    reference = peft.get_peft_model(OneLayer(kind), peft.LoraConfig(**kw))
+    reference.save_pretrained(tmp_path / "peft")
+    back = lorakit.load_adapter(OneLayer(kind), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(back(x), reference(x), atol=1e-5, rtol=0)
+        if "groups" in kind:  # B∘A crosses groups: no grouped kernel holds it (PEFT refuses too)
+            with pytest.raises(lorakit.errors.AdapterStateError, match="grouped convolution"):
+                lorakit.merge(ours)
+        else:
+            lorakit.merge(ours)
+            torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+            lorakit.unmerge(ours)
+        plain = lorakit.unload(ours, merge=False)
+        assert type(plain.layer) is type(OneLayer(kind).layer)
+        torch.testing.assert_close(plain(x), base, atol=1e-6, rtol=0)
+
+
+def test_grouped_conv_rank_must_be_a_multiple_of_groups():
+    model = OneLayer("conv2d-groups3")
+    with pytest.raises(lorakit.errors.ConfigError, match="multiple of this convolution's groups=3"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["layer"]))
+    assert type(model.layer) is torch.nn.Conv2d  # left as it was
+
+
+class Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def _out_proj_b(model) -> torch.Tensor:
+    return next(p for n, p in model.named_parameters() if "out_proj.lora_B" in n)
+
+
+def test_multihead_attention_crosses_with_peft_merges_trains_and_unloads(tmp_path):
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(r=2, lora_alpha=4, target_modules=["attn"], init_lora_weights=False)
+    ours = lorakit.inject(Attention(), lorakit.LoraConfig(**kw))
+    reference = peft.get_peft_model(Attention(), peft.LoraConfig(**kw))
+    assert lorakit.trainable_parameters(ours) == reference.get_nb_trainable_parameters()
+    with torch.no_grad():  # the math: a plain attention with W + dW in both projections
+        plain = Attention()
+        plain.attn.in_proj_weight += ours.attn.delta_weight("default")
+        plain.attn.out_proj.weight += ours.attn.base_layer.out_proj.delta_weight("default")
+        expected = plain(x)
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(expected, Attention()(x), atol=1e-3)
+    lorakit.save_adapter(ours, tmp_path / "ours")
+    assert set(lorakit.io.read_adapter_tensors(tmp_path / "ours")) == set(
+        peft.get_peft_model_state_dict(reference)
+    )
+    theirs = peft.PeftModel.from_pretrained(Attention(), tmp_path / "ours")
+    with torch.no_grad():
+        # PEFT 0.21.2 adds out_proj's delta twice (huggingface/peft#3774): equal to lorakit with it doubled
+        _out_proj_b(ours).mul_(2)
+        torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=0)
+        _out_proj_b(ours).div_(2)
+        _out_proj_b(reference).zero_()  # in_proj alone: exactly PEFT's
+    reference.save_pretrained(tmp_path / "peft")
+    back = lorakit.load_adapter(Attention(), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), reference(x), atol=1e-5, rtol=0)
+    ours(x).square().mean().backward()  # both projections' adapters get a gradient
+    assert all(p.grad is not None and p.grad.any() for p in ours.parameters() if p.requires_grad)
+    with torch.no_grad():
+        lorakit.merge(ours)
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+        lorakit.unmerge(ours)
+        plain = lorakit.unload(ours, merge=False)
+        assert type(plain.attn.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+        torch.testing.assert_close(plain(x), Attention()(x), atol=1e-6, rtol=0)
+    failing = Attention()
+    failing.later = torch.nn.Conv1d(3, 3, 1, groups=3)  # wrapped after attn, and refuses r=2
+    with pytest.raises(lorakit.errors.ConfigError, match="groups=3"):  # the undo puts out_proj back too
+        lorakit.inject(failing, lorakit.LoraConfig(r=2, target_modules=["attn", "later"]))
+    assert type(failing.attn) is torch.nn.MultiheadAttention
+    assert type(failing.attn.out_proj) is torch.nn.modules.linear.NonDynamicallyQuantizableLinear

@@ -352,3 +352,32 @@ def test_cli_errors(llama_json, tmp_path):
     assert rc == 1 and "not a size" in err
     rc, out, _ = _cli(["plan", "--model", llama_json, "--seq-len", "16", "--budget", "1KiB"])
     assert rc == 3 and "nothing fits" in out
+
+
+# --- MoE experts (target_parameters) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params", [(), ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")]
+)
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), "all-linear"])
+def test_moe_trainable_counts_match_peft(tmp_path, params, targets):
+    import peft
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    plan = estimate(
+        PlanSetup(model=str(tmp_path / "config.json"), r=2, target_modules=targets, target_parameters=params),
+        memory=False,
+    )
+    kw = dict(r=2, target_modules=list(targets) if isinstance(targets, tuple) else targets)
+    reference = peft.get_peft_model(
+        MixtralForCausalLM(config), peft.LoraConfig(**kw, target_parameters=params or None)
+    )
+    assert (plan.trainable_params, plan.total_params) == reference.get_nb_trainable_parameters()
+    with_experts = bool(params) or targets == "all-linear"
+    assert any(".experts." in t for t in plan.targets) == with_experts

@@ -23,13 +23,15 @@ DEFAULT_TYPES = {"gguf": "f16", "gguf-lora": "f32", "ollama": "q8_0"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `lorakit export`."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"HF folder, .gguf file or {DEFAULT_MODEL}")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"HF folder, .gguf file, Hub ID (org/name) or {DEFAULT_MODEL}"
+    )
     parser.add_argument(
         "--adapter",
         action="append",
         default=[],
         metavar="[NAME=]DIR",
-        help="adapter folder (repeatable; several are summed). Without one the base model is exported",
+        help="adapter folder or Hub ID (repeatable; several are summed). Without one the base model is exported",
     )
     parser.add_argument(
         "--output", required=True, help="the folder (hf, ollama) or .gguf file (gguf, gguf-lora)"

@@ -12,13 +12,15 @@ from ..hf import DEFAULT_MODEL
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `lorakit generate`."""
     parser.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"HF folder, .gguf file or {DEFAULT_MODEL}")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"HF folder, .gguf file, Hub ID (org/name) or {DEFAULT_MODEL}"
+    )
     parser.add_argument(
         "--adapter",
         action="append",
         default=[],
         metavar="[NAME=]DIR",
-        help="adapter folder (repeatable; several are summed)",
+        help="adapter folder or Hub ID (repeatable; several are summed)",
     )
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=DEFAULT_MODEL,
         help=f"a built-in name ({DEFAULT_MODEL}, {', '.join(BUILTIN)}), a Hugging Face folder, "
-        "a config.json or a .gguf file (only its shape is read)",
+        "a config.json, a .gguf file or a Hub ID (only its shape is read)",
     )
     parser.add_argument("--method", choices=METHODS, default="lora")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank")
@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["all-linear"],
         help="'all-linear', module names (q_proj v_proj, or q_proj,v_proj), or a regex",
+    )
+    parser.add_argument(
+        "--target-parameters",
+        nargs="+",
+        default=[],
+        help="parameters to adapt as well, e.g. mlp.experts.gate_up_proj mlp.experts.down_proj (MoE experts)",
     )
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         r=args.r,
         lora_alpha=args.lora_alpha,
         target_modules=parse_targets(args.target_modules),
+        target_parameters=tuple(p for v in args.target_parameters for p in v.split(",") if p),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         dtype=args.dtype,

@@ -18,9 +18,13 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `lorakit serve`."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"HF folder, .gguf file or {DEFAULT_MODEL}")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"HF folder, .gguf file, Hub ID (org/name) or {DEFAULT_MODEL}"
+    )
     parser.add_argument("--served-model-name", default=None, help="the base model's id (default: its name)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="repeatable")
+    parser.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=DIR", help="DIR or Hub ID; repeatable"
+    )
     parser.add_argument("--adapter-dir", default=None, help="folder of adapters loadable by name at run time")
     parser.add_argument("--max-loaded", type=int, default=8, help="adapters kept in memory at once (LRU)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -78,6 +82,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
 def build(args: argparse.Namespace):
     """The FastAPI app for `args` (model and adapters loaded)."""
     from .. import hf
+    from ..io import adapter_source
     from ..serve import AdapterCache, Engine, Limits, create_app
 
     adapters = parse_adapters(args.adapter)
@@ -102,6 +107,7 @@ def build(args: argparse.Namespace):
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     model, tokenizer = hf.load_model(args.model)
+    adapters = {name: adapter_source(folder) for name, folder in adapters.items()}  # or Hub IDs
     base_name = args.served_model_name or Path(str(args.model)).name
     cache = AdapterCache(model, adapters, args.adapter_dir, args.max_loaded, args.max_loaded_bytes)
     if base_name in cache:

@@ -28,7 +28,7 @@ from ..train.config import (
 log = logging.getLogger(__name__)
 
 _HELP = {
-    "model": "a local Hugging Face folder, a .gguf file, or 'smollm2-135m' (embedded)",
+    "model": "a local Hugging Face folder, a .gguf file, a Hub ID (org/name), or 'smollm2-135m' (embedded)",
     "data": "training data file (jsonl/json/csv/parquet, completion/instruction/chat/classification) "
     "or a built-in dataset such as rotten_tomatoes_chat:train[:2400]",
     "eval_data": "evaluation data file (default: hold out --eval-fraction of --data)",

@@ -6,6 +6,7 @@ from .dispatch import register, wrapper_for
 from .embedding import LoraEmbedding, embedding_delta
 from .linear import LoraLinear, linear_delta
 from .modules_to_save import ModulesToSave
+from .param import LoraMultiheadAttention, LoraParam, param_delta
 
 __all__ = [
     "LoraLayer",
@@ -13,6 +14,9 @@ __all__ = [
     "LoraEmbedding",
     "LoraConv",
     "ModulesToSave",
+    "LoraParam",
+    "LoraMultiheadAttention",
+    "param_delta",
     "register",
     "wrapper_for",
     "linear_delta",

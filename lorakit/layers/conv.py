@@ -1,8 +1,12 @@
-"""LoRA for `nn.Conv1d` / `nn.Conv2d`, in PEFT's layout.
+"""LoRA for `nn.Conv1d` / `nn.Conv2d` / `nn.Conv3d`, in PEFT's layout.
 
 A is a convolution with the base's kernel, stride, padding and dilation from `in` to `r` channels,
 B a 1x1 convolution from `r` to `out`. Since B is 1x1, B∘A is one convolution whose kernel is
 `B @ A` taken per kernel position, which gives the merged delta in one matmul.
+
+A grouped base (`groups` > 1) gets a grouped B (PEFT's layout; r must be a multiple of `groups`).
+Its B∘A mixes channels across groups, which no grouped kernel can hold, so such an adapter cannot
+be merged (PEFT refuses it too); it trains, saves, loads and unloads like any other.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import AdapterStateError, ConfigError
 from .base import LoraLayer
 
 
@@ -21,22 +25,22 @@ def conv_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> to
 
 
 class LoraConv(LoraLayer):
-    """Wraps an `nn.Conv1d` or `nn.Conv2d` (groups=1); see the module docstring."""
+    """Wraps an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d`; see the module docstring."""
 
     adapter_containers = ("lora_A", "lora_B")
 
-    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
-        if base_layer.groups != 1:
-            raise ConfigError(
-                f"LoRA on grouped convolutions is not supported (groups={base_layer.groups}); "
-                "exclude this module from target_modules"
-            )
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
     def _create_adapter(self, adapter: str, r: int) -> None:
         base = self.base_layer
+        if r % base.groups:
+            raise ConfigError(
+                f"rank r={r} is not a multiple of this convolution's groups={base.groups}; PEFT's grouped "
+                "LoRA needs one (pick such an r for it with rank_pattern, or exclude the module)"
+            )
         conv = type(base)
         dtype = self._adapter_dtype()
         self.lora_A[adapter] = conv(
@@ -49,9 +53,14 @@ class LoraConv(LoraLayer):
             bias=False,
             dtype=dtype,
         )
-        self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, bias=False, dtype=dtype)
+        self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, groups=base.groups, bias=False, dtype=dtype)
 
     def _delta(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        if self.base_layer.groups > 1:
+            raise AdapterStateError(
+                f"adapter {adapter!r} is on a grouped convolution (groups={self.base_layer.groups}): its update "
+                "mixes channels across groups, so it cannot be merged into the grouped kernel; keep it unmerged"
+            )
         return conv_delta(lora_a, lora_b, self.scaling[adapter])
 
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

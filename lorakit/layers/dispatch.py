@@ -17,6 +17,7 @@ from .base import LoraLayer
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import LoraLinear
+from .param import LoraMultiheadAttention
 
 Matcher = type | Callable[[nn.Module], bool]
 
@@ -28,6 +29,8 @@ _BUILTIN: list[tuple[Matcher, type[LoraLayer]]] = [
     (nn.Embedding, LoraEmbedding),
     (nn.Conv1d, LoraConv),
     (nn.Conv2d, LoraConv),
+    (nn.Conv3d, LoraConv),
+    (nn.MultiheadAttention, LoraMultiheadAttention),
 ]
 _USER: list[tuple[Matcher, type[LoraLayer]]] = []
 

@@ -51,6 +51,7 @@ class PlanSetup:
     device: str = "cuda"
     task: str = "causal-lm"
     adapter_dtype: str | None = None  # dtype the adapter file is saved in; None: as trained (fp32)
+    target_parameters: tuple[str, ...] = ()  # parameters to adapt (MoE experts), PEFT's rule
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
@@ -60,6 +61,7 @@ class PlanSetup:
             )
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        object.__setattr__(self, "target_parameters", tuple(self.target_parameters or ()))
         checks = [
             ("method", self.method, METHODS),
             ("dtype", self.dtype, tuple(DTYPES)),
@@ -85,6 +87,7 @@ class PlanSetup:
             r=self.r,
             lora_alpha=self.r if self.lora_alpha is None else self.lora_alpha,
             target_modules=list(targets) if isinstance(targets, tuple) else targets,
+            target_parameters=list(self.target_parameters) or None,
         )
 
 
@@ -109,8 +112,9 @@ class Estimate:
     def to_dict(self) -> dict:
         """JSON-ready form."""
         setup = dataclasses.asdict(self.setup)
-        if isinstance(setup["target_modules"], tuple):
-            setup["target_modules"] = list(setup["target_modules"])
+        for key in ("target_modules", "target_parameters"):
+            if isinstance(setup[key], tuple):
+                setup[key] = list(setup[key])
         return {
             "setup": setup,
             "total_params": self.total_params,
@@ -151,16 +155,17 @@ def _structure(setup: PlanSetup) -> PlanSetup:
 def _prepared(key: PlanSetup) -> tuple[nn.Module, tuple[str, ...]]:
     """A meta copy of the model with the method applied (LoRA injected); cached, never modified
     afterwards (tracing only runs forward passes)."""
-    from ..inject import find_targets, inject
+    from ..inject import find_parameter_targets, find_targets, inject, resolve_all_linear
 
     model = copy.deepcopy(_base_model(key.model, key.dtype, key.attention, key.task))
     if key.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model, ()
-    config = key.lora_config()
+    config = resolve_all_linear(model, key.lora_config())
     with torch.device("meta"):
         targets = find_targets(model, config)
+        targets += [f"{m}.{p}" for m, p in find_parameter_targets(model, config, targets)]
         inject(model, config)
     return model, tuple(targets)
 

@@ -22,10 +22,12 @@ def render(chosen: Estimate, all_methods: dict[str, Estimate]) -> str:
     """The report: the chosen setup in detail, then every method side by side."""
     s = chosen.setup
     targets = s.target_modules if isinstance(s.target_modules, str) else " ".join(s.target_modules)
+    if s.target_parameters:
+        targets += f" + parameters {' '.join(s.target_parameters)}"
     lines = [
         f"model {s.model}: {count(chosen.total_params)} parameters, dtype {s.dtype}",
         f"setup: {s.method}"
-        + ("" if s.method == "full" else f", r={s.r}, targets {targets} ({len(chosen.targets)} modules)")
+        + ("" if s.method == "full" else f", r={s.r}, targets {targets} ({len(chosen.targets)} targets)")
         + f", batch {s.batch_size} x {s.seq_len} tokens, {s.optimizer}, attention {s.attention}, "
         f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, device {s.device}",
         f"trainable: {count(chosen.trainable_params)} = {100 * chosen.trainable_ratio:.4f}% of all parameters",

@@ -63,6 +63,37 @@ BUILTIN: dict[str, tuple[str, dict[str, Any]]] = {
         "mistral",
         _seven_b(vocab=32000, intermediate=14336, kv_heads=8, context=32768, sliding_window=None),
     ),
+    # mistralai/Mixtral-8x7B-v0.1's config.json: Mistral-7B's shape with 8 experts, 2 per token
+    "mixtral-8x7b": (
+        "mixtral",
+        _seven_b(
+            vocab=32000,
+            intermediate=14336,
+            kv_heads=8,
+            context=32768,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=None,
+        ),
+    ),
+    # Qwen/Qwen3-30B-A3B's config.json: 48 layers, 128 experts of width 768, 8 per token
+    "qwen3-30b-a3b": (
+        "qwen3_moe",
+        dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            max_position_embeddings=40960,
+            tie_word_embeddings=False,
+        ),
+    ),
 }
 
 ATTENTION = ("sdpa", "eager")
@@ -78,7 +109,8 @@ def model_names() -> list[str]:
 
 def load_config(model: str):
     """A transformers config for `model`: a built-in name (see `BUILTIN`), the embedded default,
-    a Hugging Face folder, a `config.json` file or a `.gguf` file (only its metadata is read).
+    a Hugging Face folder, a `config.json` file, a `.gguf` file (only its metadata is read) or a
+    Hub ID (only its config.json is fetched, through the Hugging Face cache).
 
     Raises `ConfigError` when the model is not found or its config cannot be read.
     """
@@ -101,12 +133,10 @@ def load_config(model: str):
             if "model_type" not in data:
                 raise ConfigError(f"{path}: no 'model_type' key; give a transformers config.json")
             return transformers.AutoConfig.for_model(data.pop("model_type"), **data)
-        if not path.exists() and model not in model_names():
-            raise ConfigError(
-                f"model {model!r} not found: give a built-in name ({', '.join(model_names())}), "
-                "a Hugging Face folder, a config.json or a .gguf file"
-            )
-        from ..hf import resolve
+        from ..hf import hub_folder, resolve
+
+        if not path.exists() and model not in model_names():  # a Hub ID: its config.json is enough
+            return transformers.AutoConfig.from_pretrained(hub_folder(model, patterns=("config.json",)))
 
         return transformers.AutoConfig.from_pretrained(resolve(model))
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
