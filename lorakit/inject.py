@@ -245,10 +245,12 @@ def _apply(
                 config.lora_dropout,
                 config.init_lora_weights,
                 config.use_rslora,
+                use_dora=config.use_dora,
+                loftq_config=config.loftq_config,
             )
         except (RuntimeError, MemoryError, ValueError, TypeError, OverflowError) as e:
             if isinstance(e, LorakitError):
-                raise
+                raise type(e)(f"{name}: {e}") from None
             raise ConfigError(f"cannot build adapter {adapter!r} on {name} with r={r}: {e}") from None
     for name, _ in list(_candidates(model)):
         if name and config.modules_to_save and _name_in(name, config.modules_to_save):

@@ -51,7 +51,7 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.r:
-            for container in module.adapter_containers:
+            for container in module.containers_of(adapter):  # DoRA: + lora_magnitude_vector
                 item = getattr(module, container)[adapter]
                 if isinstance(item, nn.Parameter):
                     out[f"{PREFIX}{name}.{container}"] = item

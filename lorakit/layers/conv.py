@@ -3,6 +3,9 @@
 A is a convolution with the base's kernel, stride, padding and dilation from `in` to `r` channels,
 B a 1x1 convolution from `r` to `out`. Since B is 1x1, B∘A is one convolution whose kernel is
 `B @ A` taken per kernel position, which gives the merged delta in one matmul.
+
+DoRA: the norm is per output channel (over `in * kernel`), the magnitude saved in PEFT's shape
+`[1, out, 1(, 1)]`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class LoraConv(LoraLayer):
     """Wraps an `nn.Conv1d` or `nn.Conv2d` (groups=1); see the module docstring."""
 
     adapter_containers = ("lora_A", "lora_B")
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
         if base_layer.groups != 1:
@@ -54,7 +58,27 @@ class LoraConv(LoraLayer):
     def _delta(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
         return conv_delta(lora_a, lora_b, self.scaling[adapter])
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _weight_2d(self) -> torch.Tensor:
+        return self._base_weight().flatten(1)
+
+    def _ab_2d(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return lora_a.flatten(1), lora_b.flatten(1)
+
+    def _feature_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1, *[1] * (like.dim() - 2))
+
+    def _weight_view(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *[1] * (self.base_layer.weight.dim() - 1))
+
+    def _magnitude_shape(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm.view(1, -1, *[1] * (self.base_layer.weight.dim() - 2))
+
+    def _lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[name]
-        h = self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))))
-        return result + h.to(result.dtype) * self.scaling[name]
+        return self.lora_B[name](a(x.to(a.weight.dtype))) * self.scaling[name]
+
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if self.is_dora(name):
+            return self._add_dora(name, x, result)
+        x = self.lora_dropout[name](x)
+        return result + self._lora_output(name, x).to(result.dtype)
