@@ -372,7 +372,7 @@ class LoraLayer(nn.Module):
         bad = [
             n
             for n in todo
-            if not bool(torch.isfinite(deltas[n]).all()) or not bool(torch.isfinite(factors.get(n, 0.0)).all())
+            if not bool(torch.isfinite(deltas[n]).all()) or (n in factors and not bool(torch.isfinite(factors[n]).all()))
         ]
         if bad:
             raise AdapterStateError(
