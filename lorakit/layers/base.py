@@ -161,6 +161,12 @@ class LoraLayer(nn.Module):
         names = (*self.adapter_containers, "lora_magnitude_vector")
         return [c for c in names if adapter in getattr(self, c)]
 
+    def initial_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A0, B0) of a PiSSA/OLoRA adapter initialised in this session (taken out of the base),
+        else None."""
+        hit = self._initial.get(adapter)
+        return None if hit is None else hit[1:]
+
     def is_dora(self, adapter: str) -> bool:
         """Whether adapter `adapter` of this layer is a DoRA adapter."""
         return adapter in self.lora_magnitude_vector
