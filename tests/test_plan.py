@@ -352,3 +352,18 @@ def test_cli_errors(llama_json, tmp_path):
     assert rc == 1 and "not a size" in err
     rc, out, _ = _cli(["plan", "--model", llama_json, "--seq-len", "16", "--budget", "1KiB"])
     assert rc == 3 and "nothing fits" in out
+
+
+def test_dora_counts_its_magnitude_vectors_as_peft_does(llama_json, tmp_path):
+    import peft
+
+    setup = PlanSetup(model=llama_json, r=4, use_dora=True, seq_len=8)
+    est = estimate(setup, memory=False)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA))
+    theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    assert est.trainable_params == theirs.get_nb_trainable_parameters()[0]
+    plain = estimate(PlanSetup(model=llama_json, r=4, seq_len=8), memory=False)
+    magnitudes = sum(m.out_features for _, m in lora_layers(lorakit.inject(
+        AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA)), lorakit.LoraConfig(target_modules="all-linear"))))
+    assert est.trainable_params - plain.trainable_params == magnitudes
+    assert est.adapter_bytes - plain.adapter_bytes >= 4 * magnitudes

@@ -51,6 +51,7 @@ class PlanSetup:
     device: str = "cuda"
     task: str = "causal-lm"
     adapter_dtype: str | None = None  # dtype the adapter file is saved in; None: as trained (fp32)
+    use_dora: bool = False  # DoRA: + one magnitude per output feature, and its forward's activations
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
@@ -85,6 +86,7 @@ class PlanSetup:
             r=self.r,
             lora_alpha=self.r if self.lora_alpha is None else self.lora_alpha,
             target_modules=list(targets) if isinstance(targets, tuple) else targets,
+            use_dora=self.use_dora,
         )
 
 
