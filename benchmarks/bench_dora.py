@@ -133,7 +133,9 @@ def main() -> None:
 
     base = base_model(args.layers, args.device)
     models = variants(base, args.r)
-    ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(
+        0, SMOLLM2_135M["vocab_size"], (args.batch, args.seq), generator=torch.Generator().manual_seed(2)
+    )
     ids = ids.to(args.device)
     with torch.no_grad():
         ours = models["lorakit DoRA"].eval()(input_ids=ids).logits
@@ -141,19 +143,25 @@ def main() -> None:
         parity = (ours - theirs).abs().max().item()
 
     steps = interleaved({k: step_fn(m, ids, args.device) for k, m in models.items()}, args.rounds)
-    fwd = interleaved({k: forward_fn(m, ids, args.device) for k, m in {**models, "base": base}.items()}, args.rounds)
+    fwd = interleaved(
+        {k: forward_fn(m, ids, args.device) for k, m in {**models, "base": base}.items()}, args.rounds
+    )
 
     merged = lorakit.merge(copy.deepcopy(models["lorakit DoRA"]).eval())
     with torch.no_grad():
         expected = models["lorakit DoRA"].eval()(input_ids=ids).logits
         merged_diff = (merged(input_ids=ids).logits - expected).abs().max().item()
     merged_fwd = interleaved(
-        {"base": forward_fn(base, ids, args.device), "merged DoRA": forward_fn(merged, ids, args.device)}, args.rounds
+        {"base": forward_fn(base, ids, args.device), "merged DoRA": forward_fn(merged, ids, args.device)},
+        args.rounds,
     )
 
     result = {
-        "setup": {**vars(args), "model": f"random Llama, SmolLM2-135M shapes, {args.layers} of 30 layers",
-                  "threads": torch.get_num_threads()},
+        "setup": {
+            **vars(args),
+            "model": f"random Llama, SmolLM2-135M shapes, {args.layers} of 30 layers",
+            "threads": torch.get_num_threads(),
+        },
         "logits_max_abs_diff_lorakit_vs_peft_dora": parity,
         "merged_vs_unmerged_max_abs_diff": merged_diff,
         "train_step_s": {k: summary(v) for k, v in steps.items()},

@@ -269,7 +269,11 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("task_type", _is_opt_str, "None or a string"),
     ("base_model_name_or_path", _is_opt_str, "None or a string"),
     ("inference_mode", _is_bool, "true or false"),
-    ("loftq_config", lambda v: isinstance(v, dict) and _is_loftq(v), "{} or {'loftq_bits': 4, 'loftq_iter': N >= 1}"),
+    (
+        "loftq_config",
+        lambda v: isinstance(v, dict) and _is_loftq(v),
+        "{} or {'loftq_bits': 4, 'loftq_iter': N >= 1}",
+    ),
     ("extra", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a {key: value} object"),
 )
 
@@ -277,7 +281,9 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
 def is_weight_init(v: Any) -> bool:
     """Whether `v` names an init that reads the base weight (`lorakit.init`): 'pissa',
     'pissa_niter_N', 'olora' or 'loftq'."""
-    return isinstance(v, str) and (v in ("pissa", "olora", "loftq") or re.fullmatch(r"pissa_niter_\d+", v) is not None)
+    return isinstance(v, str) and (
+        v in ("pissa", "olora", "loftq") or re.fullmatch(r"pissa_niter_\d+", v) is not None
+    )
 
 
 def _is_loftq(v: dict) -> bool:
@@ -285,7 +291,12 @@ def _is_loftq(v: dict) -> bool:
     if not v:
         return True
     known = set(v) <= {"loftq_bits", "loftq_iter"}
-    return known and v.get("loftq_bits", 4) == 4 and _is_int(v.get("loftq_iter", 1)) and v.get("loftq_iter", 1) >= 1
+    return (
+        known
+        and v.get("loftq_bits", 4) == 4
+        and _is_int(v.get("loftq_iter", 1))
+        and v.get("loftq_iter", 1) >= 1
+    )
 
 
 def pattern_key(patterns: dict[str, Any], module_name: str) -> str:

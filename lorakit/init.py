@@ -52,7 +52,9 @@ def pissa_init(
     return lora_a, lora_b, weight - scaling * lora_b @ lora_a
 
 
-def olora_init(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def olora_init(
+    weight: torch.Tensor, r: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A = R[:r], B = Q[:, :r], residual `W - s B A`) from the QR decomposition of the weight."""
     q, rr = torch.linalg.qr(weight)
     lora_a, lora_b = rr[:r].contiguous(), q[:, :r].contiguous()

@@ -128,7 +128,9 @@ def test_pissa_refuses_a_4bit_base_and_loftq_needs_a_linear():
     with pytest.raises(ConfigError, match="c_attn.*'loftq'.*Conv1D"):
         lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(**GPT2, **loftq))
     with pytest.raises(ConfigError, match="embed_tokens.*supported on linear layers only"):
-        lorakit.inject(tiny_llama(), lorakit.LoraConfig(target_modules=["embed_tokens"], init_lora_weights="olora"))
+        lorakit.inject(
+            tiny_llama(), lorakit.LoraConfig(target_modules=["embed_tokens"], init_lora_weights="olora")
+        )
 
 
 @pytest.mark.parametrize(
@@ -174,9 +176,16 @@ def test_loftq_equals_peft_algorithm_with_bitsandbytes_nf4(num_iter):
 
 def test_loftq_inject_quantizes_the_targets_and_beats_plain_qlora_init(ids):
     model = tiny_llama()
-    ref = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))}
-    cfg = lorakit.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights="loftq",
-                             loftq_config={"loftq_bits": 4, "loftq_iter": 2})
+    ref = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))
+    }
+    cfg = lorakit.LoraConfig(
+        r=4,
+        lora_alpha=4,
+        target_modules=["q_proj", "down_proj"],
+        init_lora_weights="loftq",
+        loftq_config={"loftq_bits": 4, "loftq_iter": 2},
+    )
     lorakit.inject(model, cfg)
     for name, layer in lora_layers(model):
         assert isinstance(layer.base_layer, Linear4bit)

@@ -22,8 +22,14 @@ from lorakit.quant.quantize import quantize_model
 CASES = {
     "llama-all-linear": (tiny_llama, dict(r=4, lora_alpha=8, target_modules="all-linear")),
     "llama-embedding": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"])),
-    "gpt2-conv1d": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
-    "llama-rslora": (tiny_llama, dict(r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "up_proj"])),
+    "gpt2-conv1d": (
+        tiny_gpt2,
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    ),
+    "llama-rslora": (
+        tiny_llama,
+        dict(r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "up_proj"]),
+    ),
 }
 
 
@@ -46,7 +52,11 @@ def _logits(model, ids):
 
 def test_weight_norm_equals_the_dense_formula():
     g = torch.Generator().manual_seed(0)
-    w, a, b = torch.randn(12, 20, generator=g), torch.randn(3, 20, generator=g), torch.randn(12, 3, generator=g)
+    w, a, b = (
+        torch.randn(12, 20, generator=g),
+        torch.randn(3, 20, generator=g),
+        torch.randn(12, 3, generator=g),
+    )
     fast = weight_norm((w * w).sum(1), w @ a.T, a, b, 0.7)
     torch.testing.assert_close(fast, weight_norm_dense(w, 0.7 * b @ a), rtol=1e-6, atol=1e-6)
 
@@ -92,7 +102,9 @@ def test_conv_dora_crosses_with_peft(direction, tmp_path):
 
 def _peft_name(name: str) -> str:
     """PEFT's parameter name for a lorakit one (its magnitude vector is a module holding `.weight`)."""
-    return "base_model.model." + name.replace("lora_magnitude_vector.default", "lora_magnitude_vector.default.weight")
+    return "base_model.model." + name.replace(
+        "lora_magnitude_vector.default", "lora_magnitude_vector.default.weight"
+    )
 
 
 def _copy_to_peft(ours, theirs):

@@ -363,7 +363,14 @@ def test_dora_counts_its_magnitude_vectors_as_peft_does(llama_json, tmp_path):
     theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
     assert est.trainable_params == theirs.get_nb_trainable_parameters()[0]
     plain = estimate(PlanSetup(model=llama_json, r=4, seq_len=8), memory=False)
-    magnitudes = sum(m.out_features for _, m in lora_layers(lorakit.inject(
-        AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA)), lorakit.LoraConfig(target_modules="all-linear"))))
+    magnitudes = sum(
+        m.out_features
+        for _, m in lora_layers(
+            lorakit.inject(
+                AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA)),
+                lorakit.LoraConfig(target_modules="all-linear"),
+            )
+        )
+    )
     assert est.trainable_params - plain.trainable_params == magnitudes
     assert est.adapter_bytes - plain.adapter_bytes >= 4 * magnitudes

@@ -3,18 +3,19 @@
 
 import pytest
 import torch
-from fixtures import lm_examples
+from fixtures import lm_examples, trainable_tensors
 from fixtures import pad_right as collate
 from fixtures import train_cfg as cfg_for
 from fixtures import train_llama as tiny_llama
-from fixtures import trainable_tensors
 
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.train import TrainConfig, train
 from lorakit.train.lora_plus import lora_plus_groups
 
-KW = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "v_proj"], use_dora=True, bias="lora_only")
+KW = dict(
+    r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "v_proj"], use_dora=True, bias="lora_only"
+)
 
 
 def _lrs(optimizer, names):
@@ -31,7 +32,9 @@ def test_groups_equal_peft_create_loraplus_optimizer():
     ref_lrs = _lrs(ref, {id(p): n.removeprefix("base_model.model.") for n, p in theirs.named_parameters()})
     opt = torch.optim.AdamW(lora_plus_groups(ours, 1e-3, 16, 0.0))
     our_lrs = _lrs(opt, {id(p): n for n, p in ours.named_parameters()})
-    peft_key = {n: n.replace("lora_magnitude_vector.default", "lora_magnitude_vector.default.weight") for n in our_lrs}
+    peft_key = {
+        n: n.replace("lora_magnitude_vector.default", "lora_magnitude_vector.default.weight") for n in our_lrs
+    }
     assert {peft_key[n]: lr for n, lr in our_lrs.items()} == ref_lrs
     assert set(our_lrs.values()) == {1e-3, 1.6e-2, 1e-6}  # A, B (and magnitudes, biases), embedding
 
@@ -39,8 +42,8 @@ def test_groups_equal_peft_create_loraplus_optimizer():
 def test_train_with_lora_plus_equals_a_plain_loop_with_those_groups(tmp_path):
     examples = lm_examples(8)
     model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    cfg = cfg_for(tmp_path, max_steps=3, batch_size=8, schedule="constant", warmup_steps=0, max_grad_norm=0,
-                  lora_plus_ratio=8.0)
+    constant = {"schedule": "constant", "warmup_steps": 0, "max_grad_norm": 0}  # a plain AdamW loop
+    cfg = cfg_for(tmp_path, max_steps=3, batch_size=8, lora_plus_ratio=8.0, **constant)
     rows = train(model, examples, cfg, collate)
     ref = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     a = [p for n, p in ref.named_parameters() if p.requires_grad and "lora_A" in n]

@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from ..errors import AdapterStateError, ConfigError, ShapeMismatchError
-from . import dora
+from .dora import DoraParts
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(DoraParts, nn.Module):
     """Base class of the LoRA wrappers. Subclasses implement `_create_adapter`, `_delta` (or
     `delta_weight`) and `_add_adapter`, `_reset_adapter` when their weights are not
     `lora_A`/`lora_B` modules, and `_mixed_forward` when a faster mixed batch is possible."""
@@ -221,87 +221,6 @@ class LoraLayer(nn.Module):
         """`result` plus adapter `name`'s output for input `x` (the family's math)."""
         raise NotImplementedError
 
-    # DoRA ---------------------------------------------------------------------------------
-
-    def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """The DoRA output for adapter `name` (see `dora.py`), with PEFT's semantics: the base part
-        is `result` without its bias, or, when training with dropout, the base on the dropped input."""
-        m = self.lora_magnitude_vector[name]
-        factor = self._feature_view(m.reshape(-1) / self._dora_norm(name), result)
-        drop = self.lora_dropout[name]
-        if self.training and self._drops_input and not isinstance(drop, nn.Identity):
-            x = drop(x)
-            base = self.base_layer(x)
-            if self.bias is not None:
-                base = base - self._feature_view(self.bias, base)
-            rest = result - base
-        elif self.bias is not None:
-            rest = self._feature_view(self.bias, result)
-            base = result - rest
-        else:
-            base, rest = result, None
-        inner = self._base_plus_lora(name, x, base.to(m.dtype))
-        out = factor * inner
-        return (out if rest is None else out + rest.to(m.dtype)).to(result.dtype)
-
-    def _base_plus_lora(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """`base + scaling * B(A(x))` (linear layers fuse it into one kernel)."""
-        return base + self._lora_output(name, x)
-
-    def _dora_factor(self, name: str) -> torch.Tensor:
-        """`m / ||W + dW||` per output feature (the norm a constant), flat `[features]`."""
-        return self.lora_magnitude_vector[name].reshape(-1) / self._dora_norm(name)
-
-    def _dora_norm(self, name: str, *weights: torch.Tensor) -> torch.Tensor:
-        """`||W + dW||` per feature, without gradient, from the live weights (cached until they or
-        the base weight change) or from the given `weights` (in `_adapter_params` order)."""
-        live = not weights
-        if live:
-            weights = tuple(self._adapter_params(name))
-        base_key = _version_key(self.base_layer.weight)
-        key = (*(_version_key(w) for w in weights[:2]), base_key, self.scaling[name])
-        hit = self._dora_cache.get(name)
-        if live and hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():
-            a2, b2 = self._ab_2d(weights[0].detach(), weights[1].detach())
-            w = self._weight_2d().to(a2.dtype)
-            if self._dora_cache.get("", (None,))[0] != base_key:  # ||W_i||^2: constant while W is
-                self._dora_cache[""] = (base_key, (w * w).sum(1))
-            norm = dora.weight_norm(self._dora_cache[""][1], w @ a2.T, a2, b2, self.scaling[name])
-        if live:
-            self._dora_cache[name] = (key, norm)
-        return norm
-
-    def _base_weight(self) -> torch.Tensor:
-        """The base weight as stored (dequantized in fp32 for a 4-bit base)."""
-        base = self.base_layer
-        return base.dequantize(torch.float32) if hasattr(base, "dequantize") else base.weight
-
-    def _weight_2d(self) -> torch.Tensor:
-        """The base weight as `[features, fan_in]` (DoRA's norm is per row of it)."""
-        raise NotImplementedError
-
-    def _ab_2d(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A as `[r, fan_in]` and B as `[features, r]`, matching `_weight_2d`."""
-        return lora_a, lora_b
-
-    def _feature_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A per-feature vector shaped to broadcast over a layer output like `like` (features last)."""
-        return v
-
-    def _weight_view(self, v: torch.Tensor) -> torch.Tensor:
-        """A per-feature vector shaped to broadcast over the base weight (`[out, in]`: a column)."""
-        return v.view(-1, 1)
-
-    def _magnitude_shape(self, norm: torch.Tensor) -> torch.Tensor:
-        """The magnitude vector in PEFT's saved shape (`[features]`; conv layers differ)."""
-        return norm
-
-    def _lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """`scaling * B(A(x))` for an already dropped-out input, in the adapter dtype."""
-        raise NotImplementedError
-
     def _init_from_weight(self, adapter: str, init: str, loftq_config: dict) -> None:
         raise ConfigError(
             f"init_lora_weights={init!r} is supported on linear layers only, not on "
@@ -378,7 +297,8 @@ class LoraLayer(nn.Module):
         bad = [
             n
             for n in todo
-            if not bool(torch.isfinite(deltas[n]).all()) or (n in factors and not bool(torch.isfinite(factors[n]).all()))
+            if not bool(torch.isfinite(deltas[n]).all())
+            or (n in factors and not bool(torch.isfinite(factors[n]).all()))
         ]
         if bad:
             raise AdapterStateError(
@@ -441,11 +361,6 @@ def check_rows(rows: list[str | None], x: torch.Tensor) -> None:
             f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
             "give one adapter name (or None) per batch row"
         )
-
-
-def _version_key(t: torch.Tensor) -> tuple[int, int, int]:
-    """Changes whenever `t` is replaced or changed in place (optimizer steps, copy_, merges)."""
-    return id(t), t._version, t.data_ptr()
 
 
 def _params_of(obj: nn.Module | nn.Parameter) -> list[nn.Parameter]:

@@ -67,7 +67,9 @@ class LoraLinear(LoraLayer):
         a = self.lora_A[name].weight
         h = F.linear(x.to(a.dtype), a)
         out = torch.addmm(
-            base.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.T,
+            base.reshape(-1, self.out_features),
+            h.reshape(-1, h.shape[-1]),
+            self.lora_B[name].weight.T,
             alpha=self.scaling[name],
         )
         return out.view(base.shape)
@@ -75,8 +77,9 @@ class LoraLinear(LoraLayer):
     def _init_from_weight(self, adapter: str, init: str, loftq_config: dict) -> None:
         """PiSSA / OLoRA (the residual replaces the base weight) or LoftQ (the base becomes the
         NF4 `Linear4bit` of LoftQ's last quantization); see `lorakit.init`."""
-        a, b, base = inits.weight_init(self.base_layer, init, self.r[adapter], self.scaling[adapter],
-                                       self.fan_in_fan_out, loftq_config)
+        a, b, base = inits.weight_init(
+            self.base_layer, init, self.r[adapter], self.scaling[adapter], self.fan_in_fan_out, loftq_config
+        )
         with torch.no_grad():
             self.lora_A[adapter].weight.copy_(a)
             self.lora_B[adapter].weight.copy_(b)
@@ -116,7 +119,9 @@ class LoraLinear(LoraLayer):
         """
         rows = self.row_adapters
         used = [n for n in dict.fromkeys(rows) if n in self.r]
-        dropped_dora = any(self.is_dora(n) and not isinstance(self.lora_dropout[n], nn.Identity) for n in used)
+        dropped_dora = any(
+            self.is_dora(n) and not isinstance(self.lora_dropout[n], nn.Identity) for n in used
+        )
         if self.training and dropped_dora:  # DoRA's base part then needs each row's own dropout
             return super()._mixed_forward(x, result)
         a_stack, b_stack, p, idx, b_cat, mask, factor = self._row_stacks(used)

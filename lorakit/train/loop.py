@@ -253,7 +253,11 @@ def train(
 def _start(model: nn.Module, params: list, cfg: TrainConfig, total: int) -> tuple[Any, Any, Progress]:
     """The optimizer, the schedule and the progress: fresh (every process starting from rank 0's
     values), or restored from the newest complete checkpoint with `cfg.resume`."""
-    groups = lora_plus_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay) if cfg.lora_plus_ratio else params
+    groups = (
+        lora_plus_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
+        if cfg.lora_plus_ratio
+        else params
+    )
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     folder = Path(cfg.output) / "checkpoints"

@@ -30,7 +30,10 @@ def lora_plus_groups(
     """AdamW parameter groups of `model`'s trainable parameters for LoRA+ (see the module docstring);
     empty groups are left out."""
     embedding = {  # A and B of embedding layers (PEFT puts their DoRA magnitude with the Bs)
-        id(p) for m in model.modules() if isinstance(m, LoraEmbedding) for n, p in m.named_parameters()
+        id(p)
+        for m in model.modules()
+        if isinstance(m, LoraEmbedding)
+        for n, p in m.named_parameters()
         if n.startswith("lora_embedding_")
     }
     groups: dict[str, list] = {"A": [], "B": [], "B_no_decay": [], "embedding": []}
@@ -53,7 +56,9 @@ def lora_plus_groups(
     for key, params in groups.items():
         if params:
             group = {"params": params, "lora_plus": key, **settings[key]}
-            out.append({**group, "lr": group_lr(group, lr), "weight_decay": weight_decay if group["decay"] else 0.0})
+            out.append(
+                {**group, "lr": group_lr(group, lr), "weight_decay": weight_decay if group["decay"] else 0.0}
+            )
     return out
 
 
