@@ -36,7 +36,9 @@ def errors(w: torch.Tensor, r: int) -> dict[str, float]:
         out[f"qlora{'_dq' if dq else ''}"] = (w - deq).norm().item() / norm
     for it in ITERS:
         packed, state, a, b = loftq_init(w, r, it)
-        out[f"loftq_iter{it}"] = (w - dequantize_nf4(packed, state, torch.float32) - b @ a).norm().item() / norm
+        out[f"loftq_iter{it}"] = (
+            w - dequantize_nf4(packed, state, torch.float32) - b @ a
+        ).norm().item() / norm
     return out
 
 

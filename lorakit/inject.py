@@ -329,9 +329,9 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     for module in model.modules():
-        count = getattr(module, "num_quantized_params", None)
+        count = getattr(type(module), "num_quantized_params", None)
         if callable(count):
-            total += count()
+            total += count(module)
     return trainable, total
 
 
