@@ -60,6 +60,7 @@ class LoraConfig:
     inference_mode: bool = False
     # parameters (not modules) to adapt, PEFT's rule: a name equal to `module.param` or ending in `.name`
     target_parameters: list[str] | None = None
+    loftq_config: dict[str, Any] = field(default_factory=dict)  # {"loftq_bits": 4, "loftq_iter": 1}
     # keys of adapter_config.json this version does not interpret, kept for the round trip
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -97,9 +98,9 @@ class LoraConfig:
             value = getattr(self, key)
             if isinstance(value, str) and value != "all-linear" and (error := _regex_error(value)):
                 raise ConfigError(f"LoraConfig.{key} {_show(value)} is an invalid regex ({error})")
-        if self.use_dora:
+        if self.init_lora_weights == "loftq" and not self.loftq_config:
             raise ConfigError(
-                "use_dora=True is not supported by lorakit yet; use plain LoRA (use_dora=False)"
+                "LoraConfig.init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1}"
             )
         if self.target_modules is None and not self.target_parameters:
             raise ConfigError(
@@ -263,7 +264,11 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("bias", lambda v: isinstance(v, str) and v in BIAS_CHOICES, f"one of {BIAS_CHOICES}"),
     ("use_rslora", _is_bool, "true or false"),
     ("modules_to_save", lambda v: _is_names(v, allow_str=False), "None or a list of module names"),
-    ("init_lora_weights", lambda v: _is_bool(v) or v == "gaussian", "True, False or 'gaussian'"),
+    (
+        "init_lora_weights",
+        lambda v: _is_bool(v) or v == "gaussian" or is_weight_init(v),
+        "True, False, 'gaussian', 'pissa', 'pissa_niter_N', 'olora' or 'loftq'",
+    ),
     ("layers_to_transform", _is_layers, "None, a layer index or a list of layer indices (integers >= 0)"),
     ("layers_pattern", _is_names, "None, a name or a list of names"),
     ("rank_pattern", lambda v: isinstance(v, dict), "a {regex: rank} object"),
@@ -272,9 +277,35 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("task_type", _is_opt_str, "None or a string"),
     ("base_model_name_or_path", _is_opt_str, "None or a string"),
     ("inference_mode", _is_bool, "true or false"),
+    (
+        "loftq_config",
+        lambda v: isinstance(v, dict) and _is_loftq(v),
+        "{} or {'loftq_bits': 4, 'loftq_iter': N >= 1}",
+    ),
     ("extra", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a {key: value} object"),
     ("target_parameters", lambda v: _is_names(v, allow_str=False), "None or a list of parameter names"),
 )
+
+
+def is_weight_init(v: Any) -> bool:
+    """Whether `v` names an init that reads the base weight (`lorakit.init`): 'pissa',
+    'pissa_niter_N', 'olora' or 'loftq'."""
+    return isinstance(v, str) and (
+        v in ("pissa", "olora", "loftq") or re.fullmatch(r"pissa_niter_\d+", v) is not None
+    )
+
+
+def _is_loftq(v: dict) -> bool:
+    """PEFT's LoftQConfig keys: lorakit's LoftQ is NF4 (4 bits) only."""
+    if not v:
+        return True
+    known = set(v) <= {"loftq_bits", "loftq_iter"}
+    return (
+        known
+        and v.get("loftq_bits", 4) == 4
+        and _is_int(v.get("loftq_iter", 1))
+        and v.get("loftq_iter", 1) >= 1
+    )
 
 
 def pattern_key(patterns: dict[str, Any], module_name: str) -> str:

@@ -350,10 +350,12 @@ def _add_adapter(module: LoraLayer, config: LoraConfig, adapter: str, key: str) 
             config.lora_dropout,
             config.init_lora_weights,
             config.use_rslora,
+            use_dora=config.use_dora,
+            loftq_config=config.loftq_config,
         )
     except (RuntimeError, MemoryError, ValueError, TypeError, OverflowError) as e:
         if isinstance(e, LorakitError):
-            raise
+            raise type(e)(f"{key}: {e}") from None
         raise ConfigError(f"cannot build adapter {adapter!r} on {key} with r={r}: {e}") from None
 
 

@@ -55,7 +55,7 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.r:
-            for container in module.adapter_containers:
+            for container in module.containers_of(adapter):  # DoRA: + lora_magnitude_vector
                 item = getattr(module, container)[adapter]
                 if isinstance(item, nn.Parameter):
                     out[f"{PREFIX}{name}.{container}"] = item
@@ -129,8 +129,19 @@ def fingerprint(model: nn.Module, adapter: str = "default") -> dict:
     return {"base_model_name_or_path": _config(model, adapter).base_model_name_or_path, "modules": modules}
 
 
-def save_adapter(model: nn.Module, path: str | Path, adapter: str | list[str] | None = None) -> list[Path]:
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    adapter: str | list[str] | None = None,
+    *,
+    convert_to_lora: bool = False,
+) -> list[Path]:
     """Write adapters as PEFT folders; returns the folders written.
+
+    `convert_to_lora` (PEFT's `path_initial_model_for_weight_conversion`): a PiSSA/OLoRA adapter
+    trained on the residual base is saved as a plain LoRA adapter of rank 2r for the *original* base
+    (`A' = [A; A0]`, `B' = [B, -B0]`, r and alpha doubled), so it loads on the unmodified model.
+    Raises `AdapterStateError` for an adapter that was not PiSSA/OLoRA-initialised in this session.
 
     Where each goes: saving one adapter (`adapter="alpha"`, or `None` on a model that has only
     one) writes it to `path` itself, whatever its name: the folder you name is the adapter folder.
@@ -154,6 +165,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | list[str] | 
     if not names:
         raise AdapterStateError("the model has no adapters to save; call lorakit.inject first")
     files = {name: _adapter_files(model, name) for name in names}
+    if convert_to_lora:
+        files = {name: _converted(model, name, *files[name]) for name in names}
     subfolder = {name: "" if len(names) == 1 or name == "default" else name for name in names}
     # what the new folder rewrites; an old nested copy of an adapter now saved at the top goes too,
     # or load_adapter(path, name) would still find the stale one in path/<name>
@@ -197,6 +210,47 @@ def _adapter_files(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor]
     )
     data[FINGERPRINT_KEY] = fingerprint(model, name)
     data["lorakit_version"] = __version__
+    return tensors, data
+
+
+def _converted(model: nn.Module, name: str, tensors: dict, data: dict) -> tuple[dict, dict]:
+    """(tensors, config) of PiSSA/OLoRA adapter `name` as a rank-2r LoRA for the original base:
+    `s B A - s B0 A0 = s [B, -B0] [A; A0]` (PEFT's `subtract_mutated_init`)."""
+    config = _config(model, name)
+    init = config.init_lora_weights
+    if not (isinstance(init, str) and (init.startswith("pissa") or init == "olora")):
+        raise AdapterStateError(
+            f"adapter {name!r} was not PiSSA/OLoRA-initialised (init_lora_weights={init!r}), so there is "
+            "nothing to convert; save it without convert_to_lora"
+        )
+    if config.use_dora or (config.use_rslora and (config.rank_pattern or config.alpha_pattern)):
+        raise AdapterStateError(
+            f"adapter {name!r}: convert_to_lora cannot express a DoRA adapter, nor rslora with rank/alpha "
+            "patterns (PEFT's rule), as a plain LoRA; save it without convert_to_lora"
+        )
+    tensors = dict(tensors)
+    for layer_name, layer in lora_layers(model):
+        if name not in layer.r:
+            continue
+        initial = layer.initial_weights(name)
+        if initial is None:
+            raise AdapterStateError(
+                f"adapter {name!r}: {layer_name} has no initial A/B (the adapter was loaded or resumed, not "
+                "initialised with PiSSA/OLoRA in this session), so it cannot be converted"
+            )
+        a0, b0 = initial
+        key = f"{PREFIX}{layer_name}.lora_"
+        tensors[key + "A.weight"] = torch.cat([tensors[key + "A.weight"], a0.cpu()], 0)
+        tensors[key + "B.weight"] = torch.cat([tensors[key + "B.weight"], -b0.cpu()], 1)
+    double = 2**0.5 if config.use_rslora else 2
+    data = {
+        **data,
+        "init_lora_weights": True,
+        "r": config.r * 2,
+        "lora_alpha": config.lora_alpha * double,
+        "rank_pattern": {k: 2 * v for k, v in config.rank_pattern.items()},
+        "alpha_pattern": {k: 2 * v for k, v in config.alpha_pattern.items()},
+    }
     return tensors, data
 
 

@@ -381,3 +381,25 @@ def test_moe_trainable_counts_match_peft(tmp_path, params, targets):
     assert (plan.trainable_params, plan.total_params) == reference.get_nb_trainable_parameters()
     with_experts = bool(params) or targets == "all-linear"
     assert any(".experts." in t for t in plan.targets) == with_experts
+
+
+def test_dora_counts_its_magnitude_vectors_as_peft_does(llama_json, tmp_path):
+    import peft
+
+    setup = PlanSetup(model=llama_json, r=4, use_dora=True, seq_len=8)
+    est = estimate(setup, memory=False)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA))
+    theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    assert est.trainable_params == theirs.get_nb_trainable_parameters()[0]
+    plain = estimate(PlanSetup(model=llama_json, r=4, seq_len=8), memory=False)
+    magnitudes = sum(
+        m.out_features
+        for _, m in lora_layers(
+            lorakit.inject(
+                AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA)),
+                lorakit.LoraConfig(target_modules="all-linear"),
+            )
+        )
+    )
+    assert est.trainable_params - plain.trainable_params == magnitudes
+    assert est.adapter_bytes - plain.adapter_bytes >= 4 * magnitudes

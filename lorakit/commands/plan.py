@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="dtype of the saved adapter (default: fp32)",
     )
+    parser.add_argument("--dora", action=argparse.BooleanOptionalAction, default=False, help="DoRA adapters")
     parser.add_argument("--budget", help="memory budget, e.g. 8GiB or 24GB: recommend settings that fit")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         task=args.task,
         adapter_dtype=args.adapter_dtype,
+        use_dora=args.dora,
     )
     budget = parse_size(args.budget) if args.budget else None
     methods = compare(setup)

@@ -70,6 +70,10 @@ _HELP = {
     "resume": "continue from the newest complete checkpoint in --output (changed settings are checked)",
     "overwrite": "replace the run already in --output (its checkpoints and metrics go; the old adapter "
     "stays until the new one is saved)",
+    "dora": "DoRA: weight-decomposed LoRA (a trained magnitude per output feature; docs/variants.md)",
+    "init": "A/B initialisation: pissa, pissa_niter_N (fast SVD), olora, loftq (with --quantize nf4) or "
+    "gaussian (default: LoRA's, B = 0)",
+    "lora_plus_ratio": "LoRA+: B's learning rate = R x --lr (the paper suggests 16; embedding adapters use 1e-6)",
 }
 
 

@@ -16,6 +16,17 @@ loop over adapters, never over rows), which is exact for any family whose adapte
 A merged adapter is frozen (`requires_grad=False`) and a copy of the weights that were merged is
 kept (rank-sized, small), so `unmerge` subtracts exactly what was added even if someone changed the
 live weights in between.
+
+DoRA (`use_dora=True`, math in `dora.py`) is shared by every family that sets `supports_dora`: the
+magnitude vector lives in `lora_magnitude_vector[name]` (in PEFT's shape), the weight norm is
+computed without building `W + dW` and cached until the adapter or base weights change (tensor
+version counters), and a DoRA merge is `W <- f * (W + dW)` with `f = m / ||W + dW||` (computed for
+every adapter of a merge before any weight changes, as the forward sees them); unmerge divides by
+the same `f`. The family supplies the layout hooks (`_weight_2d`, `_ab_2d`, `_feature_view`,
+`_lora_output`).
+
+Initialisations that read the base weight (PiSSA, OLoRA, LoftQ: `lorakit.init`) are the family's
+`_init_from_weight`; the base class refuses them.
 """
 
 from __future__ import annotations
@@ -26,15 +37,18 @@ import torch
 from torch import nn
 
 from ..errors import AdapterStateError, ConfigError, ShapeMismatchError
+from .dora import DoraParts
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(DoraParts, nn.Module):
     """Base class of the LoRA wrappers. Subclasses implement `_create_adapter`, `_delta` (or
     `delta_weight`) and `_add_adapter`, `_reset_adapter` when their weights are not
     `lora_A`/`lora_B` modules, and `_mixed_forward` when a faster mixed batch is possible."""
 
     # names of the per-adapter containers; io.py uses them to build PEFT's tensor names
     adapter_containers: tuple[str, ...] = ()
+    supports_dora = False  # families that implement the DoRA layout hooks set it
+    _drops_input = True  # dropout applies to the input (not to an embedding's token ids)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -48,6 +62,10 @@ class LoraLayer(nn.Module):
         self._merged_weights: dict[str, list[torch.Tensor]] = {}  # what each merge added
         self.disabled = False
         self._rows: list[str | None] | None = None
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
+        self._dora_cache: dict[str, tuple] = {}  # name -> (weights' version key, norm)
+        self._merged_factors: dict[str, torch.Tensor] = {}  # DoRA: the factor each merge applied
+        self._initial: dict[str, tuple] = {}  # PiSSA/OLoRA: (method, A0, B0) for the conversion at save
 
     # looking like the wrapped layer -------------------------------------------------------
 
@@ -88,21 +106,39 @@ class LoraLayer(nn.Module):
         lora_dropout: float = 0.0,
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
+        use_dora: bool = False,
+        loftq_config: dict | None = None,
     ) -> None:
-        """Add (or replace) adapter `adapter` with rank `r`; raise `ConfigError` if r <= 0."""
+        """Add (or replace) adapter `adapter` with rank `r`; raise `ConfigError` if r <= 0, or for
+        DoRA or a weight-based init (`"pissa"`, `"olora"`, `"loftq"`) on a layer without support."""
         if r <= 0:
             raise ConfigError(f"rank must be a positive integer, got r={r} for adapter {adapter!r}")
+        if use_dora and not self.supports_dora:
+            raise ConfigError(
+                f"use_dora=True is not supported on {type(self.base_layer).__name__} layers "
+                f"({type(self).__name__}); exclude them from target_modules or set use_dora=False"
+            )
         if adapter in self.merged_adapters:
             raise AdapterStateError(
                 f"adapter {adapter!r} is merged into the base weights; unmerge it before replacing it"
             )
+        if adapter in self.r:  # replacing: drop the old one first (and undo what its init did)
+            self.delete_adapter(adapter)
         self.r[adapter] = r
         self.lora_alpha[adapter] = lora_alpha
         self.scaling[adapter] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[adapter] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._create_adapter(adapter, r)
-        self._reset_adapter(adapter, init_lora_weights)
+        if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
+            self._init_from_weight(adapter, init_lora_weights, loftq_config or {})
+        else:
+            self._reset_adapter(adapter, init_lora_weights)
         self._to_base_device(adapter)
+        if use_dora:
+            with torch.no_grad():  # m starts at ||W + dW||, so a fresh DoRA adapter changes nothing
+                norm = self._dora_norm(adapter, *self._adapter_params(adapter))
+            self.lora_magnitude_vector[adapter] = nn.Parameter(self._magnitude_shape(norm))
+            self._dora_cache.pop(adapter, None)
 
     def delete_adapter(self, adapter: str) -> None:
         """Remove adapter `adapter` and its weights; refuse if it is merged."""
@@ -110,12 +146,30 @@ class LoraLayer(nn.Module):
             raise AdapterStateError(
                 f"adapter {adapter!r} is merged into the base weights; unmerge before deleting it"
             )
-        for container in (*self.adapter_containers, "lora_dropout"):
+        if adapter in self._initial:  # PiSSA/OLoRA took B0 A0 out of the base: put it back
+            _, a0, b0 = self._initial.pop(adapter)
+            self._add_to_base(self._delta(adapter, a0, b0))
+        for container in (*self.adapter_containers, "lora_magnitude_vector", "lora_dropout"):
             items = getattr(self, container)
             if adapter in items:
                 del items[adapter]
-        for d in (self.r, self.lora_alpha, self.scaling):
+        for d in (self.r, self.lora_alpha, self.scaling, self._dora_cache):
             d.pop(adapter, None)
+
+    def containers_of(self, adapter: str) -> list[str]:
+        """The per-adapter containers that hold `adapter` (DoRA adds `lora_magnitude_vector`)."""
+        names = (*self.adapter_containers, "lora_magnitude_vector")
+        return [c for c in names if adapter in getattr(self, c)]
+
+    def initial_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A0, B0) of a PiSSA/OLoRA adapter initialised in this session (taken out of the base),
+        else None."""
+        hit = self._initial.get(adapter)
+        return None if hit is None else hit[1:]
+
+    def is_dora(self, adapter: str) -> bool:
+        """Whether adapter `adapter` of this layer is a DoRA adapter."""
+        return adapter in self.lora_magnitude_vector
 
     def set_active(self, adapters: list[str]) -> None:
         """Make exactly `adapters` (those this layer carries) active; active, unmerged ones train.
@@ -167,6 +221,12 @@ class LoraLayer(nn.Module):
         """`result` plus adapter `name`'s output for input `x` (the family's math)."""
         raise NotImplementedError
 
+    def _init_from_weight(self, adapter: str, init: str, loftq_config: dict) -> None:
+        raise ConfigError(
+            f"init_lora_weights={init!r} is supported on linear layers only, not on "
+            f"{type(self.base_layer).__name__}; exclude this module from target_modules or use True/'gaussian'"
+        )
+
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Row i gets adapter `row_adapters[i]`: each adapter in use runs on its own rows."""
         rows = self._rows
@@ -188,7 +248,7 @@ class LoraLayer(nn.Module):
         nn.init.zeros_(self.lora_B[adapter].weight)
 
     def _adapter_params(self, adapter: str) -> list[nn.Parameter]:
-        return [p for c in self.adapter_containers for p in _params_of(getattr(self, c)[adapter])]
+        return [p for c in self.containers_of(adapter) for p in _params_of(getattr(self, c)[adapter])]
 
     def _adapter_dtype(self) -> torch.dtype:
         """Adapters train in fp32 unless the base is fp32/fp64 already (PEFT's autocast_adapter_dtype)."""
@@ -206,8 +266,17 @@ class LoraLayer(nn.Module):
     # merging ------------------------------------------------------------------------------
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
-        """The adapter's contribution in the layout of `base_layer.weight` (already scaled)."""
-        return self._delta(adapter, *self._adapter_params(adapter))
+        """The adapter's contribution in the layout of `base_layer.weight` (already scaled); for a
+        DoRA adapter, what its merge adds: `(f - 1) * W + f * dW` for the current base weight W."""
+        weights = self._adapter_params(adapter)
+        delta = self._delta(adapter, *weights[:2] if self.is_dora(adapter) else weights)
+        if not self.is_dora(adapter):
+            return delta
+        f = self._weight_view(weights[2].reshape(-1) / self._dora_norm(adapter, *weights))
+        return (f - 1) * self._base_weight().to(delta.dtype) + f * delta
+
+    def _plain_delta(self, adapter: str, weights: list[torch.Tensor]) -> torch.Tensor:
+        return self._delta(adapter, *weights[:2] if self.is_dora(adapter) else weights)
 
     def _delta(self, adapter: str, *weights: torch.Tensor) -> torch.Tensor:
         """The scaled delta of adapter `adapter` from its weights (in `_adapter_params` order)."""
@@ -218,15 +287,31 @@ class LoraLayer(nn.Module):
         the adapter. Raises `AdapterStateError`, changing nothing, if a delta is not finite."""
         todo = [n for n in dict.fromkeys(adapters) if n in self.r and n not in self.merged_adapters]
         weights = {n: [p.detach().clone() for p in self._adapter_params(n)] for n in todo}
-        deltas = {n: self._delta(n, *weights[n]) for n in todo}
-        bad = [n for n in todo if not bool(torch.isfinite(deltas[n]).all())]
+        deltas = {n: self._plain_delta(n, weights[n]) for n in todo}
+        # every DoRA factor from the weights as the forward sees them now, before any changes
+        factors = {
+            n: self._weight_view(weights[n][2].reshape(-1) / self._dora_norm(n, *weights[n]))
+            for n in todo
+            if self.is_dora(n)
+        }
+        bad = [
+            n
+            for n in todo
+            if not bool(torch.isfinite(deltas[n]).all())
+            or (n in factors and not bool(torch.isfinite(factors[n]).all()))
+        ]
         if bad:
             raise AdapterStateError(
                 f"adapter(s) {bad} have a non-finite (NaN/Inf) weight delta; refusing to merge them into "
                 "the base weights. Retrain or reload the adapter"
             )
         for name in todo:
-            self._add_to_base(deltas[name])
+            delta = deltas[name]
+            if name in factors:  # W <- f * (W + dW)
+                f = factors[name]
+                delta = (f - 1) * self._base_weight().to(delta.dtype) + f * delta
+                self._merged_factors[name] = f
+            self._add_to_base(delta)
             self.merged_adapters.append(name)
             self._merged_weights[name] = weights[name]
         self._update_trainable()
@@ -238,7 +323,11 @@ class LoraLayer(nn.Module):
             if adapters is None or name in adapters:
                 device = self._adapter_params(name)[0].device  # the model may have moved since
                 merged = [w.to(device) for w in self._merged_weights.pop(name)]
-                self._add_to_base(-self._delta(name, *merged))
+                delta = -self._plain_delta(name, merged)
+                if name in self._merged_factors:  # W <- W / f - dW
+                    f = self._merged_factors.pop(name).to(device)
+                    delta = self._base_weight().to(delta.dtype) * (1 / f - 1) + delta
+                self._add_to_base(delta)
                 self.merged_adapters.remove(name)
         self._update_trainable()
 

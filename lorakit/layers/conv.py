@@ -7,6 +7,9 @@ B a 1x1 convolution from `r` to `out`. Since B is 1x1, B∘A is one convolution 
 A grouped base (`groups` > 1) gets a grouped B (PEFT's layout; r must be a multiple of `groups`).
 Its B∘A mixes channels across groups, which no grouped kernel can hold, so such an adapter cannot
 be merged (PEFT refuses it too); it trains, saves, loads and unloads like any other.
+
+DoRA: the norm is per output channel (over `in * kernel`), the magnitude saved in PEFT's shape
+`[1, out, 1(, 1)]`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ class LoraConv(LoraLayer):
     """Wraps an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d`; see the module docstring."""
 
     adapter_containers = ("lora_A", "lora_B")
+
+    @property
+    def supports_dora(self) -> bool:
+        # DoRA needs the weight norm of W + B@A, which a grouped B (mixing across groups) has no kernel for
+        return self.base_layer.groups == 1
 
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         super().__init__(base_layer)
@@ -63,7 +71,27 @@ class LoraConv(LoraLayer):
             )
         return conv_delta(lora_a, lora_b, self.scaling[adapter])
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _weight_2d(self) -> torch.Tensor:
+        return self._base_weight().flatten(1)
+
+    def _ab_2d(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return lora_a.flatten(1), lora_b.flatten(1)
+
+    def _feature_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1, *[1] * (like.dim() - 2))
+
+    def _weight_view(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *[1] * (self.base_layer.weight.dim() - 1))
+
+    def _magnitude_shape(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm.view(1, -1, *[1] * (self.base_layer.weight.dim() - 2))
+
+    def _lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[name]
-        h = self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype))))
-        return result + h.to(result.dtype) * self.scaling[name]
+        return self.lora_B[name](a(x.to(a.weight.dtype))) * self.scaling[name]
+
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if self.is_dora(name):
+            return self._add_dora(name, x, result)
+        x = self.lora_dropout[name](x)
+        return result + self._lora_output(name, x).to(result.dtype)

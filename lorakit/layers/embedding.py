@@ -3,6 +3,9 @@
     y = embed(ids) + scaling * (A.T[ids] @ B.T)      A: [r, num_embeddings], B: [dim, r]
 
 As in loralib and PEFT, A starts at zero and B random, so a fresh adapter changes nothing.
+
+DoRA: as in PEFT, the norm is per embedding dimension (over the vocabulary, i.e. per row of the
+table's transpose `[dim, num_embeddings]`), and the factor scales the whole output.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class LoraEmbedding(LoraLayer):
     """Wraps an `nn.Embedding`; see the module docstring for the math."""
 
     adapter_containers = ("lora_embedding_A", "lora_embedding_B")
+    supports_dora = True
+    _drops_input = False  # dropout does not apply to token ids (PEFT ignores it here as well)
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -44,12 +49,21 @@ class LoraEmbedding(LoraLayer):
     def _delta(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
         return embedding_delta(lora_a, lora_b, self.scaling[adapter])
 
-    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _weight_2d(self) -> torch.Tensor:
+        return self._base_weight().T
+
+    def _weight_view(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1)
+
+    def _lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         a = self.lora_embedding_A[name]
-        b = self.lora_embedding_B[name]
-        # dropout does not apply to token ids (PEFT ignores it here as well)
         after_a = F.embedding(
             x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
-        return result + (after_a @ b.T).to(result.dtype) * self.scaling[name]
+        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+    def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if self.is_dora(name):
+            return self._add_dora(name, x, result)
+        return result + self._lora_output(name, x).to(result.dtype)

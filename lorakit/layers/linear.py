@@ -2,6 +2,10 @@
 with `in_features`/`out_features` whose forward is `x @ W.T (+ b)` (the 4-bit linear too).
 
     y = base(x) + scaling * B(A(dropout(x)))      A: [r, in], B: [out, r]
+
+DoRA (`lorakit.layers.dora`): the norm is per output feature, over the `[out, in]` weight (GPT-2's
+`Conv1D` and the 4-bit base included); mixed batches scale each DoRA row by its adapter's factor.
+PiSSA, OLoRA and LoftQ (`lorakit.init`) initialise A and B from the base weight.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import init as inits
 from ..modeling import is_conv1d
 from .base import LoraLayer
 
@@ -26,6 +31,7 @@ class LoraLinear(LoraLayer):
     """Wraps a linear base layer; see the module docstring for the math."""
 
     adapter_containers = ("lora_A", "lora_B")
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -46,7 +52,46 @@ class LoraLinear(LoraLayer):
     def _delta(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
         return linear_delta(lora_a, lora_b, self.scaling[adapter], self.fan_in_fan_out)
 
+    def _weight_2d(self) -> torch.Tensor:
+        w = self._base_weight()
+        return w.T if self.fan_in_fan_out else w
+
+    def _weight_view(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1) if self.fan_in_fan_out else v.view(-1, 1)
+
+    def _lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A[name].weight
+        return F.linear(F.linear(x.to(a.dtype), a), self.lora_B[name].weight) * self.scaling[name]
+
+    def _base_plus_lora(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A[name].weight
+        h = F.linear(x.to(a.dtype), a)
+        out = torch.addmm(
+            base.reshape(-1, self.out_features),
+            h.reshape(-1, h.shape[-1]),
+            self.lora_B[name].weight.T,
+            alpha=self.scaling[name],
+        )
+        return out.view(base.shape)
+
+    def _init_from_weight(self, adapter: str, init: str, loftq_config: dict) -> None:
+        """PiSSA / OLoRA (the residual replaces the base weight) or LoftQ (the base becomes the
+        NF4 `Linear4bit` of LoftQ's last quantization); see `lorakit.init`."""
+        a, b, base = inits.weight_init(
+            self.base_layer, init, self.r[adapter], self.scaling[adapter], self.fan_in_fan_out, loftq_config
+        )
+        with torch.no_grad():
+            self.lora_A[adapter].weight.copy_(a)
+            self.lora_B[adapter].weight.copy_(b)
+        if base is not None:  # LoftQ: the quantized base
+            self.base_layer = base
+        else:  # PiSSA / OLoRA: keep A0, B0 (the conversion at save) and take them out of the base
+            self._initial[adapter] = (init, a.clone(), b.clone())
+            self._add_to_base(-self._delta(adapter, a, b))
+
     def _add_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if self.is_dora(name):
+            return self._add_dora(name, x, result)
         a = self.lora_A[name].weight
         b = self.lora_B[name].weight
         h = F.linear(self.lora_dropout[name](x.to(a.dtype)), a)
@@ -74,7 +119,12 @@ class LoraLinear(LoraLayer):
         """
         rows = self.row_adapters
         used = [n for n in dict.fromkeys(rows) if n in self.r]
-        a_stack, b_stack, p, idx, b_cat, mask = self._row_stacks(used)
+        dropped_dora = any(
+            self.is_dora(n) and not isinstance(self.lora_dropout[n], nn.Identity) for n in used
+        )
+        if self.training and dropped_dora:  # DoRA's base part then needs each row's own dropout
+            return super()._mixed_forward(x, result)
+        a_stack, b_stack, p, idx, b_cat, mask, factor = self._row_stacks(used)
         h = x.reshape(len(rows), -1, self.in_features).to(a_stack.dtype)
         if self.training and bool((p > 0).any()):
             keep = (torch.rand_like(h) >= p[idx, None, None]).to(h.dtype)
@@ -82,18 +132,23 @@ class LoraLinear(LoraLayer):
         if h.shape[1] == 1:  # decode step: dense over all slots, masked per row
             h = F.linear(h[:, 0], a_stack.reshape(-1, self.in_features)) * mask
             out = torch.addmm(result.reshape(len(rows), self.out_features).to(a_stack.dtype), h, b_cat.T)
-            return out.view(result.shape).to(result.dtype)
-        h = torch.bmm(h, a_stack[idx].transpose(1, 2))
-        out = torch.baddbmm(
-            result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype),
-            h,
-            b_stack[idx].transpose(1, 2),
-        )
+        else:
+            h = torch.bmm(h, a_stack[idx].transpose(1, 2))
+            out = torch.baddbmm(
+                result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype),
+                h,
+                b_stack[idx].transpose(1, 2),
+            )
+        if factor is not None:  # DoRA rows: f * (result - bias + lora) + bias (f = 1 for the others)
+            f = factor[idx].view(len(rows), *[1] * (out.dim() - 2), -1)
+            bias = None if self.bias is None else self.bias.to(out.dtype)
+            out = out * f if bias is None else (out - bias) * f + bias
         return out.view(result.shape).to(result.dtype)
 
     def _row_stacks(self, used: list[str]) -> tuple[torch.Tensor, ...]:
         """Stacked A [k+1, r, in], scaled B [k+1, out, r], dropout p, row index (slot 0 is "none"),
-        and for decode steps B side by side [out, (k+1)*r] with each row's slot mask [rows, (k+1)*r]."""
+        for decode steps B side by side [out, (k+1)*r] with each row's slot mask [rows, (k+1)*r],
+        and the DoRA factors [k+1, out] (ones for plain slots; None when no DoRA adapter is used)."""
         key = tuple(self.row_adapters)
         if key in self._stacks:
             return self._stacks[key]
@@ -112,7 +167,11 @@ class LoraLinear(LoraLayer):
         idx = torch.tensor([slot.get(n, 0) for n in self.row_adapters], device=a0.device)
         b_cat = b_stack.permute(1, 0, 2).reshape(self.out_features, -1)
         mask = F.one_hot(idx, len(used) + 1).to(a0.dtype).repeat_interleave(r, 1)
-        stacks = (a_stack, b_stack, p.to(a0.dtype), idx, b_cat, mask)
+        factor = None
+        if any(self.is_dora(n) for n in used):
+            one = a0.new_ones(self.out_features)
+            factor = torch.stack([one] + [self._dora_factor(n) if self.is_dora(n) else one for n in used])
+        stacks = (a_stack, b_stack, p.to(a0.dtype), idx, b_cat, mask, factor)
         if not torch.is_grad_enabled():  # inference: reuse across decode steps (cleared on exit)
             self._stacks[key] = stacks
         return stacks

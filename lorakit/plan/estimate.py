@@ -52,6 +52,7 @@ class PlanSetup:
     task: str = "causal-lm"
     adapter_dtype: str | None = None  # dtype the adapter file is saved in; None: as trained (fp32)
     target_parameters: tuple[str, ...] = ()  # parameters to adapt (MoE experts), PEFT's rule
+    use_dora: bool = False  # DoRA: + one magnitude per output feature, and its forward's activations
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
@@ -88,6 +89,7 @@ class PlanSetup:
             lora_alpha=self.r if self.lora_alpha is None else self.lora_alpha,
             target_modules=list(targets) if isinstance(targets, tuple) else targets,
             target_parameters=list(self.target_parameters) or None,
+            use_dora=self.use_dora,
         )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..config import is_weight_init
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
 from ..tasks import CAUSAL_LM, CLASSIFICATION, TASKS, parse_target_modules
@@ -72,6 +73,9 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = False
     overwrite: bool = False  # replace the run already in `output` (else it is refused)
+    dora: bool = False  # DoRA (use_dora) adapters
+    init: str | None = None  # None: LoRA's default; pissa, pissa_niter_N, olora, loftq, gaussian
+    lora_plus_ratio: float | None = None  # LoRA+: B's lr = ratio * A's lr (lorakit.train.lora_plus)
 
     def validate(self) -> TrainConfig:
         """Check every value (type and range); raise `ConfigError` naming the setting, its flag and
@@ -100,7 +104,24 @@ class TrainConfig:
             )
         self.layer_list()
         self.targets()
+        self._check_variants()
         return self
+
+    def _check_variants(self) -> None:
+        if self.init is not None and self.init != "gaussian" and not is_weight_init(self.init):
+            raise ConfigError(
+                f"init (--init) must be pissa, pissa_niter_N, olora, loftq or gaussian, got {self.init!r}"
+            )
+        if self.init == "loftq" and self.quantize != "nf4":
+            raise ConfigError(
+                "init loftq (--init loftq) initialises LoRA for a 4-bit base: add --quantize nf4 (LoftQ "
+                "then quantizes the targeted layers itself), or use another --init"
+            )
+        if self.init and self.init != "gaussian" and self.init != "loftq" and self.quantize:
+            raise ConfigError(
+                f"--init {self.init} changes the full-precision base weights, so it cannot start from a 4-bit "
+                "base (--quantize nf4); drop one of them, or use --init loftq for QLoRA"
+            )
 
     def layer_list(self) -> list[int] | None:
         """`layers` as a sorted list of indices ("15-29" and "0,2,4" forms); raises `ConfigError` for
@@ -154,6 +175,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "log_every": (1, None, False, False),
     "seed": (0, 2**32 - 1, False, False),  # numpy's seed range
     "threads": (1, None, False, False),
+    "lora_plus_ratio": (0, None, True, False),
 }
 
 

@@ -30,6 +30,7 @@ from ..tasks import IGNORE_INDEX
 from . import distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .lora_plus import group_lr, lora_plus_groups
 from .report import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -80,15 +81,15 @@ def apply_settings(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainC
     """After a resume: give the restored optimizer and scheduler `cfg`'s peak lr and weight decay
     (the checkpoint holds the old ones), so the next steps use exactly what a run started with these
     settings would at this step. Untouched when they are unchanged (a resume stays bitwise exact)."""
-    if scheduler.base_lrs == [cfg.lr] * len(scheduler.base_lrs) and all(
-        g["weight_decay"] == cfg.weight_decay for g in optimizer.param_groups
-    ):
+    peaks = [group_lr(g, cfg.lr) for g in optimizer.param_groups]  # LoRA+ groups keep their ratios
+    decays = [cfg.weight_decay if g.get("decay", True) else 0.0 for g in optimizer.param_groups]
+    if scheduler.base_lrs == peaks and [g["weight_decay"] for g in optimizer.param_groups] == decays:
         return
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group["initial_lr"] = cfg.lr
-        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
-        group["weight_decay"] = cfg.weight_decay
+    scheduler.base_lrs = peaks
+    for group, factor, peak, decay in zip(optimizer.param_groups, scheduler.lr_lambdas, peaks, decays):
+        group["initial_lr"] = peak
+        group["lr"] = peak * factor(scheduler.last_epoch)
+        group["weight_decay"] = decay
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr reports
 
 
@@ -252,7 +253,12 @@ def train(
 def _start(model: nn.Module, params: list, cfg: TrainConfig, total: int) -> tuple[Any, Any, Progress]:
     """The optimizer, the schedule and the progress: fresh (every process starting from rank 0's
     values), or restored from the newest complete checkpoint with `cfg.resume`."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = (
+        lora_plus_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
+        if cfg.lora_plus_ratio
+        else params
+    )
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     folder = Path(cfg.output) / "checkpoints"
     ckpt = latest_checkpoint(folder) if cfg.resume else None

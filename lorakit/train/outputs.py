@@ -41,6 +41,9 @@ FIXED = (
     "quantize",
     "batch_size",
     "seed",
+    "dora",
+    "init",
+    "lora_plus_ratio",
 )
 
 

@@ -91,6 +91,9 @@ def lora_config(cfg: TrainConfig, model) -> LoraConfig:
         layers_to_transform=cfg.layer_list(),
         modules_to_save=heads,
         task_type=PEFT_TASK_TYPES[cfg.task],
+        use_dora=cfg.dora,
+        init_lora_weights=cfg.init or True,
+        loftq_config={"loftq_bits": 4, "loftq_iter": 1} if cfg.init == "loftq" else {},
     )
 
 
@@ -137,7 +140,11 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     # integer labels keep their values (1 and 2 need a 3-way head), so the head spans the largest id
     num_labels = max(label_map.values()) + 1 if label_map else None
     model, tokenizer = load_model(
-        cfg.model, task=cfg.task, quantize=cfg.quantize, num_labels=num_labels, trim_heap=cfg.trim_heap
+        cfg.model,
+        task=cfg.task,
+        quantize=None if cfg.init == "loftq" else cfg.quantize,  # LoftQ quantizes its targets itself
+        num_labels=num_labels,
+        trim_heap=cfg.trim_heap,
     )
     model.to(device)
     if label_map:

@@ -1,0 +1,87 @@
+"""lorakit/train/lora_plus.py: LoRA+ parameter groups against PEFT's create_loraplus_optimizer, and
+`train` with `lora_plus_ratio` against a plain PyTorch loop with those groups; the variant flags."""
+
+import pytest
+import torch
+from fixtures import lm_examples, trainable_tensors
+from fixtures import pad_right as collate
+from fixtures import train_cfg as cfg_for
+from fixtures import train_llama as tiny_llama
+
+import lorakit
+from lorakit.errors import ConfigError
+from lorakit.train import TrainConfig, train
+from lorakit.train.lora_plus import lora_plus_groups
+
+KW = dict(
+    r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "v_proj"], use_dora=True, bias="lora_only"
+)
+
+
+def _lrs(optimizer, names):
+    return {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_groups_equal_peft_create_loraplus_optimizer():
+    import peft
+    from peft.optimizers import create_loraplus_optimizer
+
+    ours = lorakit.inject(tiny_llama(), lorakit.LoraConfig(**KW))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**KW))
+    ref = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    ref_lrs = _lrs(ref, {id(p): n.removeprefix("base_model.model.") for n, p in theirs.named_parameters()})
+    opt = torch.optim.AdamW(lora_plus_groups(ours, 1e-3, 16, 0.0))
+    our_lrs = _lrs(opt, {id(p): n for n, p in ours.named_parameters()})
+    peft_key = {
+        n: n.replace("lora_magnitude_vector.default", "lora_magnitude_vector.default.weight") for n in our_lrs
+    }
+    assert {peft_key[n]: lr for n, lr in our_lrs.items()} == ref_lrs
+    assert set(our_lrs.values()) == {1e-3, 1.6e-2, 1e-6}  # A, B (and magnitudes, biases), embedding
+
+
+def test_train_with_lora_plus_equals_a_plain_loop_with_those_groups(tmp_path):
+    examples = lm_examples(8)
+    model = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    constant = {"schedule": "constant", "warmup_steps": 0, "max_grad_norm": 0}  # a plain AdamW loop
+    cfg = cfg_for(tmp_path, max_steps=3, batch_size=8, lora_plus_ratio=8.0, **constant)
+    rows = train(model, examples, cfg, collate)
+    ref = lorakit.inject(tiny_llama(), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    a = [p for n, p in ref.named_parameters() if p.requires_grad and "lora_A" in n]
+    b = [p for n, p in ref.named_parameters() if p.requires_grad and "lora_B" in n]
+    opt = torch.optim.AdamW([{"params": a, "lr": 1e-2}, {"params": b, "lr": 8e-2}], weight_decay=0.0)
+    batch = collate(examples)
+    losses = []
+    for _ in range(3):
+        loss = ref(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-4)
+    ours = trainable_tensors(model)
+    for name, value in trainable_tensors(ref).items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_variant_flags_reach_the_lora_config():
+    from lorakit.train.run import lora_config
+
+    cfg = TrainConfig(data="x", dora=True, init="pissa_niter_4").validate()
+    config = lora_config(cfg, tiny_llama())
+    assert config.use_dora and config.init_lora_weights == "pissa_niter_4"
+    loftq = lora_config(TrainConfig(data="x", init="loftq", quantize="nf4").validate(), tiny_llama())
+    assert loftq.loftq_config == {"loftq_bits": 4, "loftq_iter": 1}
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(init="loftq"), "add --quantize nf4"),
+        (dict(init="pissa", quantize="nf4"), "cannot start from a 4-bit base"),
+        (dict(init="kaiming"), "--init"),
+        (dict(lora_plus_ratio=0.0), "lora_plus_ratio"),
+    ],
+)
+def test_variant_flag_refusals(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(data="x", **kw).validate()
