@@ -41,6 +41,8 @@ FIXED = (
     "quantize",
     "batch_size",
     "seed",
+    "method",
+    "ref_adapter",
 )
 
 
