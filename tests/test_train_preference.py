@@ -141,6 +141,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type,smoothing,trl_args", CASES, ids=["sigmoid", "ipo", "hinge", "cdpo"])
 def test_dpo_matches_trl_reference_from_disabled_adapter(base, tok, tmp_path, loss_type, smoothing, trl_args):
     trainer = _trl_dpo(copy.deepcopy(base), PAIRS, tok, tmp_path, peft_config=_peft_config(), beta=0.2, **trl_args)
@@ -158,6 +159,7 @@ def test_dpo_matches_trl_reference_from_disabled_adapter(base, tok, tmp_path, lo
     _check_grads(_grads(model), _grads(trainer.model, "base_model.model."))
 
 
+@pytest.mark.slow
 def test_dpo_chat_pairs_and_ref_adapter_match_trl(base, tok, tmp_path):
     """Chat messages (TRL's conversational format) and the reference from a frozen copy of the starting
     adapter (TRL's "ref" adapter for a PeftModel, lorakit's --ref-adapter)."""
@@ -215,6 +217,7 @@ def _reference_free(trainer_cls, config_cls, model, tok, tmp_path, **args):
     return trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(PAIRS), processing_class=tok)
 
 
+@pytest.mark.slow
 def test_simpo_matches_trl_cpo_trainer(base, tok, tmp_path):
     from peft import get_peft_model
     from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -234,6 +237,7 @@ def test_simpo_matches_trl_cpo_trainer(base, tok, tmp_path):
     _check_grads(_grads(model), _grads(trainer.model, "base_model.model."))
 
 
+@pytest.mark.slow
 def test_orpo_matches_trl_odds_ratio_term_and_paper_nll(base, tok, tmp_path):
     """TRL's ORPO loss is its NLL (over prompt and response tokens) minus the odds-ratio term; lorakit's
     NLL is the paper's, on the chosen response. The odds-ratio terms and their gradients must be equal,
@@ -260,6 +264,7 @@ def test_orpo_matches_trl_odds_ratio_term_and_paper_nll(base, tok, tmp_path):
     _check_grads(_grads(model), _grads(trainer.model, "base_model.model."))
 
 
+@pytest.mark.slow
 def test_kto_matches_trl_with_its_kl_estimate(base, tok, tmp_path):
     from datasets import Dataset
     from trl import KTOConfig, KTOTrainer

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import _state
 from ..adapters import disable_adapters
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from . import distributed as dist
 
 METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
@@ -272,3 +272,99 @@ def check_method(cfg: Any) -> None:
         raise ConfigError("--precompute-ref is for dpo: KTO's KL pairs change with every batch")
     if cfg.method == "dpo" and cfg.loss_type != "sigmoid" and cfg.label_smoothing:
         raise ConfigError(f"--label-smoothing goes with --loss-type sigmoid, not {cfg.loss_type}")
+
+
+# the run: data, collate, evaluation, reference adapter, precomputed reference --------------------
+
+REFERENCE_FILE = "reference_logps.safetensors"
+
+
+def preference_data(cfg: Any, tokenizer: Any) -> tuple[list[dict], list[dict]]:
+    """(train, eval) examples of `cfg.data` (and `cfg.eval_data`, else a held-out fraction) for
+    `cfg.method`. Raises `DataError` when the data is not the method's format (naming the columns)."""
+    from ..data import builtin, preference
+    from ..data.collate import split
+
+    fmt = preference.UNPAIRED if cfg.method == "kto" else preference.PAIRS
+
+    def encode(ref: str) -> list[dict]:
+        records = builtin.read_dataset(ref, seed=cfg.seed).records
+        if records and preference.preference_format(records) != fmt:
+            raise DataError(
+                f"{ref}: --method {cfg.method} needs records with {', '.join(preference._COLUMNS[fmt])}; "
+                f"the first record has {sorted(records[0]) if isinstance(records[0], dict) else records[0]!r}"
+            )
+        return preference.encode_preference(records, tokenizer, fmt, max_length=cfg.max_length).examples
+
+    train_ex = encode(cfg.data)
+    if cfg.eval_data:
+        eval_ex = encode(cfg.eval_data)
+    elif cfg.eval_fraction > 0:
+        train_ex, eval_ex = split(train_ex, cfg.eval_fraction, seed=cfg.seed)
+    else:
+        eval_ex = []
+    return train_ex, eval_ex[: cfg.max_eval] if cfg.max_eval is not None else eval_ex
+
+
+def preference_collate(cfg: Any, pad_token_id: int):
+    """The collate function of `cfg.method`: `collate_pairs`, after KTO's KL completions."""
+    from ..data.preference import collate_pairs, with_kl_completions
+
+    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        examples = with_kl_completions(examples) if cfg.method == "kto" else examples
+        return collate_pairs(examples, pad_token_id)
+
+    return collate
+
+
+def preference_evaluator(examples: list[dict], collate, cfg: Any, *, batch_size: int, device=None):
+    """`evaluate(model, step)`: the objective's mean loss and metrics on `examples` (eval_ prefix).
+    The model is scored as it is: at step 0 a fresh adapter is the base model (B = 0), and a run from
+    --ref-adapter starts as its reference."""
+
+    def evaluate(model: nn.Module, step: int) -> dict[str, float]:
+        sums, total = MetricSums(cfg.method), 0.0
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+        for start in range(0, len(order), batch_size):
+            piece = [examples[i] for i in order[start : start + batch_size]]
+            batch = {k: v.to(device) if device else v for k, v in collate(piece).items()}
+            total += preference_loss_sum(model, batch, cfg, sums).item()
+        return {"eval_loss": total / max(len(examples), 1), **sums.means("eval_", reduce=False)}
+
+    return evaluate
+
+
+def add_ref_adapter(model: nn.Module, path: str) -> None:
+    """Start from the adapter in `path` (trainable, "default") with a frozen copy as the reference."""
+    from ..io import load_adapter
+
+    load_adapter(model, path)
+    load_adapter(model, path, adapter=REF_ADAPTER, activate=False)
+    _state.set_active(model, ["default"])
+
+
+def precompute_reference(model: nn.Module, examples: list[dict], collate, folder, *, batch_size: int, device=None) -> None:
+    """Give every example its reference log-probs (`ref_first`, `ref_second`), read from
+    `folder/reference_logps.safetensors` when it holds them (a resumed run), else computed once (no
+    grad, the reference policy) and written there atomically."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from .._atomic import atomic_write
+
+    path = Path(folder) / REFERENCE_FILE
+    saved = load_file(str(path)) if path.is_file() else {}
+    if saved.get("first") is None or len(saved["first"]) != len(examples):
+        first, second = [], []
+        with torch.no_grad(), reference(model):
+            for start in range(0, len(examples), batch_size):
+                batch = {k: v.to(device) if device else v for k, v in collate(examples[start : start + batch_size]).items()}
+                out = completion_logps(model, batch)
+                first.append(out["first"].cpu())
+                second.append(out["second"].cpu())
+        saved = {"first": torch.cat(first), "second": torch.cat(second)}
+        if dist.is_main():
+            atomic_write(path, lambda tmp: save_file(saved, str(tmp)))
+    for ex, a, b in zip(examples, saved["first"].tolist(), saved["second"].tolist()):
+        ex["ref_first"], ex["ref_second"] = a, b
