@@ -337,3 +337,117 @@ def test_dpo_loss_by_hand():
 def test_settings_that_do_not_go_together_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(data="x", **settings).validate()
+
+
+# whole runs: lorakit train --method dpo ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer and a small preference file."""
+    import json
+    import random
+
+    from fixtures import train_llama
+
+    from lorakit.hf import load_tokenizer
+
+    root = tmp_path_factory.mktemp("pref")
+    train_llama(vocab=49152, tie_word_embeddings=True).save_pretrained(root / "model")
+    load_tokenizer("smollm2-135m").save_pretrained(root / "model")
+    rng = random.Random(0)
+    with open(root / "pairs.jsonl", "w") as f:
+        for _ in range(24):
+            words = " ".join(rng.choice(["good", "bad", "dull", "great"]) for _ in range(rng.randint(2, 8)))
+            f.write(json.dumps({"prompt": f"Review: {words}. Sentiment:", "chosen": " positive", "rejected": " no"}) + "\n")
+    return root
+
+
+def _settings(run_folder, out, **kw):
+    base = dict(
+        model=str(run_folder / "model"),
+        data=str(run_folder / "pairs.jsonl"),
+        output=str(out),
+        method="dpo",
+        max_steps=4,
+        batch_size=4,
+        lr=5e-3,
+        warmup_steps=1,
+        save_every=2,
+        log_every=1,
+        threads=1,
+    )
+    return {**base, **kw}
+
+
+@pytest.mark.slow
+def test_lorakit_train_dpo_logs_rewards_evaluates_and_stores_the_reference(run_folder, tmp_path, one_thread):
+    from lorakit.train import resolve_config, run_training
+    from lorakit.train.report import read_metrics
+
+    summary = run_training(resolve_config({}, _settings(run_folder, tmp_path / "a", precompute_ref=True)))
+    rows = read_metrics(summary.metrics)
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in METRICS_LOGGED:
+        assert all(key in r for r in train), key
+    assert train[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # a fresh adapter is its reference
+    base, final = summary.base, summary.final
+    assert base["eval_rewards/margins"] == 0 and final["eval_rewards/margins"] > 0
+    assert final["eval_loss"] < base["eval_loss"]
+    assert (tmp_path / "a" / "reference_logps.safetensors").is_file()
+    assert (summary.adapter / "adapter_model.safetensors").is_file()
+    # the stored reference is what the model computes with its adapter disabled: same final adapter
+    again = run_training(resolve_config({}, _settings(run_folder, tmp_path / "b")))
+    for name, value in _adapter_tensors(summary.adapter).items():
+        torch.testing.assert_close(_adapter_tensors(again.adapter)[name], value, rtol=1e-4, atol=1e-6)
+
+
+METRICS_LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen")
+
+
+def _adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_max_minutes_stops_a_dpo_run_and_saves(run_folder, tmp_path, one_thread):
+    from lorakit.train import resolve_config, run_training
+
+    summary = run_training(resolve_config({}, _settings(run_folder, tmp_path, max_steps=50, max_minutes=1e-4)))
+    assert summary.last["step"] < 50 and (summary.adapter / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_dpo_sigkill_then_resume_is_bitwise_equal(run_folder, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(repo)}
+
+    def cmd(out, *extra):
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in _settings(run_folder, out, max_steps=12, save_every=4).items()]
+        return [sys.executable, "-m", "lorakit", "train", *flags, "--lora-dropout", "0.1", "--no-eval-base", *extra]
+
+    subprocess.run(cmd(tmp_path / "a"), cwd=repo, env=env, check=True, capture_output=True)
+    b = tmp_path / "b"
+    proc = subprocess.Popen(cmd(b), cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (b / "checkpoints" / "step-0000004" / "complete.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done = subprocess.run(cmd(b, "--resume"), cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr
+    want, got = _adapter_tensors(tmp_path / "a" / "adapter"), _adapter_tensors(b / "adapter")
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
