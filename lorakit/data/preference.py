@@ -233,3 +233,28 @@ def with_kl_completions(examples: Sequence[dict]) -> list[dict]:
     mismatched pairs (x_1, y_n), (x_2, y_1), ..., built within the batch given."""
     completions = [list(ex["input_ids"][ex["prompt_len"] :]) for ex in examples]
     return [{**ex, "kl_ids": completions[i - 1]} for i, ex in enumerate(examples)]
+
+
+def report_preference(rs: Any, tokenizer: Any, max_length: int) -> int:
+    """`lorakit data` for preference records: print the format, counts, lengths of prompt and
+    completions, and what truncation and skipping did. Returns the exit status (0)."""
+    import statistics
+
+    fmt = preference_format(rs.records)
+    enc = encode_preference(rs.records, tokenizer, fmt, max_length=max_length)
+    skipped = f", {rs.skipped} malformed lines skipped" if rs.skipped else ""
+    print(f"source:    {rs.source} ({len(rs.records)} records{skipped})")
+    print(f"format:    {fmt} (columns: {', '.join(rs.columns)}; train with --method {'kto' if fmt == UNPAIRED else 'dpo, orpo or simpo'})")
+    parts = ("prompt_len", "chosen_len", "rejected_len") if fmt == PAIRS else ("prompt_len", "completion_len")
+    for key in parts:
+        lengths = sorted(ex[key] for ex in enc.examples)
+        print(f"{key.removesuffix('_len') + ':':<10} tokens min {lengths[0]}, median {statistics.median(lengths):g}, max {lengths[-1]}")
+    if fmt == PAIRS:
+        print(f"pairs:     {len(enc.examples)} kept, {enc.identical} skipped (chosen identical to rejected)")
+    else:
+        print(f"labels:    {enc.desirable} desirable, {enc.undesirable} undesirable")
+    print(
+        f"truncated: {enc.prompt_truncated} prompts cut from the left, {enc.completion_truncated} completions cut "
+        f"(to fit {max_length} tokens per prompt + completion)"
+    )
+    return 0
