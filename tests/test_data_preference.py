@@ -20,9 +20,15 @@ def test_plain_pair_shares_the_prompt_and_ends_each_completion_with_eos(tok):
     (ex,) = enc.examples
     prompt = token_ids(tok, PAIR["prompt"], special=True)
     chosen = token_ids(tok, PAIR["prompt"] + PAIR["chosen"], special=True)[len(prompt) :] + [tok.eos_token_id]
-    rejected = token_ids(tok, PAIR["prompt"] + PAIR["rejected"], special=True)[len(prompt) :] + [tok.eos_token_id]
+    rejected = token_ids(tok, PAIR["prompt"] + PAIR["rejected"], special=True)[len(prompt) :] + [
+        tok.eos_token_id
+    ]
     assert ex["input_ids"] == prompt + chosen + rejected
-    assert (ex["prompt_len"], ex["chosen_len"], ex["rejected_len"]) == (len(prompt), len(chosen), len(rejected))
+    assert (ex["prompt_len"], ex["chosen_len"], ex["rejected_len"]) == (
+        len(prompt),
+        len(chosen),
+        len(rejected),
+    )
 
 
 def test_chat_pair_uses_the_chat_template(tok):
@@ -52,7 +58,9 @@ def test_a_long_prompt_is_cut_from_the_left_and_counted(tok):
 def test_completions_longer_than_max_length_are_cut_after_the_prompt(tok):
     enc = encode_preference([{**PAIR, "rejected": " no" * 40}], tok, "preference", max_length=16)
     ex = enc.examples[0]
-    assert enc.completion_truncated == 1 and ex["prompt_len"] == 1  # one prompt token predicts the first answer token
+    assert (
+        enc.completion_truncated == 1 and ex["prompt_len"] == 1
+    )  # one prompt token predicts the first answer token
     assert ex["rejected_len"] == 15 and ex["chosen_len"] <= 15
 
 
@@ -67,8 +75,16 @@ def test_identical_pairs_are_skipped_and_counted_and_none_left_is_an_error(tok):
 @pytest.mark.parametrize(
     "record,fmt,message",
     [
-        ({"prompt": "x", "chosen": "y"}, "preference", r"record 0: missing column 'rejected'.*columns present: \['chosen', 'prompt'\]"),
-        ({"prompt": "x", "chosen": "y", "rejected": ["z"]}, "preference", "'rejected' must be text like the prompt"),
+        (
+            {"prompt": "x", "chosen": "y"},
+            "preference",
+            r"record 0: missing column 'rejected'.*columns present: \['chosen', 'prompt'\]",
+        ),
+        (
+            {"prompt": "x", "chosen": "y", "rejected": ["z"]},
+            "preference",
+            "'rejected' must be text like the prompt",
+        ),
         ({"prompt": "x", "completion": "y", "label": "yes"}, "kto", "must be true .* or false"),
     ],
 )
@@ -78,12 +94,19 @@ def test_bad_records_are_errors_that_name_them(tok, record, fmt, message):
 
 
 def test_kto_needs_both_label_classes(tok):
-    good = [{"prompt": "Q", "completion": " a", "label": True}, {"prompt": "R", "completion": " b", "label": True}]
+    good = [
+        {"prompt": "Q", "completion": " a", "label": True},
+        {"prompt": "R", "completion": " b", "label": True},
+    ]
     with pytest.raises(DataError, match="2 desirable and 0 undesirable"):
         encode_preference(good, tok, "kto", max_length=64)
-    enc = encode_preference([*good, {"prompt": "S", "completion": " c", "label": False}], tok, "kto", max_length=64)
+    enc = encode_preference(
+        [*good, {"prompt": "S", "completion": " c", "label": False}], tok, "kto", max_length=64
+    )
     assert (enc.desirable, enc.undesirable) == (2, 1)
-    assert preference_format(good) == "kto" and preference_format([{"prompt": "p", "completion": "c"}]) is None
+    assert (
+        preference_format(good) == "kto" and preference_format([{"prompt": "p", "completion": "c"}]) is None
+    )
 
 
 def test_collate_lays_out_both_completions_after_one_prompt():
@@ -95,8 +118,14 @@ def test_collate_lays_out_both_completions_after_one_prompt():
     allowed = (batch["attention_mask"][0, 0] == 0).int()
     assert allowed[4].tolist() == [1, 1, 0, 0, 1, 0]  # the first rejected token: prompt and itself
     assert allowed[3].tolist() == [1, 1, 1, 1, 0, 0]
-    assert batch["first_src"].tolist() == [[1, 2], [0, -1]] and batch["first_tgt"].tolist() == [[7, 8], [11, -1]]
-    assert batch["second_src"].tolist() == [[1, 4], [0, -1]] and batch["second_tgt"].tolist() == [[9, 10], [12, -1]]
+    assert batch["first_src"].tolist() == [[1, 2], [0, -1]] and batch["first_tgt"].tolist() == [
+        [7, 8],
+        [11, -1],
+    ]
+    assert batch["second_src"].tolist() == [[1, 4], [0, -1]] and batch["second_tgt"].tolist() == [
+        [9, 10],
+        [12, -1],
+    ]
     assert torch.isfinite(batch["attention_mask"]).all()
 
 
@@ -105,7 +134,10 @@ def test_kl_completions_rotate_within_the_batch():
            {"input_ids": [4, 5], "prompt_len": 1, "completion_len": 1, "desirable": False}]  # fmt: skip
     assert [e["kl_ids"] for e in with_kl_completions(exs)] == [[5], [2, 3]]
     batch = collate_pairs(with_kl_completions(exs), pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 5], [4, 5, 2, 3]] and batch["desirable"].tolist() == [True, False]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 5], [4, 5, 2, 3]] and batch["desirable"].tolist() == [
+        True,
+        False,
+    ]
 
 
 def test_cli_data_reports_pairs_truncation_and_skips(tmp_path, capsys):

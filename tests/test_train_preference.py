@@ -27,7 +27,11 @@ pytest.importorskip("peft")
 
 PAIRS = [
     {"prompt": "The film was", "chosen": " wonderful and moving.", "rejected": " dull."},
-    {"prompt": "Review: a slow, tedious mess. Sentiment:", "chosen": " negative", "rejected": " positive, very positive"},
+    {
+        "prompt": "Review: a slow, tedious mess. Sentiment:",
+        "chosen": " negative",
+        "rejected": " positive, very positive",
+    },
     {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5, or maybe 6"},
 ]
 CHAT_PAIRS = [
@@ -113,7 +117,11 @@ def _trl_dpo(peft_model_or_base, records, tok, tmp_path, peft_config=None, **arg
     from trl import DPOConfig, DPOTrainer
 
     config = DPOConfig(
-        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(records), report_to=[], use_cpu=True, **args
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=len(records),
+        report_to=[],
+        use_cpu=True,
+        **args,
     )
     return DPOTrainer(
         model=peft_model_or_base,
@@ -137,19 +145,32 @@ CASES = [
     ("hinge", 0.0, {"loss_type": ["hinge"]}),
     # TRL 1.16 has no conservative DPO; with A = -logsig(bd), B = -logsig(-bd) its "robust" loss is
     # ((1-e) A - e B) / (1-2e), so (1-e) A + e B = 2(1-e) sigmoid - (1-2e) robust
-    ("sigmoid", 0.2, {"loss_type": ["sigmoid", "robust"], "loss_weights": [1.6, -0.6], "label_smoothing": 0.2}),
+    (
+        "sigmoid",
+        0.2,
+        {"loss_type": ["sigmoid", "robust"], "loss_weights": [1.6, -0.6], "label_smoothing": 0.2},
+    ),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type,smoothing,trl_args", CASES, ids=["sigmoid", "ipo", "hinge", "cdpo"])
 def test_dpo_matches_trl_reference_from_disabled_adapter(base, tok, tmp_path, loss_type, smoothing, trl_args):
-    trainer = _trl_dpo(copy.deepcopy(base), PAIRS, tok, tmp_path, peft_config=_peft_config(), beta=0.2, **trl_args)
+    trainer = _trl_dpo(
+        copy.deepcopy(base), PAIRS, tok, tmp_path, peft_config=_peft_config(), beta=0.2, **trl_args
+    )
     model = _lorakit(base)
     _copy_into_peft(trainer.model, model)
     theirs, metrics = _trl_loss(trainer, len(PAIRS))
     ours, our_metrics, _ = _lorakit_step(
-        model, PAIRS, "preference", tok, method="dpo", beta=0.2, loss_type=loss_type, label_smoothing=smoothing
+        model,
+        PAIRS,
+        "preference",
+        tok,
+        method="dpo",
+        beta=0.2,
+        loss_type=loss_type,
+        label_smoothing=smoothing,
     )
     _close(ours, theirs)
     scale = 0.2 * abs(metrics["logps/chosen"])
@@ -205,7 +226,9 @@ def _trl_pair_batch(examples):
             rows.append((ex["input_ids"][:p] + answer, [-100] * p + answer))
         width = max(len(ids) for ids, _ in rows)
         batch[f"{side}_input_ids"] = torch.tensor([ids + [0] * (width - len(ids)) for ids, _ in rows])
-        batch[f"{side}_attention_mask"] = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+        batch[f"{side}_attention_mask"] = torch.tensor(
+            [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows]
+        )
         batch[f"{side}_labels"] = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
     return batch
 
@@ -226,9 +249,19 @@ def test_simpo_matches_trl_cpo_trainer(base, tok, tmp_path):
     peft_model = get_peft_model(copy.deepcopy(base), _peft_config())
     _copy_into_peft(peft_model, model)
     trainer = _reference_free(
-        CPOTrainer, CPOConfig, peft_model, tok, tmp_path, loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.7
+        CPOTrainer,
+        CPOConfig,
+        peft_model,
+        tok,
+        tmp_path,
+        loss_type="simpo",
+        cpo_alpha=0.0,
+        beta=2.0,
+        simpo_gamma=0.7,
     )
-    ours, our_metrics, examples = _lorakit_step(model, PAIRS, "preference", tok, method="simpo", beta=2.0, simpo_gamma=0.7)
+    ours, our_metrics, examples = _lorakit_step(
+        model, PAIRS, "preference", tok, method="simpo", beta=2.0, simpo_gamma=0.7
+    )
     loss, metrics = trainer.get_batch_loss_metrics(trainer.model, _trl_pair_batch(examples))
     loss.backward()
     _close(ours, loss.item())
@@ -249,7 +282,9 @@ def test_orpo_matches_trl_odds_ratio_term_and_paper_nll(base, tok, tmp_path):
     peft_model = get_peft_model(copy.deepcopy(base), _peft_config())
     _copy_into_peft(peft_model, model)
     trainer = _reference_free(ORPOTrainer, ORPOConfig, peft_model, tok, tmp_path, beta=0.3)
-    ours, our_metrics, examples = _lorakit_step(model, PAIRS, "preference", tok, method="orpo", orpo_lambda=0.3)
+    ours, our_metrics, examples = _lorakit_step(
+        model, PAIRS, "preference", tok, method="orpo", orpo_lambda=0.3
+    )
     batch = _trl_pair_batch(examples)
     loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
     ratio_term = loss - metrics["nll_loss"]  # the NLL term's value; its gradient is removed below
@@ -290,7 +325,14 @@ def test_kto_matches_trl_with_its_kl_estimate(base, tok, tmp_path):
     _copy_into_peft(trainer.model, model)
     theirs, metrics = _trl_loss(trainer, len(UNPAIRED))
     ours, our_metrics, _ = _lorakit_step(
-        model, UNPAIRED, "kto", tok, method="kto", beta=0.3, kto_desirable_weight=1.3, kto_undesirable_weight=0.8
+        model,
+        UNPAIRED,
+        "kto",
+        tok,
+        method="kto",
+        beta=0.3,
+        kto_desirable_weight=1.3,
+        kto_undesirable_weight=0.8,
     )
     _close(ours, theirs)
     for key in ("kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
@@ -310,7 +352,11 @@ def test_shared_prompt_layout_equals_separate_sequences(base, tok):
         ids = ex["input_ids"]
         for key, seq, start in (("first", ids[: p + c], p), ("second", ids[:p] + ids[p + c :], p)):
             logits = model(input_ids=torch.tensor([seq])).logits[0].float()
-            want = torch.log_softmax(logits[start - 1 : -1], -1).gather(1, torch.tensor(seq[start:])[:, None]).sum()
+            want = (
+                torch.log_softmax(logits[start - 1 : -1], -1)
+                .gather(1, torch.tensor(seq[start:])[:, None])
+                .sum()
+            )
             _close(got[key][i].item(), want.item())
 
 
@@ -318,9 +364,13 @@ def test_dpo_loss_by_hand():
     c, r, rc, rr = (torch.tensor([v]) for v in (-3.0, -5.0, -4.0, -4.5))
     d = 0.1 * ((c - rc) - (r - rr))  # 0.1 * (1 + 0.5)
     assert math.isclose(dpo_loss(c, r, rc, rr, beta=0.1).item(), math.log1p(math.exp(-0.15)), rel_tol=1e-6)
-    assert math.isclose(dpo_loss(c, r, rc, rr, beta=0.1, loss_type="hinge").item(), 1 - d.item(), rel_tol=1e-6)
+    assert math.isclose(
+        dpo_loss(c, r, rc, rr, beta=0.1, loss_type="hinge").item(), 1 - d.item(), rel_tol=1e-6
+    )
     smooth = dpo_loss(c, r, rc, rr, beta=0.1, label_smoothing=0.1).item()
-    assert math.isclose(smooth, 0.9 * math.log1p(math.exp(-0.15)) + 0.1 * math.log1p(math.exp(0.15)), rel_tol=1e-6)
+    assert math.isclose(
+        smooth, 0.9 * math.log1p(math.exp(-0.15)) + 0.1 * math.log1p(math.exp(0.15)), rel_tol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -359,7 +409,12 @@ def run_folder(tmp_path_factory):
     with open(root / "pairs.jsonl", "w") as f:
         for _ in range(24):
             words = " ".join(rng.choice(["good", "bad", "dull", "great"]) for _ in range(rng.randint(2, 8)))
-            f.write(json.dumps({"prompt": f"Review: {words}. Sentiment:", "chosen": " positive", "rejected": " no"}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": f"Review: {words}. Sentiment:", "chosen": " positive", "rejected": " no"}
+                )
+                + "\n"
+            )
     return root
 
 
@@ -403,7 +458,13 @@ def test_lorakit_train_dpo_logs_rewards_evaluates_and_stores_the_reference(run_f
         torch.testing.assert_close(_adapter_tensors(again.adapter)[name], value, rtol=1e-4, atol=1e-6)
 
 
-METRICS_LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen")
+METRICS_LOGGED = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+)
 
 
 def _adapter_tensors(folder):
@@ -415,7 +476,9 @@ def _adapter_tensors(folder):
 def test_max_minutes_stops_a_dpo_run_and_saves(run_folder, tmp_path, one_thread):
     from lorakit.train import resolve_config, run_training
 
-    summary = run_training(resolve_config({}, _settings(run_folder, tmp_path, max_steps=50, max_minutes=1e-4)))
+    summary = run_training(
+        resolve_config({}, _settings(run_folder, tmp_path, max_steps=50, max_minutes=1e-4))
+    )
     assert summary.last["step"] < 50 and (summary.adapter / "adapter_model.safetensors").is_file()
 
 
@@ -432,15 +495,30 @@ def test_dpo_sigkill_then_resume_is_bitwise_equal(run_folder, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(repo)}
 
     def cmd(out, *extra):
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in _settings(run_folder, out, max_steps=12, save_every=4).items()]
-        return [sys.executable, "-m", "lorakit", "train", *flags, "--lora-dropout", "0.1", "--no-eval-base", *extra]
+        flags = [
+            f"--{k.replace('_', '-')}={v}"
+            for k, v in _settings(run_folder, out, max_steps=12, save_every=4).items()
+        ]
+        return [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "train",
+            *flags,
+            "--lora-dropout",
+            "0.1",
+            "--no-eval-base",
+            *extra,
+        ]
 
     subprocess.run(cmd(tmp_path / "a"), cwd=repo, env=env, check=True, capture_output=True)
     b = tmp_path / "b"
     proc = subprocess.Popen(cmd(b), cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (b / "checkpoints" / "step-0000004" / "complete.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "the run ended before its first checkpoint"
+        )
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
@@ -451,3 +529,15 @@ def test_dpo_sigkill_then_resume_is_bitwise_equal(run_folder, tmp_path):
     assert want.keys() == got.keys()
     for name, value in want.items():
         assert torch.equal(got[name], value), name
+
+
+def test_plan_method_dpo_is_lora_with_a_pair_per_row(capsys):
+    import json
+
+    from lorakit.cli import main
+
+    def plan(*flags):
+        assert main(["plan", "--json", "--batch-size", "2", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["plan"]
+
+    assert plan("--method", "dpo", "--seq-len", "64") == plan("--method", "lora", "--seq-len", "128")

@@ -50,7 +50,7 @@ class EncodedPreference:
 
 
 def preference_format(records: Sequence[dict]) -> str | None:
-    """"preference" or "kto" when the first record has those columns, else None (SFT data)."""
+    """ "preference" or "kto" when the first record has those columns, else None (SFT data)."""
     keys = set(records[0]) if records and isinstance(records[0], dict) else set()
     if {"chosen", "rejected"} & keys:
         return PAIRS
@@ -59,7 +59,9 @@ def preference_format(records: Sequence[dict]) -> str | None:
     return None
 
 
-def encode_preference(records: Sequence[dict], tokenizer: Any, fmt: str, *, max_length: int) -> EncodedPreference:
+def encode_preference(
+    records: Sequence[dict], tokenizer: Any, fmt: str, *, max_length: int
+) -> EncodedPreference:
     """Tokenize preference records of format `fmt` ("preference" or "kto"); see the module docstring.
 
     Raises `DataError` for a record missing a column (naming it and the columns present), a column of
@@ -118,7 +120,9 @@ def _check(record: Any, fmt: str, i: int) -> None:
             )
 
 
-def _tokenize(tokenizer: Any, record: dict, answers: tuple[str, ...], i: int) -> tuple[list[int], list[list[int]]]:
+def _tokenize(
+    tokenizer: Any, record: dict, answers: tuple[str, ...], i: int
+) -> tuple[list[int], list[list[int]]]:
     """(prompt ids, [ids of each answer]): each answer starts where prompt and prompt+answer diverge."""
     if isinstance(record["prompt"], str):
         eos = tokenizer.eos_token_id
@@ -130,8 +134,10 @@ def _tokenize(tokenizer: Any, record: dict, answers: tuple[str, ...], i: int) ->
     else:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("chat preference data needs a tokenizer with a chat template")
-        turns = {k: chat_messages({"messages": record[k] + [{"role": "assistant", "content": ""}]}, i)[:-1]
-                 for k in ("prompt", *answers)}  # each part validated on its own (no assistant needed)
+        turns = {
+            k: chat_messages({"messages": record[k] + [{"role": "assistant", "content": ""}]}, i)[:-1]
+            for k in ("prompt", *answers)
+        }  # each part validated on its own (no assistant needed)
         prompt = _chat_ids(tokenizer, _render(tokenizer, turns["prompt"], i, generation_prompt=True))
         fulls = [_chat_ids(tokenizer, _render(tokenizer, turns["prompt"] + turns[a], i)) for a in answers]
     keep = min(_common_prefix(prompt, full) for full in fulls)
@@ -176,9 +182,13 @@ def _report(out: EncodedPreference, max_length: int, n: int) -> None:
             max_length,
         )
     if out.identical:
-        log.warning("%d of %d pairs have identical chosen and rejected answers and were skipped", out.identical, n)
+        log.warning(
+            "%d of %d pairs have identical chosen and rejected answers and were skipped", out.identical, n
+        )
     if not out.examples:
-        raise DataError(f"none of the {n} preference records is usable (identical chosen and rejected answers)")
+        raise DataError(
+            f"none of the {n} preference records is usable (identical chosen and rejected answers)"
+        )
 
 
 def collate_pairs(
@@ -218,7 +228,10 @@ def collate_pairs(
         longest = max(len(t) for _, t in pairs)
         batch[f"{key}_src"] = torch.tensor([s + [-1] * (longest - len(s)) for s, _ in pairs])
         batch[f"{key}_tgt"] = torch.tensor([t + [-1] * (longest - len(t)) for _, t in pairs])
-    zero, blocked = torch.zeros((), dtype=mask_dtype), torch.tensor(torch.finfo(mask_dtype).min, dtype=mask_dtype)
+    zero, blocked = (
+        torch.zeros((), dtype=mask_dtype),
+        torch.tensor(torch.finfo(mask_dtype).min, dtype=mask_dtype),
+    )
     batch["attention_mask"] = torch.where(allowed, zero, blocked)[:, None]
     for key in ("ref_first", "ref_second"):
         if key in examples[0]:
@@ -244,11 +257,15 @@ def report_preference(rs: Any, tokenizer: Any, max_length: int) -> int:
     enc = encode_preference(rs.records, tokenizer, fmt, max_length=max_length)
     skipped = f", {rs.skipped} malformed lines skipped" if rs.skipped else ""
     print(f"source:    {rs.source} ({len(rs.records)} records{skipped})")
-    print(f"format:    {fmt} (columns: {', '.join(rs.columns)}; train with --method {'kto' if fmt == UNPAIRED else 'dpo, orpo or simpo'})")
+    print(
+        f"format:    {fmt} (columns: {', '.join(rs.columns)}; train with --method {'kto' if fmt == UNPAIRED else 'dpo, orpo or simpo'})"
+    )
     parts = ("prompt_len", "chosen_len", "rejected_len") if fmt == PAIRS else ("prompt_len", "completion_len")
     for key in parts:
         lengths = sorted(ex[key] for ex in enc.examples)
-        print(f"{key.removesuffix('_len') + ':':<10} tokens min {lengths[0]}, median {statistics.median(lengths):g}, max {lengths[-1]}")
+        print(
+            f"{key.removesuffix('_len') + ':':<10} tokens min {lengths[0]}, median {statistics.median(lengths):g}, max {lengths[-1]}"
+        )
     if fmt == PAIRS:
         print(f"pairs:     {len(enc.examples)} kept, {enc.identical} skipped (chosen identical to rejected)")
     else:

@@ -81,7 +81,9 @@ class TrainConfig:
     orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
-    ref_adapter: str | None = None  # DPO/KTO: start from this adapter, and keep a frozen copy as the reference
+    ref_adapter: str | None = (
+        None  # DPO/KTO: start from this adapter, and keep a frozen copy as the reference
+    )
     precompute_ref: bool = False  # DPO: reference log-probs once before training, stored in the output folder
 
     def validate(self) -> TrainConfig:

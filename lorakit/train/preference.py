@@ -25,7 +25,7 @@ TRL 1.16 (tests/test_train_preference.py). Where TRL and the papers differ (docs
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -43,7 +43,14 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 REFERENCE_METHODS = ("dpo", "kto")  # ORPO and SimPO are reference-free
 REF_ADAPTER = "ref"
 CHUNK_TOKENS = 1024  # tokens per chunk of the output head (a chunk's logits: CHUNK_TOKENS x vocab floats)
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 KTO_METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl")
 
 
@@ -74,7 +81,9 @@ def dpo_loss(
     return -(1 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(-delta)
 
 
-def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, *, beta: float, gamma: float) -> torch.Tensor:
+def simpo_loss(
+    chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, *, beta: float, gamma: float
+) -> torch.Tensor:
     """Per-pair SimPO loss from mean log-prob per completion token: -logsig(b (c - r) - gamma)."""
     return -F.logsigmoid(beta * (chosen_avg - rejected_avg) - gamma)
 
@@ -211,21 +220,28 @@ class MetricSums:
         return {prefix + k: s / n for k, s, n in zip(self.keys, *self.sums.tolist()) if n}
 
 
-def preference_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Any, sums: MetricSums) -> torch.Tensor:
+def preference_loss_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], cfg: Any, sums: MetricSums
+) -> torch.Tensor:
     """Summed per-example loss of `cfg.method` over a collated batch (`collate_pairs`), adding its
     metrics to `sums`; the reference comes from `batch["ref_*"]` (precomputed) or a no-grad forward."""
-    policy = completion_logps(model, batch)
     ref = None
     if cfg.method in REFERENCE_METHODS:
         if "ref_first" in batch:
-            ref = {"first": batch["ref_first"].to(policy["first"]), "second": batch["ref_second"].to(policy["first"])}
-        else:
+            ref = {k: batch[f"ref_{k}"].float() for k in ("first", "second")}
+        else:  # first: its activations are freed before the policy's graph is built
             with torch.no_grad(), reference(model):
                 ref = completion_logps(model, batch)
+    policy = completion_logps(model, batch)
+    if ref is not None:
+        ref = {k: v.to(policy["first"]) for k, v in ref.items()}
     if cfg.method == "kto":
         return _kto(policy, ref, batch["desirable"], cfg, sums)
     chosen, rejected = policy["first"], policy["second"]
-    chosen_avg, rejected_avg = chosen / policy["first_len"].clamp(min=1), rejected / policy["second_len"].clamp(min=1)
+    chosen_avg, rejected_avg = (
+        chosen / policy["first_len"].clamp(min=1),
+        rejected / policy["second_len"].clamp(min=1),
+    )
     if cfg.method == "dpo":
         losses = dpo_loss(
             chosen, rejected, ref["first"], ref["second"], beta=cfg.beta, loss_type=cfg.loss_type,
@@ -239,7 +255,9 @@ def preference_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], cfg: A
         losses = orpo_loss(chosen_avg, rejected_avg, lam=cfg.orpo_lambda)
         rewards = (cfg.orpo_lambda * chosen_avg, cfg.orpo_lambda * rejected_avg)
     logps = (chosen, rejected) if cfg.method == "dpo" else (chosen_avg, rejected_avg)  # what each rewards
-    for key, value in zip(METRICS, (*rewards, (rewards[0] > rewards[1]).float(), rewards[0] - rewards[1], *logps)):
+    for key, value in zip(
+        METRICS, (*rewards, (rewards[0] > rewards[1]).float(), rewards[0] - rewards[1], *logps)
+    ):
         sums.add(key, value)
     return losses.sum()
 
@@ -343,7 +361,9 @@ def add_ref_adapter(model: nn.Module, path: str) -> None:
     _state.set_active(model, ["default"])
 
 
-def precompute_reference(model: nn.Module, examples: list[dict], collate, folder, *, batch_size: int, device=None) -> None:
+def precompute_reference(
+    model: nn.Module, examples: list[dict], collate, folder, *, batch_size: int, device=None
+) -> None:
     """Give every example its reference log-probs (`ref_first`, `ref_second`), read from
     `folder/reference_logps.safetensors` when it holds them (a resumed run), else computed once (no
     grad, the reference policy) and written there atomically."""
@@ -359,7 +379,10 @@ def precompute_reference(model: nn.Module, examples: list[dict], collate, folder
         first, second = [], []
         with torch.no_grad(), reference(model):
             for start in range(0, len(examples), batch_size):
-                batch = {k: v.to(device) if device else v for k, v in collate(examples[start : start + batch_size]).items()}
+                batch = {
+                    k: v.to(device) if device else v
+                    for k, v in collate(examples[start : start + batch_size]).items()
+                }
                 out = completion_logps(model, batch)
                 first.append(out["first"].cpu())
                 second.append(out["second"].cpu())
