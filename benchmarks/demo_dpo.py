@@ -1,7 +1,7 @@
 """The preference demo: DPO on SmolLM2-135M-Instruct from the base (lorakit/configs/sentiment_dpo.yaml),
-then the sentiment task scored before and after on held-out reviews with lorakit's SFT evaluator
-(`eval_choice_accuracy`: the right label's first token scores higher; `eval_label_match`: the greedy
-answer names the right label). Prints both and writes benchmarks/results/demo_dpo.json.
+then the sentiment task scored before and after on held-out reviews: the share whose correct label
+the model finds more likely than the wrong one. Prints both with the held-out reward accuracy and
+writes benchmarks/results/demo_dpo.json.
 
     python benchmarks/demo_dpo.py [--output runs/dpo] [--n-test 200]
 """
@@ -11,26 +11,32 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
 import lorakit
 from lorakit import data as D
+from lorakit.data.preference import collate_pairs, encode_preference
 from lorakit.hf import load_model
 from lorakit.train import resolve_config, run_training
 from lorakit.train.config import CONFIGS, load_yaml
-from lorakit.train.eval import make_evaluator
+from lorakit.train.preference import completion_logps
 
 
-def task_accuracy(model, tok, n_test: int) -> dict[str, float]:
-    records = D.read_dataset(f"rotten_tomatoes_chat:test[:{n_test}]").records
-    examples = D.encode(records, tok, "chat", max_length=128).examples
-    evaluate = make_evaluator(examples, partial(D.collate, pad_token_id=tok.pad_token_id), tokenizer=tok)
+def task_accuracy(model, tok, n_test: int, batch_size: int = 16) -> float:
+    """Share of held-out reviews whose correct label the model finds more likely than the wrong one
+    (the whole answer's log-prob, end-of-turn included, after the chat prompt)."""
+    records = D.read_dataset(f"rotten_tomatoes_pref:test[:{n_test}]").records
+    examples = encode_preference(records, tok, "preference", max_length=256).examples
+    right = 0
     with torch.no_grad():
-        got = evaluate(model.eval(), 1)
-    return {k: got[k] for k in ("eval_choice_accuracy", "eval_label_match")}
+        for start in range(0, len(examples), batch_size):
+            out = completion_logps(
+                model.eval(), collate_pairs(examples[start : start + batch_size], tok.pad_token_id)
+            )
+            right += int((out["first"] > out["second"]).sum())
+    return right / len(examples)
 
 
 def main() -> None:

@@ -86,6 +86,7 @@ def test_identical_pairs_are_skipped_and_counted_and_none_left_is_an_error(tok):
             "'rejected' must be text like the prompt",
         ),
         ({"prompt": "x", "completion": "y", "label": "yes"}, "kto", "must be true .* or false"),
+        ({"prompt": "", "chosen": "y", "rejected": "z"}, "preference", "record 0: the prompt has no tokens"),
     ],
 )
 def test_bad_records_are_errors_that_name_them(tok, record, fmt, message):

@@ -79,6 +79,8 @@ def encode_preference(
             out.identical += 1
             continue
         prompt, parts = _tokenize(tokenizer, record, answers, i)
+        if not prompt:  # the first answer token is predicted from the prompt's last one
+            raise DataError(f"record {i}: the prompt has no tokens (before its answers); give it some text")
         prompt, parts = _fit(prompt, parts, max_length, out)
         ex = {"input_ids": prompt + [t for p in parts for t in p], "prompt_len": len(prompt)}
         if fmt == PAIRS:
