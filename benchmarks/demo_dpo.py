@@ -3,7 +3,7 @@ then the sentiment task scored before and after on held-out reviews: the share w
 the model finds more likely than the wrong one. Prints both with the held-out reward accuracy and
 writes benchmarks/results/demo_dpo.json.
 
-    python benchmarks/demo_dpo.py [--output runs/dpo] [--n-test 200]
+    python benchmarks/demo_dpo.py [--output runs/dpo] [--n-test 100]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def task_accuracy(model, tok, n_test: int, batch_size: int = 16) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/dpo-demo")
-    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--n-test", type=int, default=100)
     args = parser.parse_args()
     settings = load_yaml(CONFIGS / "sentiment_dpo.yaml")
     cfg = resolve_config(settings, {"output": args.output, "overwrite": True})

@@ -135,6 +135,10 @@ def test_no_arguments_reads_the_packaged_sentiment_config_equal_to_the_old_prese
         "rotten_tomatoes_chat:test[:200]",
     )
     assert new.pop("overwrite") is False  # the one new field
+    preference = ("method", "beta", "loss_type", "label_smoothing", "simpo_gamma", "orpo_lambda")
+    preference += ("kto_desirable_weight", "kto_undesirable_weight", "ref_adapter", "precompute_ref")
+    for name in preference:  # the preference settings (docs/preference.md) at their SFT defaults
+        assert new.pop(name) == getattr(TrainConfig(), name), name
     for name, value in OLD_DEMO.items():  # field by field, so a difference names itself
         assert (name, new[name]) == (name, value)
     assert new.keys() == OLD_DEMO.keys()
