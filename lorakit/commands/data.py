@@ -15,6 +15,7 @@ from ..data.builtin import read_dataset
 from ..data.collate import pack
 from ..data.encode import encode
 from ..data.formats import FORMATS, build_label_map, detect_format
+from ..data.preference import preference_format, report_preference
 from ..data.readers import ON_ERROR
 from ..hf import DEFAULT_MODEL
 from ..tasks import CAUSAL_LM, IGNORE_INDEX, TASKS
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from ..hf import load_tokenizer
 
     rs = read_dataset(args.path, on_error=args.on_error, split=args.split)
+    if preference_format(rs.records) and args.format is None:
+        return report_preference(rs, load_tokenizer(args.model), args.max_length)
     fmt = detect_format(rs.records, args.format)
     tokenizer = load_tokenizer(args.model)
     label_map = build_label_map(rs.records) if fmt == "classification" else None

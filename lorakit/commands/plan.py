@@ -12,6 +12,8 @@ from ..plan.memory import OPTIMIZERS
 from ..plan.models import ATTENTION, BUILTIN
 from ..tasks import TASKS, parse_target_modules
 
+PREFERENCE = ("dpo", "orpo", "simpo", "kto")
+
 
 def parse_targets(values: list[str]) -> str | tuple[str, ...]:
     """`--target-modules` values as LoraConfig takes them: `lorakit train`'s rule
@@ -28,7 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a built-in name ({DEFAULT_MODEL}, {', '.join(BUILTIN)}), a Hugging Face folder, "
         "a config.json, a .gguf file or a Hub ID (only its shape is read)",
     )
-    parser.add_argument("--method", choices=METHODS, default="lora")
+    parser.add_argument(
+        "--method",
+        choices=(*METHODS, *PREFERENCE),
+        default="lora",
+        help="full, lora, qlora, or a preference objective on LoRA (dpo, orpo, simpo, kto)",
+    )
     parser.add_argument("--r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: r)")
     parser.add_argument(
@@ -70,15 +77,17 @@ def run(args: argparse.Namespace) -> int:
     from ..plan.recommend import recommend
     from ..plan.units import parse_size
 
+    preference = args.method in PREFERENCE
     setup = PlanSetup(
         model=args.model,
-        method=args.method,
+        method="lora" if preference else args.method,
         r=args.r,
         lora_alpha=args.lora_alpha,
         target_modules=parse_targets(args.target_modules),
         target_parameters=tuple(p for v in args.target_parameters for p in v.split(",") if p),
         batch_size=args.batch_size,
-        seq_len=args.seq_len,
+        # a pair is one row: prompt + chosen + rejected, at most twice --seq-len (KTO: its KL completion)
+        seq_len=2 * args.seq_len if preference else args.seq_len,
         dtype=args.dtype,
         optimizer=args.optimizer,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -101,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(render(methods[setup.method], methods))
+        if preference:
+            print(
+                f"\n{args.method}: LoRA with one row per pair (prompt + both completions, <= {2 * args.seq_len} "
+                "tokens: the estimate above). The reference is the same weights with the adapter disabled, a "
+                "no-grad forward before the policy's, so no second model copy and no extra saved activations."
+            )
         if rec:
             print()
             print(render_recommendation(rec))

@@ -74,6 +74,18 @@ _HELP = {
     "init": "A/B initialisation: pissa, pissa_niter_N (fast SVD), olora, loftq (with --quantize nf4) or "
     "gaussian (default: LoRA's, B = 0)",
     "lora_plus_ratio": "LoRA+: B's learning rate = R x --lr (the paper suggests 16; embedding adapters use 1e-6)",
+    "method": "sft (supervised), or preference tuning on prompt/chosen/rejected data: dpo, orpo, simpo; "
+    "kto on prompt/completion/label data (docs/preference.md)",
+    "beta": "dpo/kto: how far from the reference (higher: closer); simpo: reward scale; ipo: tau",
+    "loss_type": "dpo loss: sigmoid, ipo or hinge",
+    "label_smoothing": "dpo sigmoid: probability a preference label is flipped (conservative DPO)",
+    "simpo_gamma": "simpo: target reward margin",
+    "orpo_lambda": "orpo: weight of the odds-ratio term next to the chosen answer's NLL",
+    "kto_desirable_weight": "kto: weight of desirable examples' loss",
+    "kto_undesirable_weight": "kto: weight of undesirable examples' loss",
+    "ref_adapter": "dpo/kto: start from this adapter folder and use a frozen copy of it as the reference "
+    "(default: the base model, adapters disabled)",
+    "precompute_ref": "dpo: compute the reference log-probs once before training (stored in --output)",
 }
 
 

@@ -5,6 +5,8 @@
 - `rotten_tomatoes`: classification records {"text", "label": "positive" | "negative"};
 - `rotten_tomatoes_chat`: the same reviews as a chat (a system message asking the question, the
   review cut to 400 characters so the answer is never truncated away, the label as the answer).
+- `rotten_tomatoes_pref`: the same chats as preference pairs (the correct label chosen over the
+  wrong one), for `lorakit train --method dpo|orpo|simpo`.
 
 SPLIT is `train` (a seeded sample of the training pool) or `test` (the fixed held-out pool, in file
 order); `[:N]` takes N records (all if left out). See `rotten_tomatoes`.
@@ -22,7 +24,7 @@ from .rotten_tomatoes import rotten_tomatoes
 
 SENTIMENT_SYSTEM = "Is this movie review positive or negative?"
 SENTIMENT_MAX_CHARS = 400
-BUILTIN = ("rotten_tomatoes", "rotten_tomatoes_chat")
+BUILTIN = ("rotten_tomatoes", "rotten_tomatoes_chat", "rotten_tomatoes_pref")
 _REF = re.compile(r"^(?P<name>[a-z_]+):(?P<split>train|test)(?:\[:(?P<n>\d+)\])?$")
 
 
@@ -51,6 +53,8 @@ def read_dataset(
     records = train if m["split"] == "train" else test
     if m["name"] == "rotten_tomatoes_chat":
         records = [sentiment_chat(r) for r in records]
+    if m["name"] == "rotten_tomatoes_pref":
+        records = [sentiment_pair(r) for r in records]
     return RecordSet(records=records, source=text)
 
 
@@ -62,4 +66,15 @@ def sentiment_chat(record: dict) -> dict:
             {"role": "user", "content": record["text"][:SENTIMENT_MAX_CHARS]},
             {"role": "assistant", "content": record["label"]},
         ]
+    }
+
+
+def sentiment_pair(record: dict) -> dict:
+    """A {"text", "label"} review as a chat preference pair: the right label chosen over the other."""
+    prompt = sentiment_chat(record)["messages"][:2]
+    wrong = "negative" if record["label"] == "positive" else "positive"
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": record["label"]}],
+        "rejected": [{"role": "assistant", "content": wrong}],
     }

@@ -18,6 +18,7 @@ from ..config import is_weight_init
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
 from ..tasks import CAUSAL_LM, CLASSIFICATION, TASKS, parse_target_modules
+from .preference import LOSS_TYPES, METHODS, check_method
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -76,6 +77,18 @@ class TrainConfig:
     dora: bool = False  # DoRA (use_dora) adapters
     init: str | None = None  # None: LoRA's default; pissa, pissa_niter_N, olora, loftq, gaussian
     lora_plus_ratio: float | None = None  # LoRA+: B's lr = ratio * A's lr (lorakit.train.lora_plus)
+    method: str = "sft"  # sft, or a preference objective: dpo, orpo, simpo, kto (lorakit.train.preference)
+    beta: float = 0.1  # DPO/KTO: deviation from the reference; SimPO: reward scale
+    loss_type: str = "sigmoid"  # DPO: sigmoid, ipo or hinge
+    label_smoothing: float = 0.0  # DPO sigmoid: conservative DPO's label-flip probability
+    simpo_gamma: float = 0.5  # SimPO: target reward margin
+    orpo_lambda: float = 0.1  # ORPO: weight of the odds-ratio term
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    ref_adapter: str | None = (
+        None  # DPO/KTO: start from this adapter, and keep a frozen copy as the reference
+    )
+    precompute_ref: bool = False  # DPO: reference log-probs once before training, stored in the output folder
 
     def validate(self) -> TrainConfig:
         """Check every value (type and range); raise `ConfigError` naming the setting, its flag and
@@ -88,6 +101,8 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("quantize", self.quantize, (None, "nf4"))
+        _choice("method", self.method, METHODS)
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
         for name, (lo, hi, lo_open, hi_open) in _RANGES.items():
             _in_range(name, getattr(self, name), lo, hi, lo_open, hi_open)
         if self.batch_size % self.grad_accum:
@@ -105,6 +120,7 @@ class TrainConfig:
         self.layer_list()
         self.targets()
         self._check_variants()
+        check_method(self)
         return self
 
     def _check_variants(self) -> None:
@@ -176,6 +192,12 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "seed": (0, 2**32 - 1, False, False),  # numpy's seed range
     "threads": (1, None, False, False),
     "lora_plus_ratio": (0, None, True, False),
+    "beta": (0, None, True, False),
+    "label_smoothing": (0, 0.5, False, True),
+    "simpo_gamma": (0, None, False, False),
+    "orpo_lambda": (0, None, False, False),
+    "kto_desirable_weight": (0, None, True, False),
+    "kto_undesirable_weight": (0, None, True, False),
 }
 
 

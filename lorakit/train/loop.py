@@ -31,6 +31,7 @@ from . import distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .lora_plus import group_lr, lora_plus_groups
+from .preference import MetricSums, preference_loss_sum
 from .report import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def apply_settings(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainC
 
 def count_targets(example: dict[str, Any]) -> int:
     """How many loss terms `example` adds: its predicted label tokens, or 1 for a class label."""
-    if "label" in example:
+    if "label" in example or "prompt_len" in example:  # a class label, or a preference pair / KTO example
         return 1
     return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
 
@@ -211,7 +212,7 @@ def train(
             share = len(batch_idx) // world
             mine = [examples[i] for i in batch_idx[rank * share : (rank + 1) * share]]
             t0 = time.perf_counter()
-            loss, tokens = _step(model, mine, cfg, collate, device, autocast, trim_heap)
+            loss, tokens, extra = _step(model, mine, cfg, collate, device, autocast, trim_heap)
             grad_norm = _update(params, optimizer, scheduler, cfg)
             trim_heap()
             busy += time.perf_counter() - t0  # tokens/s counts training only, not evals or saves
@@ -230,11 +231,12 @@ def train(
                 "tokens_per_s": round(speed, 1),
                 "time_s": round(elapsed, 1),
                 "train_s": round(busy, 3),
+                **extra,
             }
             total = _budget(cfg, prog.step, total, entered)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{speed:.0f}", **_bar_extra(extra))
             if prog.step % cfg.log_every == 0 or prog.step == total:
                 rows.append(metrics.write(row))
             last = prog.step == total
@@ -301,9 +303,11 @@ def _save(out: Path, prog: Progress, model, optimizer, scheduler, cfg: TrainConf
     dist.barrier()
 
 
-def _step(model, mine, cfg, collate, device, autocast, trim_heap) -> tuple[float, int]:
+def _step(model, mine, cfg, collate, device, autocast, trim_heap) -> tuple[float, int, dict]:
     """Forward and backward over this process's share of one global batch (in `grad_accum` pieces).
-    Returns the step's global mean loss and its global input-token count."""
+    Returns the step's global mean loss, its global input-token count and the objective's metrics
+    (preference methods: rewards, accuracies, margins, log-probs; none for SFT)."""
+    sums = MetricSums(cfg.method)
     counts = torch.tensor(
         [float(sum(count_targets(e) for e in mine)), float(sum(len(e["input_ids"]) for e in mine))]
     )
@@ -318,11 +322,15 @@ def _step(model, mine, cfg, collate, device, autocast, trim_heap) -> tuple[float
         batch = {key: v.to(device) for key, v in collate(piece).items()}
         with heap_trimming(decoder_layers(model), trim_heap):  # hooks only when --trim-heap on a CPU
             with autocast:
-                loss = loss_sum(model, batch)
+                if cfg.method == "sft":
+                    loss = loss_sum(model, batch)
+                else:
+                    loss = preference_loss_sum(model, batch, cfg, sums)
             (loss / denom).backward()
         total += loss.detach().float().cpu()
     dist.all_reduce_sum(total)
-    return total.item() / denom, int(counts[1].item())
+    extra = sums.means() if cfg.method != "sft" else {}
+    return total.item() / denom, int(counts[1].item()), extra
 
 
 def _out_of_time(elapsed: float, minutes: float) -> bool:
@@ -364,6 +372,10 @@ def _autocast(cfg: TrainConfig, device: torch.device):
         cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def _bar_extra(extra: dict[str, float]) -> dict[str, str]:
+    return {"acc": f"{extra['rewards/accuracies']:.2f}"} if "rewards/accuracies" in extra else {}
 
 
 def _progress_bar(total: int, initial: int, show: bool):

@@ -44,6 +44,8 @@ FIXED = (
     "dora",
     "init",
     "lora_plus_ratio",
+    "method",
+    "ref_adapter",
 )
 
 

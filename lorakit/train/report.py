@@ -74,6 +74,7 @@ TASK_METRICS = (
     "eval_choice_accuracy",
     "eval_accuracy",
     "eval_macro_f1",
+    "eval_rewards/accuracies",  # preference methods (lorakit.train.preference)
 )
 
 

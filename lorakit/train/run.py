@@ -28,6 +28,7 @@ from ..io import save_adapter
 from ..modeling import classifier_heads
 from ..tasks import CAUSAL_LM, CLASSIFICATION, PEFT_TASK_TYPES
 from . import distributed as dist
+from . import preference as P
 from .config import TrainConfig, save_resolved
 from .eval import make_evaluator
 from .loop import train
@@ -136,7 +137,10 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    train_ex, eval_ex, label_map = load_data(cfg, tokenizer)
+    if cfg.method == "sft":
+        train_ex, eval_ex, label_map = load_data(cfg, tokenizer)
+    else:  # preference pairs or KTO records (lorakit.train.preference)
+        (train_ex, eval_ex), label_map = P.preference_data(cfg, tokenizer), None
     # integer labels keep their values (1 and 2 need a 3-way head), so the head spans the largest id
     num_labels = max(label_map.values()) + 1 if label_map else None
     model, tokenizer = load_model(
@@ -152,7 +156,10 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         model.config.id2label = {i: names.get(i, f"LABEL_{i}") for i in range(num_labels)}
         model.config.label2id = {name: i for i, name in model.config.id2label.items()}
     seed_everything(cfg.seed)  # the same LoRA init whatever the loading consumed
-    inject(model, lora_config(cfg, model))
+    if cfg.ref_adapter:
+        P.add_ref_adapter(model, cfg.ref_adapter)  # the adapter's own LoRA settings, and a frozen copy
+    else:
+        inject(model, lora_config(cfg, model))
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     trainable, total = trainable_parameters(model)
@@ -168,11 +175,13 @@ def run_training(cfg: TrainConfig) -> RunSummary:
             f"{total:,}",
         )
     collate = partial(D.collate, pad_token_id=tokenizer.pad_token_id)
-    evaluate = (
-        make_evaluator(eval_ex, collate, tokenizer=tokenizer, batch_size=cfg.eval_batch_size, device=device)
-        if eval_ex
-        else None
-    )
+    evaluator = partial(make_evaluator, tokenizer=tokenizer)
+    if cfg.method != "sft":
+        collate = P.preference_collate(cfg, tokenizer.pad_token_id)
+        evaluator = partial(P.preference_evaluator, cfg=cfg)
+    evaluate = evaluator(eval_ex, collate, batch_size=cfg.eval_batch_size, device=device) if eval_ex else None
+    if cfg.precompute_ref:
+        P.precompute_reference(model, train_ex, collate, out, batch_size=cfg.eval_batch_size, device=device)
     started = time.perf_counter()
     rows = train(model, train_ex, cfg, collate, evaluate=evaluate, device=device)
     seconds = time.perf_counter() - started
@@ -180,7 +189,7 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     plot = out / "training.png"
     if dist.is_main():
         with storage_errors(adapter):
-            save_adapter(model, adapter)  # swaps the whole folder in (lorakit.io)
+            save_adapter(model, adapter, "default" if cfg.ref_adapter else None)  # swaps the folder in
             save_resolved(cfg, adapter)
         with storage_errors(plot):
             plot_training(out / METRICS, plot)
