@@ -129,7 +129,7 @@ def test_encode_bad_arguments(tok):
     with pytest.raises(ConfigError, match="needs data in the classification format"):
         encode([{"text": "a"}], tok, "completion", max_length=8, task="classification")
     with pytest.raises(ConfigError, match="unknown task"):
-        encode([{"text": "a"}], tok, "completion", max_length=8, task="seq2seq")
+        encode([{"text": "a"}], tok, "completion", max_length=8, task="regression")
     with pytest.raises(ConfigError, match="max_length must be at least 2"):
         encode([{"text": "a"}], tok, "completion", max_length=1)
     with pytest.raises(DataError, match="the dataset is empty"):

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
-from ..tasks import CAUSAL_LM, CLASSIFICATION, TASKS, parse_target_modules
+from ..tasks import CAUSAL_LM, TASKS, parse_target_modules
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -72,6 +72,7 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = False
     overwrite: bool = False  # replace the run already in `output` (else it is refused)
+    chat_template: bool = False  # prompt/completion text records: render them with the chat template
 
     def validate(self) -> TrainConfig:
         """Check every value (type and range); raise `ConfigError` naming the setting, its flag and
@@ -90,9 +91,9 @@ class TrainConfig:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"
             )
-        if self.pack and self.task == CLASSIFICATION:
+        if self.pack and self.task != CAUSAL_LM:
             raise ConfigError(
-                "pack (--pack) joins causal-lm examples; classification examples cannot be packed"
+                f"pack (--pack) joins causal-lm examples; {self.task} examples cannot be packed"
             )
         if not str(self.model).strip():
             raise ConfigError(

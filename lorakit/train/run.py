@@ -26,7 +26,7 @@ from ..errors import ConfigError, storage_errors
 from ..inject import inject, trainable_parameters
 from ..io import save_adapter
 from ..modeling import classifier_heads
-from ..tasks import CAUSAL_LM, CLASSIFICATION, PEFT_TASK_TYPES
+from ..tasks import CAUSAL_LM, LABEL_TASKS, PEFT_TASK_TYPES
 from . import distributed as dist
 from .config import TrainConfig, save_resolved
 from .eval import make_evaluator
@@ -61,8 +61,16 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict
     fmt = D.detect_format(train_recs)
     eval_recs = D.read_dataset(cfg.eval_data, seed=cfg.seed).records if cfg.eval_data else None
     label_map = D.build_label_map(train_recs) if fmt == "classification" else None
+    if fmt == "token-tags":
+        label_map = D.build_tag_map(train_recs)
     enc = partial(
-        D.encode, tokenizer=tokenizer, fmt=fmt, max_length=cfg.max_length, label_map=label_map, task=cfg.task
+        D.encode,
+        tokenizer=tokenizer,
+        fmt=fmt,
+        max_length=cfg.max_length,
+        label_map=label_map,
+        task=cfg.task,
+        chat_template=cfg.chat_template,
     )
     train_ex = enc(train_recs).examples
     if eval_recs is not None:
@@ -75,13 +83,14 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict
         eval_ex = eval_ex[: cfg.max_eval]
     if cfg.pack and cfg.task == CAUSAL_LM:
         train_ex = D.pack(train_ex, cfg.max_length)
-    return train_ex, eval_ex, label_map if cfg.task == CLASSIFICATION else None
+    return train_ex, eval_ex, label_map if cfg.task in LABEL_TASKS else None
 
 
 def lora_config(cfg: TrainConfig, model) -> LoraConfig:
-    """The LoraConfig of `cfg`; a classifier's new head is trained in full (modules_to_save)."""
+    """The LoraConfig of `cfg`; a classifier's (or tagger's) new head is trained in full
+    (modules_to_save)."""
     heads = None
-    if cfg.task == CLASSIFICATION:
+    if cfg.task in LABEL_TASKS:
         heads = classifier_heads(model) or None
     return LoraConfig(
         r=cfg.r,
@@ -162,7 +171,14 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         )
     collate = partial(D.collate, pad_token_id=tokenizer.pad_token_id)
     evaluate = (
-        make_evaluator(eval_ex, collate, tokenizer=tokenizer, batch_size=cfg.eval_batch_size, device=device)
+        make_evaluator(
+            eval_ex,
+            collate,
+            tokenizer=tokenizer,
+            batch_size=cfg.eval_batch_size,
+            device=device,
+            tag_names={i: name for name, i in label_map.items()} if label_map else None,
+        )
         if eval_ex
         else None
     )
