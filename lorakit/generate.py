@@ -207,6 +207,13 @@ def generate_seq2seq(model: nn.Module, rows: list[Row], eos: set[int], pad_id: i
         return []
     if any(not r.prompt_ids for r in rows):
         raise ConfigError("a prompt is empty; give at least one token")
+    s = rows[0].sampling
+    limit = context_length(model)  # learned positions (BART) end there; relative ones (T5) do not
+    if limit is not None and (s.max_tokens + 1 > limit or max(len(r.prompt_ids) for r in rows) > limit):
+        raise ConfigError(
+            f"the prompt or max_tokens {s.max_tokens} is more than the model's {limit} positions; "
+            "lower max_tokens or shorten the prompt"
+        )
     device = next(model.parameters()).device
     longest = max(len(r.prompt_ids) for r in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
@@ -214,7 +221,6 @@ def generate_seq2seq(model: nn.Module, rows: list[Row], eos: set[int], pad_id: i
     for i, r in enumerate(rows):  # the encoder attends both ways: right padding is as good as left
         ids[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids, dtype=torch.long)
         mask[i, : len(r.prompt_ids)] = 1
-    s = rows[0].sampling
     sampled = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p} if s.temperature else {}
     kwargs = {"max_new_tokens": s.max_tokens, "num_beams": 1, "do_sample": False, **sampled}
     with torch.no_grad(), adapters_for_rows(model, [r.adapter for r in rows]):

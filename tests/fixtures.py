@@ -386,6 +386,7 @@ def tiny_seq2seq_model(folder: Path, family: str = "t5") -> Path:
             max_position_embeddings=128,
             bos_token_id=tok.bos_token_id,
             forced_eos_token_id=None,
+            init_std=0.3,
             **ids,
         )
         model = BartForConditionalGeneration(cfg)
