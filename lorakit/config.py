@@ -58,6 +58,8 @@ class LoraConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
+    # rows of the input embedding ([ids]) or of named embeddings ({name: [ids]}) trained in full
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     # keys of adapter_config.json this version does not interpret, kept for the round trip
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -265,7 +267,15 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("base_model_name_or_path", _is_opt_str, "None or a string"),
     ("inference_mode", _is_bool, "true or false"),
     ("extra", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a {key: value} object"),
+    ("trainable_token_indices", lambda v: _is_token_indices(v), "None, a list of token ids or a {module name: [ids]} object"),
 )
+
+
+def _is_token_indices(v: Any) -> bool:
+    def ids(x: Any) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+
+    return v is None or ids(v) or (isinstance(v, dict) and bool(v) and all(isinstance(k, str) and ids(x) for k, x in v.items()))
 
 
 def pattern_key(patterns: dict[str, Any], module_name: str) -> str:

@@ -6,6 +6,7 @@ from .dispatch import register, wrapper_for
 from .embedding import LoraEmbedding, embedding_delta
 from .linear import LoraLinear, linear_delta
 from .modules_to_save import ModulesToSave
+from .trainable_tokens import TrainableTokens
 
 __all__ = [
     "LoraLayer",
@@ -18,4 +19,5 @@ __all__ = [
     "linear_delta",
     "embedding_delta",
     "conv_delta",
+    "TrainableTokens",
 ]
