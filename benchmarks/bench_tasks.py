@@ -74,7 +74,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         sentences = wnut16(args.train + args.eval)
-        common = dict(batch_size=8, warmup_steps=5, max_length=64, eval_batch_size=32, seed=0, threads=args.threads)
+        common = dict(
+            batch_size=8, warmup_steps=5, max_length=64, eval_batch_size=32, seed=0, threads=args.threads
+        )
         results.append(
             run(
                 "token-classification",

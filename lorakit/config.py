@@ -267,15 +267,27 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ("base_model_name_or_path", _is_opt_str, "None or a string"),
     ("inference_mode", _is_bool, "true or false"),
     ("extra", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a {key: value} object"),
-    ("trainable_token_indices", lambda v: _is_token_indices(v), "None, a list of token ids or a {module name: [ids]} object"),
+    (
+        "trainable_token_indices",
+        lambda v: _is_token_indices(v),
+        "None, a list of token ids or a {module name: [ids]} object",
+    ),
 )
 
 
 def _is_token_indices(v: Any) -> bool:
     def ids(x: Any) -> bool:
-        return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+        return (
+            isinstance(x, list)
+            and bool(x)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+        )
 
-    return v is None or ids(v) or (isinstance(v, dict) and bool(v) and all(isinstance(k, str) and ids(x) for k, x in v.items()))
+    return (
+        v is None
+        or ids(v)
+        or (isinstance(v, dict) and bool(v) and all(isinstance(k, str) and ids(x) for k, x in v.items()))
+    )
 
 
 def pattern_key(patterns: dict[str, Any], module_name: str) -> str:

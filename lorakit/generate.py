@@ -358,6 +358,7 @@ def load_for_inference(model_name: str, adapters: list[str]) -> tuple[nn.Module,
     names: list[str] = []
     for name, folder in specs:
         name = name or _fresh(f"adapter{len(names)}", given)
+        tokenizer = _tokens_of(model, tokenizer, folder)
         load_adapter(model, folder, name)
         names.append(name)
     if len(names) > 1:
@@ -365,6 +366,21 @@ def load_for_inference(model_name: str, adapters: list[str]) -> tuple[nn.Module,
         add_weighted_adapter(model, names, [1.0] * len(names), total, combination_type="cat")
         return model, tokenizer, total
     return model, tokenizer, names[0] if names else None
+
+
+def _tokens_of(model: nn.Module, tokenizer, folder: str):
+    """The tokenizer saved with an adapter trained with added tokens (`--add-tokens`), the model's
+    embeddings grown to it; otherwise `tokenizer` unchanged."""
+    if not (Path(folder) / "tokenizer_config.json").is_file():
+        return tokenizer
+    import transformers
+
+    saved = transformers.AutoTokenizer.from_pretrained(folder)
+    if saved.pad_token is None:
+        saved.pad_token = saved.eos_token
+    if len(saved) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(saved))
+    return saved
 
 
 def inference_task(model_name: str) -> str:

@@ -287,7 +287,9 @@ def _add_token_rows(model: nn.Module, config: LoraConfig, adapter: str, undo: _U
             raise ConfigError(f"trainable_token_indices: no module named {key!r} in the model")
         for name in names:
             if isinstance(plain[name], LoraLayer):
-                raise ConfigError(f"trainable_token_indices: {name} already has LoRA; train its rows or LoRA, not both")
+                raise ConfigError(
+                    f"trainable_token_indices: {name} already has LoRA; train its rows or LoRA, not both"
+                )
             weight = plain[name].weight
             rows = undo.wrap(name, lambda m: TrainableTokens).add_rows(adapter, indices)
             for other, module in plain.items():  # a head tied to the embedding sees the same rows

@@ -42,7 +42,9 @@ def test_only_the_rows_train_and_are_saved_and_peft_reads_them_both_ways(tie, tm
     base = _model(tie)
     ours = _trained(base)
     trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
-    assert [n for n in trainable if "embed" in n] == ["model.embed_tokens.modules_to_save.default.token_adapter.trainable_tokens_delta"]
+    assert [n for n in trainable if "embed" in n] == [
+        "model.embed_tokens.modules_to_save.default.token_adapter.trainable_tokens_delta"
+    ]
     save_adapter(ours, tmp_path / "ours")
     saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert saved[DELTA].shape == (2, 16)  # the rows, not the [128, 16] matrix (and once, even when tied)
@@ -77,7 +79,9 @@ def test_rows_switch_disable_and_refuse_bad_indices():
     with pytest.raises(ConfigError, match="below 128"):
         inject(copy.deepcopy(base), LoraConfig(target_modules=["q_proj"], trainable_token_indices=[128]))
     with pytest.raises(ConfigError, match="no module named 'embed'"):
-        inject(copy.deepcopy(base), LoraConfig(target_modules=["q_proj"], trainable_token_indices={"embed": [1]}))
+        inject(
+            copy.deepcopy(base), LoraConfig(target_modules=["q_proj"], trainable_token_indices={"embed": [1]})
+        )
     with pytest.raises(ConfigError, match="trainable_token_indices must be"):
         LoraConfig(target_modules=["q_proj"], trainable_token_indices=[-1])
     failed = copy.deepcopy(base)

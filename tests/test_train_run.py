@@ -430,3 +430,53 @@ def test_token_classification_trains_scores_entities_and_loads_in_peft(tmp_path)
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(base, s.adapter).eval()(**batch).logits
     torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.slow
+def test_add_tokens_trains_only_the_new_rows_and_generate_reads_them(tmp_path, capsys):
+    from fixtures import tiny_chat_model, write_jsonl
+    from safetensors.torch import load_file
+
+    from lorakit.cli import main
+    from lorakit.generate import load_for_inference
+
+    folder = tiny_chat_model(tmp_path / "model")
+    lines = [
+        json.dumps({"prompt": f"call {w}", "completion": f" <tool>{w}</tool>"})
+        for w in ["a", "b", "c", "d"] * 4
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", lines)
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--model",
+        str(folder),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--add-tokens",
+        "<tool>,</tool>",
+    ]
+    argv += [
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--save-every",
+        "0",
+        "--no-eval-base",
+    ]
+    assert main(argv + ["--eval-fraction", "0.25", "--threads", "1", "--target-modules", "q_proj"]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    vocab = 49152
+    assert config["trainable_token_indices"] == [vocab, vocab + 1]  # the two new ids
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    rows = saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert rows.shape == (2, 32)  # two rows of the tied 32-wide embedding, not the whole matrix
+    model, tok, _ = load_for_inference(str(folder), [str(out / "adapter")])
+    assert len(tok) == vocab + 2 and model.get_input_embeddings().weight.shape[0] == vocab + 2
+    torch.testing.assert_close(model.model.embed_tokens(torch.tensor([vocab, vocab + 1])), rows)
+    assert tok("<tool>x</tool>", add_special_tokens=False)["input_ids"][0] == vocab

@@ -74,6 +74,8 @@ _HELP = {
     "stays until the new one is saved)",
     "chat_template": "render prompt/completion text records with the chat template (prompt as the user "
     "turn, completion as the assistant turn); message-list records always use it",
+    "add_tokens": "comma-separated tokens to add to the tokenizer (e.g. '<tool>,</tool>'): the embeddings "
+    "are resized and only these rows are trained and saved (PEFT's trainable_token_indices)",
 }
 
 

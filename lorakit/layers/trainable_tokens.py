@@ -32,7 +32,9 @@ class TokenRows(nn.Module):
         self._base = (base,)  # a tuple: not a submodule (its parameters stay the model's own, frozen)
         self.token_indices = list(indices)
         if tied is None:
-            self.token_adapter = nn.Module()  # PEFT's name: ...embed_tokens.token_adapter.trainable_tokens_delta
+            self.token_adapter = (
+                nn.Module()
+            )  # PEFT's name: ...embed_tokens.token_adapter.trainable_tokens_delta
             rows = base.weight.detach()[torch.tensor(self.token_indices, device=base.weight.device)]
             self.token_adapter.trainable_tokens_delta = nn.Parameter(rows.clone())
         self._tied = (tied,) if tied is not None else ()
@@ -52,7 +54,13 @@ class TokenRows(nn.Module):
         base = self._base[0]
         if isinstance(base, nn.Embedding):
             out = F.embedding(
-                x, self.weight(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+                x,
+                self.weight(),
+                base.padding_idx,
+                base.max_norm,
+                base.norm_type,
+                base.scale_grad_by_freq,
+                base.sparse,
             )
             scale = getattr(base, "embed_scale", None)  # scaled embeddings (Gemma) scale in their forward
             return out * scale.to(out.dtype) if isinstance(scale, torch.Tensor) else out
@@ -62,6 +70,11 @@ class TokenRows(nn.Module):
 class TrainableTokens(ModulesToSave):
     """Wraps an `nn.Embedding` (or a tied `nn.Linear` head); `modules_to_save[adapter]` is that
     adapter's `TokenRows`."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, as model code that reads `embed_tokens.weight` expects (without the rows)."""
+        return self.original_module.weight
 
     def add_rows(self, adapter: str, indices: list[int], tied: TokenRows | None = None) -> TokenRows:
         """Give `adapter` trainable `indices` rows, started from the base's values (or read `tied`'s
@@ -91,5 +104,7 @@ class TrainableTokens(ModulesToSave):
         if merge and isinstance(rows, TokenRows):
             with torch.no_grad():
                 index = torch.tensor(rows.token_indices, device=self.original_module.weight.device)
-                self.original_module.weight.index_copy_(0, index, rows.delta.to(self.original_module.weight.dtype))
+                self.original_module.weight.index_copy_(
+                    0, index, rows.delta.to(self.original_module.weight.dtype)
+                )
         return self.original_module

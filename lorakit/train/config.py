@@ -73,6 +73,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False  # replace the run already in `output` (else it is refused)
     chat_template: bool = False  # prompt/completion text records: render them with the chat template
+    add_tokens: str | None = None  # comma-separated new tokens: embeddings resized, only their rows trained
 
     def validate(self) -> TrainConfig:
         """Check every value (type and range); raise `ConfigError` naming the setting, its flag and

@@ -86,7 +86,24 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict
     return train_ex, eval_ex, label_map if cfg.task in LABEL_TASKS else None
 
 
-def lora_config(cfg: TrainConfig, model) -> LoraConfig:
+def add_tokens(tokenizer, tokens: str | None) -> list[int]:
+    """Add the comma-separated `tokens` the tokenizer lacks (as added tokens, never split) and
+    return the ids of all of them: the embedding rows `--add-tokens` trains. [] for none."""
+    names = [t.strip() for t in (tokens or "").split(",") if t.strip()]
+    if names:
+        tokenizer.add_tokens([t for t in names if t not in tokenizer.get_vocab()])
+    return [tokenizer.convert_tokens_to_ids(t) for t in names]
+
+
+def resize_for(model, tokenizer) -> None:
+    """Grow the model's embeddings (and a tied head) to the tokenizer's size when tokens were added."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        log.info("resizing the embeddings from %d to %d rows for the added tokens", rows, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def lora_config(cfg: TrainConfig, model, token_rows: list[int] | None = None) -> LoraConfig:
     """The LoraConfig of `cfg`; a classifier's (or tagger's) new head is trained in full
     (modules_to_save)."""
     heads = None
@@ -100,6 +117,7 @@ def lora_config(cfg: TrainConfig, model) -> LoraConfig:
         layers_to_transform=cfg.layer_list(),
         modules_to_save=heads,
         task_type=PEFT_TASK_TYPES[cfg.task],
+        trainable_token_indices=token_rows or None,
     )
 
 
@@ -142,10 +160,11 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
+    token_rows = add_tokens(tokenizer, cfg.add_tokens)  # before encoding, so the data uses them
     train_ex, eval_ex, label_map = load_data(cfg, tokenizer)
     # integer labels keep their values (1 and 2 need a 3-way head), so the head spans the largest id
     num_labels = max(label_map.values()) + 1 if label_map else None
-    model, tokenizer = load_model(
+    model, loaded_tokenizer = load_model(
         cfg.model, task=cfg.task, quantize=cfg.quantize, num_labels=num_labels, trim_heap=cfg.trim_heap
     )
     model.to(device)
@@ -154,7 +173,9 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         model.config.id2label = {i: names.get(i, f"LABEL_{i}") for i in range(num_labels)}
         model.config.label2id = {name: i for i, name in model.config.id2label.items()}
     seed_everything(cfg.seed)  # the same LoRA init whatever the loading consumed
-    inject(model, lora_config(cfg, model))
+    tokenizer = tokenizer if token_rows else loaded_tokenizer
+    resize_for(model, tokenizer)
+    inject(model, lora_config(cfg, model, token_rows))
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     trainable, total = trainable_parameters(model)
@@ -191,6 +212,8 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         with storage_errors(adapter):
             save_adapter(model, adapter)  # swaps the whole folder in (lorakit.io)
             save_resolved(cfg, adapter)
+            if token_rows:  # the base must be resized to this tokenizer to load the adapter
+                tokenizer.save_pretrained(adapter)
         with storage_errors(plot):
             plot_training(out / METRICS, plot)
     dist.barrier()
