@@ -61,8 +61,8 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict
     fmt = D.detect_format(train_recs)
     eval_recs = D.read_dataset(cfg.eval_data, seed=cfg.seed).records if cfg.eval_data else None
     label_map = D.build_label_map(train_recs) if fmt == "classification" else None
-    if fmt == "token-tags":
-        label_map = D.build_tag_map(train_recs)
+    if fmt == "token-tags":  # a rare tag may appear only in the eval data: the head gets a row for it
+        label_map = D.build_tag_map(list(train_recs) + list(eval_recs or []))
     enc = partial(
         D.encode,
         tokenizer=tokenizer,
