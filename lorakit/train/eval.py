@@ -230,10 +230,12 @@ def seq2seq_exact_match(
     """`eval_exact_match` of an encoder-decoder model: the share of seq2seq examples whose greedy
     reply (`lorakit.generate.generate_seq2seq`, with the active adapter) equals the target after
     `normalize`. The reply may run `extra_tokens` past the longest target."""
-    from ..generate import eos_ids, generate_seq2seq
+    from ..generate import context_length, eos_ids, generate_seq2seq
 
     refs = [normalize(tokenizer.decode(e["target_ids"], skip_special_tokens=True)) for e in examples]
-    sampling = Sampling(max_tokens=max(len(e["target_ids"]) for e in examples) + extra_tokens)
+    longest = max(len(e["target_ids"]) for e in examples) + extra_tokens
+    limit = context_length(model)  # a decoder with learned positions (BART) generates no further
+    sampling = Sampling(max_tokens=min(longest, limit - 1) if limit else longest)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos, adapter = eos_ids(model, tokenizer), _active(model)
     exact = 0
