@@ -7,7 +7,7 @@
 - seq2seq: no registry package ships pretrained seq2seq weights (T5/BART) that installs here, so
   a random-weight T5 with SmolLM2's tokenizer learns to copy a word (exact match of generations).
 
-    python benchmarks/bench_tasks.py [--train 1000] [--eval 300] [--steps 150] [--threads 2]
+    python benchmarks/bench_tasks.py [--train 1000] [--eval 300] [--steps 150] [--threads 2] [--lr 3e-3] [--skip-seq2seq]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=300)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=3e-3, help="token classification's peak learning rate")
     parser.add_argument("--skip-seq2seq", action="store_true")
     args = parser.parse_args()
     from fixtures import minilm_tokenizer_folder, tiny_seq2seq_model
@@ -86,7 +87,7 @@ def main() -> None:
                 eval_data=write(d / "eval.jsonl", sentences[args.train :]),
                 task="token-classification",
                 max_steps=args.steps,
-                lr=1e-3,
+                lr=args.lr,
                 **common,
             )
         )
@@ -110,7 +111,7 @@ def main() -> None:
         print(f"{r['task']}: {r['trainable']:,} trainable parameters, {r['seconds']} s")
         for k in r["final"]:
             print(f"  {k:>16}: base {r['base'][k]:.4f} -> fine-tuned {r['final'][k]:.4f}")
-    out = HERE / "results" / "bench_tasks.json"
+    out = HERE / "results" / ("bench_tasks.json" if not args.skip_seq2seq else "bench_tasks_ner.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 
