@@ -364,9 +364,11 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     for module in model.modules():
-        count = getattr(module, "num_quantized_params", None)
+        # the module's own method: a LoRA wrapper also answers for its base layer's (attribute
+        # fall-through), which would count a 4-bit base twice
+        count = getattr(type(module), "num_quantized_params", None)
         if callable(count):
-            total += count()
+            total += count(module)
     return trainable, total
 
 
