@@ -61,6 +61,8 @@ class LoraConfig:
     # parameters (not modules) to adapt, PEFT's rule: a name equal to `module.param` or ending in `.name`
     target_parameters: list[str] | None = None
     loftq_config: dict[str, Any] = field(default_factory=dict)  # {"loftq_bits": 4, "loftq_iter": 1}
+    # rows of the input embedding ([ids]) or of named embeddings ({name: [ids]}) trained in full
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     # keys of adapter_config.json this version does not interpret, kept for the round trip
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -284,6 +286,11 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
     ),
     ("extra", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a {key: value} object"),
     ("target_parameters", lambda v: _is_names(v, allow_str=False), "None or a list of parameter names"),
+    (
+        "trainable_token_indices",
+        lambda v: _is_token_indices(v),
+        "None, a list of token ids or a {module name: [ids]} object",
+    ),
 )
 
 
@@ -305,6 +312,21 @@ def _is_loftq(v: dict) -> bool:
         and v.get("loftq_bits", 4) == 4
         and _is_int(v.get("loftq_iter", 1))
         and v.get("loftq_iter", 1) >= 1
+    )
+
+
+def _is_token_indices(v: Any) -> bool:
+    def ids(x: Any) -> bool:
+        return (
+            isinstance(x, list)
+            and bool(x)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+        )
+
+    return (
+        v is None
+        or ids(v)
+        or (isinstance(v, dict) and bool(v) and all(isinstance(k, str) and ids(x) for k, x in v.items()))
     )
 
 

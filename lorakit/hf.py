@@ -26,7 +26,7 @@ from torch import nn
 
 from ._packages import package_file
 from .errors import ConfigError
-from .tasks import CAUSAL_LM, CLASSIFICATION, auto_model_class, check_task
+from .tasks import CAUSAL_LM, CLASSIFICATION, LABEL_TASKS, auto_model_class, check_task
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def load_model(
         raise ConfigError(f"quantize must be None or 'nf4', got {quantize!r}")
     folder = resolve(name_or_path, revision)
     tok = load_tokenizer(folder)
-    num_labels = (num_labels or 2) if task == CLASSIFICATION else None
+    num_labels = (num_labels or 2) if task in LABEL_TASKS else None
     kwargs = {} if dtype is None else {"dtype": dtype}
     if quantize == "nf4":
         from .quant.hf_loading import load_quantized
@@ -214,7 +214,7 @@ def load_model(
             trim_heap=trim_heap,
         )
     else:
-        if task == CLASSIFICATION:
+        if task in LABEL_TASKS:
             kwargs["num_labels"] = num_labels
         model = auto_model_class(task).from_pretrained(folder, **kwargs)
     if task == CLASSIFICATION and model.config.pad_token_id is None:

@@ -17,7 +17,7 @@ from torch import nn
 from . import _state
 from .config import LoraConfig
 from .errors import AdapterStateError, ConfigError, LorakitError, TargetNotFoundError
-from .layers import LoraLayer, LoraLinear, LoraParam, ModulesToSave, wrapper_for
+from .layers import LoraLayer, LoraLinear, LoraParam, ModulesToSave, TrainableTokens, wrapper_for
 from .modeling import output_head_names, replace_module
 
 
@@ -332,6 +332,7 @@ def _apply(
     for name, _ in list(_candidates(model)):
         if name and config.modules_to_save and _name_in(name, config.modules_to_save):
             undo.wrap(name, lambda m: ModulesToSave).add_adapter(adapter)
+    _add_token_rows(model, config, adapter, undo)
     _state.add_config(model, adapter, config)
     _state.set_active(model, [adapter] if activate else (undo.active or [adapter]))
     _mark_bias(model, config.bias)
@@ -357,6 +358,42 @@ def _add_adapter(module: LoraLayer, config: LoraConfig, adapter: str, key: str) 
         if isinstance(e, LorakitError):
             raise type(e)(f"{key}: {e}") from None
         raise ConfigError(f"cannot build adapter {adapter!r} on {key} with r={r}: {e}") from None
+
+
+def _add_token_rows(model: nn.Module, config: LoraConfig, adapter: str, undo: _Undo) -> None:
+    """`config.trainable_token_indices`: wrap each named embedding (a list: the input embedding)
+    in `TrainableTokens`, and every other module whose weight is that embedding's (a tied LM head)
+    in one reading the same rows. Raises `ConfigError` for a name that is not a module."""
+    spec = config.trainable_token_indices
+    if not spec:
+        return
+    if isinstance(spec, list):
+        get_in = getattr(model, "get_input_embeddings", None)
+        embedding = get_in() if callable(get_in) else None
+        name = next((n for n, m in model.named_modules() if m is embedding and embedding is not None), None)
+        if name is None:
+            raise ConfigError(
+                "trainable_token_indices is a list but the model has no input embedding "
+                "(get_input_embeddings); give {module name: [ids]}"
+            )
+        spec = {name: spec}
+    plain = {  # the modules outside wrappers, a wrapper standing for the module it holds
+        n: m.original_module if isinstance(m, ModulesToSave) else m for n, m in _candidates(model) if n
+    }
+    for key, indices in spec.items():
+        names = [n for n in plain if _name_in(n, [key])]
+        if not names:
+            raise ConfigError(f"trainable_token_indices: no module named {key!r} in the model")
+        for name in names:
+            if isinstance(plain[name], LoraLayer):
+                raise ConfigError(
+                    f"trainable_token_indices: {name} already has LoRA; train its rows or LoRA, not both"
+                )
+            weight = plain[name].weight
+            rows = undo.wrap(name, lambda m: TrainableTokens).add_rows(adapter, indices)
+            for other, module in plain.items():  # a head tied to the embedding sees the same rows
+                if other != name and isinstance(module, nn.Linear) and module.weight is weight:
+                    undo.wrap(other, lambda m: TrainableTokens).add_rows(adapter, indices, tied=rows)
 
 
 class _Undo:

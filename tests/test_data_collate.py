@@ -92,7 +92,7 @@ def test_collate_bad_inputs():
         collate([], 0)
     with pytest.raises(ConfigError, match="pad_token_id is None"):
         collate([{"input_ids": [1], "labels": [1]}], None)
-    with pytest.raises(DataError, match="mixes classification"):
+    with pytest.raises(DataError, match="mixes kinds of example"):
         collate([{"input_ids": [1], "labels": [1]}, {"input_ids": [1], "label": 0}], 0)
     with pytest.raises(ConfigError, match="mask_dtype"):
         collate(pack([{"input_ids": [1], "labels": [1]}], 4), 0, mask_dtype=torch.int64)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 
 import pytest
-from fixtures import CHAT, ROWS, SHAREGPT
+from fixtures import CHAT, NER, ROWS, SHAREGPT
 from fixtures import chat_expectation as _chat_expectation
 from fixtures import token_ids as ids
 
 from lorakit.data import (
     IGNORE_INDEX,
     build_label_map,
+    build_tag_map,
     classification_as_instruction,
     encode,
     instruction_prompt,
@@ -129,7 +130,7 @@ def test_encode_bad_arguments(tok):
     with pytest.raises(ConfigError, match="needs data in the classification format"):
         encode([{"text": "a"}], tok, "completion", max_length=8, task="classification")
     with pytest.raises(ConfigError, match="unknown task"):
-        encode([{"text": "a"}], tok, "completion", max_length=8, task="seq2seq")
+        encode([{"text": "a"}], tok, "completion", max_length=8, task="regression")
     with pytest.raises(ConfigError, match="max_length must be at least 2"):
         encode([{"text": "a"}], tok, "completion", max_length=1)
     with pytest.raises(DataError, match="the dataset is empty"):
@@ -160,3 +161,102 @@ def test_encode_chat_template_problems(tok):
     failing.chat_template = "{{ raise_exception('only user turns') }}"
     with pytest.raises(DataError, match="record 0: the tokenizer's chat template cannot render"):
         encode([{"messages": CHAT}], failing, "chat", max_length=64)
+
+
+# ---------------------------------------------------------------- prompt/completion, seq2seq, token tags
+
+PC = {"prompt": "The capital of France is", "completion": " Paris."}
+
+
+def test_encode_prompt_completion_text_learns_the_completion_and_eos(tok):
+    ex = encode([PC], tok, None, max_length=64).examples[0]  # detected as prompt-completion
+    prompt = ids(tok, PC["prompt"], True)
+    answer = ids(tok, PC["completion"]) + [tok.eos_token_id]
+    assert ex == {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+    # input-target pairs train a causal LM the same way
+    pair = {"input": PC["prompt"], "target": PC["completion"]}
+    assert encode([pair], tok, None, max_length=64).examples[0] == ex
+
+
+def test_encode_prompt_completion_with_the_chat_template(tok):
+    ex = encode([PC], tok, "prompt-completion", max_length=128, chat_template=True).examples[0]
+    turns = [{"role": "user", "content": PC["prompt"]}, {"role": "assistant", "content": PC["completion"]}]
+    assert ex["input_ids"] == ids(tok, tok.apply_chat_template(turns, tokenize=False))
+    learned = [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(learned) == PC["completion"] + "<|im_end|>"
+    # the same as a chat record: the chat path decides what is learned
+    assert encode([{"messages": turns}], tok, "chat", max_length=128).examples[0] == ex
+
+
+def test_encode_conversational_prompt_completion_learns_only_the_completion(tok):
+    record = {"prompt": CHAT[:3], "completion": CHAT[3:]}  # an assistant turn in the prompt too
+    ex = encode([record], tok, None, max_length=256).examples[0]
+    whole = encode([{"messages": CHAT}], tok, "chat", max_length=256).examples[0]
+    assert ex["input_ids"] == whole["input_ids"]
+    learned = [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(learned) == "See you<|im_end|>"
+
+
+def test_encode_prompt_completion_refusals(tok):
+    with pytest.raises(DataError, match="mixes conversational"):
+        encode([{"prompt": CHAT[:1], "completion": CHAT[1:2]}, PC], tok, None, max_length=64)
+    with pytest.raises(DataError, match="completion has no assistant turn"):
+        encode([{"prompt": CHAT[:2], "completion": CHAT[2:3]}], tok, None, max_length=64)
+    with pytest.raises(DataError, match="column 'completion' must be a string"):
+        encode([{"prompt": "a", "completion": ["b"]}], tok, None, max_length=64)
+    with pytest.raises(ConfigError, match="seq2seq' takes plain-text"):
+        encode([{"prompt": CHAT[:1], "completion": CHAT[1:2]}], tok, None, max_length=64, task="seq2seq")
+
+
+def test_encode_seq2seq_targets_end_with_eos(tok):
+    enc = encode([PC, {"prompt": "a b c d e", "completion": "x"}], tok, None, max_length=3, task="seq2seq")
+    first = enc.examples[0]
+    assert first["input_ids"] == ids(tok, PC["prompt"], True)[:3]
+    assert first["target_ids"] == (ids(tok, PC["completion"], True) + [tok.eos_token_id])[:3]
+    assert enc.examples[1]["target_ids"] == ids(tok, "x", True) + [tok.eos_token_id]
+    assert enc.truncated == 2
+    with pytest.raises(ConfigError, match="needs data in the input-target or prompt-completion"):
+        encode([{"text": "a"}], tok, None, max_length=8, task="seq2seq")
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    from fixtures import minilm_tokenizer_folder
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_tokenizer_folder())
+
+
+def test_encode_token_tags_labels_the_first_sub_token_of_each_word(bert_tok):
+    record = {"tokens": ["Zwolleborg", "is", "huge"], "tags": ["B-LOC", "O", "O"]}
+    ex = encode([record, NER[0]], bert_tok, None, max_length=64, task="token-classification").examples[0]
+    pieces = [bert_tok.tokenize(w) for w in record["tokens"]]
+    assert len(pieces[0]) > 1  # the test needs a word split in sub-tokens
+    tag_map = build_tag_map([record, NER[0]])
+    assert tag_map == {"O": 0, "B-LOC": 1, "B-PER": 2}
+    expected = [IGNORE_INDEX]  # [CLS]
+    for piece, tag in zip(pieces, record["tags"]):
+        expected += [tag_map[tag]] + [IGNORE_INDEX] * (len(piece) - 1)
+    assert ex["token_labels"] == expected + [IGNORE_INDEX]  # [SEP]
+    assert ex["input_ids"] == bert_tok(" ".join(record["tokens"]))["input_ids"]
+
+
+def test_token_tags_maps_and_refusals(bert_tok):
+    assert build_tag_map([{"tokens": ["a", "b"], "ner_tags": [3, 0]}]) == {"0": 0, "3": 3}  # ints kept
+    with pytest.raises(DataError, match="one tag per word"):
+        encode(
+            [{"tokens": ["a"], "tags": ["O", "O"]}], bert_tok, None, max_length=8, task="token-classification"
+        )
+    with pytest.raises(DataError, match="at least two different tags"):
+        build_tag_map([{"tokens": ["a"], "tags": ["O"]}])
+    with pytest.raises(DataError, match="tag 'B-ORG' was not seen"):
+        encode(
+            [{"tokens": ["a"], "tags": ["B-ORG"]}],
+            bert_tok,
+            None,
+            max_length=8,
+            task="token-classification",
+            label_map={"O": 0, "B-PER": 1},
+        )
+    with pytest.raises(ConfigError, match="pass --task token-classification"):
+        encode(NER, bert_tok, None, max_length=8)

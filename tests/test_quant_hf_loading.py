@@ -119,7 +119,7 @@ def test_unknown_task_is_a_config_error_as_in_hf(llama_folder):
     from lorakit.quant.hf_loading import load_quantized
 
     with pytest.raises(ConfigError, match="task must be one of"):
-        load_quantized(llama_folder, task="seq2seq")
+        load_quantized(llama_folder, task="regression")
 
 
 def test_heap_trimming_while_loading_is_opt_in(llama_folder, monkeypatch):

@@ -21,7 +21,7 @@ from lorakit.errors import DataError, TrainingError
 from lorakit.tasks import IGNORE_INDEX
 from lorakit.train import TrainConfig, batch_plan, loss_sum, train
 from lorakit.train.checkpoint import latest_checkpoint
-from lorakit.train.loop import lr_lambda
+from lorakit.train.loop import count_targets, lr_lambda
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -200,3 +200,74 @@ def test_resume_with_a_new_lr_applies_it_to_the_optimizer_and_schedule(tmp_path)
     assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in fresh[4:]], rel=1e-12)
     f = lr_lambda(cfg_for(tmp_path, max_steps=6), 6)
     assert [r["lr"] for r in resumed] == pytest.approx([5e-3 * f(5), 5e-3 * f(6)], rel=1e-12)
+
+
+# ---------------------------------------------------------------- seq2seq and token classification
+
+
+def _tiny_task_model(kind: str):
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        BertConfig,
+        BertForTokenClassification,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        return T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=100,
+                d_model=16,
+                d_kv=4,
+                d_ff=32,
+                num_layers=1,
+                num_heads=4,
+                decoder_start_token_id=0,
+            )
+        )
+    if kind == "bart":
+        cfg = BartConfig(
+            vocab_size=100,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=32,
+        )
+        return BartForConditionalGeneration(cfg)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=5,
+    )
+    return BertForTokenClassification(cfg)
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart", "bert"])
+def test_loss_sum_of_seq2seq_and_tagging_is_transformers_mean_loss_times_the_count(kind):
+    from lorakit.data import collate
+    from lorakit.tasks import model_task
+
+    model = _tiny_task_model(kind).eval()
+    key = "token_labels" if kind == "bert" else "target_ids"
+    examples = [
+        {"input_ids": [5, 6, 7, 8], key: [1, IGNORE_INDEX, 3, 4] if kind == "bert" else [9, 10, 2]},
+        {"input_ids": [11, 12], key: [2, 0] if kind == "bert" else [13, 2]},
+    ]
+    batch = collate(examples, pad_token_id=1)
+    assert model_task(model) == ("token-classification" if kind == "bert" else "seq2seq")
+    count = sum(count_targets(e) for e in examples)
+    assert count == 5  # every target token, every tagged token
+    with torch.no_grad():
+        ours = loss_sum(model, batch)
+        reference = model(**batch).loss * count  # transformers' own loss: the mean over labelled tokens
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)

@@ -303,3 +303,180 @@ def test_torchrun_two_processes_match_one_process(tiny_folder, tmp_path):
     assert not torch.equal(one[next(k for k in one if "lora_B" in k)], torch.zeros(1))
     rows = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())  # rank 0 only
+
+
+# ---------------------------------------------------------------- seq2seq and token classification
+
+
+def _peft_logits(cls, model_folder, adapter, batch):
+    """Logits of the base in `model_folder` with `adapter` loaded by PEFT (the reference reader)."""
+    import peft
+
+    base = cls.from_pretrained(model_folder)
+    reloaded = peft.PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        return reloaded(**batch).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_seq2seq_trains_evaluates_generates_and_loads_in_peft(family, tmp_path, capsys):
+    import json
+
+    from fixtures import tiny_seq2seq_model, write_jsonl
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lorakit.cli import main
+    from lorakit.generate import Row, Sampling, generate_seq2seq, load_for_inference
+
+    folder = tiny_seq2seq_model(tmp_path / "model", family)
+    words = ["cat", "dog", "sun", "moon"]
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [json.dumps({"input": f"say {w}", "target": w}) for w in words * 4]
+    )
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(folder), "--data", str(data), "--task", "seq2seq", "--output", str(out)]
+    argv += [
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-2",
+        "--warmup-steps",
+        "1",
+        "--save-every",
+        "0",
+    ]
+    assert main(argv + ["--eval-fraction", "0.25", "--threads", "1"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert "eval_exact_match" in evals[-1]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM"
+    model, tok, name = load_for_inference(str(folder), [str(out / "adapter")])
+    assert type(model).__name__.endswith("ForConditionalGeneration")
+    batch = {
+        "input_ids": torch.tensor([tok("say cat")["input_ids"]]),
+        "decoder_input_ids": torch.tensor([[2, 5, 6]]),
+    }
+    with torch.no_grad():
+        ours = model(**batch).logits
+    torch.testing.assert_close(ours, _peft_logits(AutoModelForSeq2SeqLM, folder, out / "adapter", batch))
+    # `lorakit generate` prints the decoder's greedy reply, the same as the evaluation's decoder
+    row = Row(batch["input_ids"][0].tolist(), name, Sampling(max_tokens=12))
+    reply = generate_seq2seq(model, [row], {tok.eos_token_id}, tok.pad_token_id)
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(folder),
+                "--adapter",
+                str(out / "adapter"),
+                "--max-tokens",
+                "12",
+                "say cat",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == tok.decode(reply[0], skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.slow
+def test_token_classification_trains_scores_entities_and_loads_in_peft(tmp_path):
+    import json
+
+    from fixtures import NER, tiny_bert_tagger, write_jsonl
+    from transformers import AutoModelForTokenClassification
+
+    from lorakit.train import TrainConfig, run_training
+
+    folder = tiny_bert_tagger(tmp_path / "model")
+    data = write_jsonl(tmp_path / "ner.jsonl", [json.dumps(r) for r in NER * 6])
+    cfg = TrainConfig(
+        model=str(folder),
+        data=str(data),
+        task="token-classification",
+        output=str(tmp_path / "run"),
+        max_steps=25,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=1,
+        save_every=0,
+        eval_fraction=0.25,
+        threads=1,
+    )
+    s = run_training(cfg)
+    assert s.final["eval_f1"] > s.base["eval_f1"] and s.final["eval_accuracy"] > s.base["eval_accuracy"]
+    assert {"eval_precision", "eval_recall", "eval_f1_PER", "eval_f1_LOC"} <= set(s.final)
+    config = json.loads((s.adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "TOKEN_CLS" and config["modules_to_save"] == ["classifier"]
+    from lorakit.hf import load_model
+    from lorakit.io import load_adapter
+
+    model, tok = load_model(folder, task="token-classification", num_labels=5)
+    load_adapter(model, s.adapter)
+    batch = tok(["John lives in Paris"], return_tensors="pt")
+    with torch.no_grad():
+        ours = model.eval()(**batch).logits
+    import peft
+
+    base = AutoModelForTokenClassification.from_pretrained(folder, num_labels=5)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(base, s.adapter).eval()(**batch).logits
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.slow
+def test_add_tokens_trains_only_the_new_rows_and_generate_reads_them(tmp_path, capsys):
+    from fixtures import tiny_chat_model, write_jsonl
+    from safetensors.torch import load_file
+
+    from lorakit.cli import main
+    from lorakit.generate import load_for_inference
+
+    folder = tiny_chat_model(tmp_path / "model")
+    lines = [
+        json.dumps({"prompt": f"call {w}", "completion": f" <tool>{w}</tool>"})
+        for w in ["a", "b", "c", "d"] * 4
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", lines)
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--model",
+        str(folder),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--add-tokens",
+        "<tool>,</tool>",
+    ]
+    argv += [
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--save-every",
+        "0",
+        "--no-eval-base",
+    ]
+    assert main(argv + ["--eval-fraction", "0.25", "--threads", "1", "--target-modules", "q_proj"]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    vocab = 49152
+    assert config["trainable_token_indices"] == [vocab, vocab + 1]  # the two new ids
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    rows = saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert rows.shape == (2, 32)  # two rows of the tied 32-wide embedding, not the whole matrix
+    model, tok, _ = load_for_inference(str(folder), [str(out / "adapter")])
+    assert len(tok) == vocab + 2 and model.get_input_embeddings().weight.shape[0] == vocab + 2
+    torch.testing.assert_close(model.model.embed_tokens(torch.tensor([vocab, vocab + 1])), rows)
+    assert tok("<tool>x</tool>", add_special_tokens=False)["input_ids"][0] == vocab

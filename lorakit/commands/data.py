@@ -14,7 +14,7 @@ from typing import Any
 from ..data.builtin import read_dataset
 from ..data.collate import pack
 from ..data.encode import encode
-from ..data.formats import FORMATS, build_label_map, detect_format
+from ..data.formats import FORMATS, build_label_map, build_tag_map, detect_format
 from ..data.preference import preference_format, report_preference
 from ..data.readers import ON_ERROR
 from ..hf import DEFAULT_MODEL
@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--show", type=_at_least(0), default=1, metavar="N", help="print the first N examples (default 1)"
     )
+    parser.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="render prompt/completion text records with the chat template (as lorakit train --chat-template)",
+    )
 
 
 def _at_least(low: int):
@@ -70,12 +75,24 @@ def run(args: argparse.Namespace) -> int:
     fmt = detect_format(rs.records, args.format)
     tokenizer = load_tokenizer(args.model)
     label_map = build_label_map(rs.records) if fmt == "classification" else None
-    enc = encode(rs.records, tokenizer, fmt, max_length=args.max_length, label_map=label_map, task=args.task)
+    if fmt == "token-tags":
+        label_map = build_tag_map(rs.records)
+    enc = encode(
+        rs.records,
+        tokenizer,
+        fmt,
+        max_length=args.max_length,
+        label_map=label_map,
+        task=args.task,
+        chat_template=args.chat_template,
+    )
     skipped = f", {rs.skipped} malformed lines skipped" if rs.skipped else ""
     print(f"source:    {rs.source} ({len(rs.records)} records{skipped})")
     print(f"format:    {fmt} (columns: {', '.join(rs.columns)})")
     if label_map:
-        print(f"labels:    {', '.join(f'{k}={v}' for k, v in label_map.items())}")
+        print(
+            f"{'tags:' if fmt == 'token-tags' else 'labels:':<10} {', '.join(f'{k}={v}' for k, v in label_map.items())}"
+        )
     for key, value in summarize(enc.examples, args.max_length).items():
         print(f"{key + ':':<10} {value}")
     print(
@@ -96,6 +113,14 @@ def summarize(examples: list[dict[str, Any]], max_length: int) -> dict[str, str]
         "examples": f"{len(examples)}, {total} tokens",
         "lengths": f"min {lengths[0]}, median {statistics.median(lengths):g}, p95 {p95}, max {lengths[-1]}",
     }
+    if examples and "target_ids" in examples[0]:
+        targets = sorted(len(ex["target_ids"]) for ex in examples)
+        out["targets"] = (
+            f"{sum(targets)} tokens; lengths min {targets[0]}, median {statistics.median(targets):g}, max {targets[-1]}"
+        )
+    if examples and "token_labels" in examples[0]:
+        tagged = sum(1 for ex in examples for t in ex["token_labels"] if t != IGNORE_INDEX)
+        out["learned"] = f"{tagged} tokens ({tagged / total:.0%}) carry a tag (each word's first sub-token)"
     if examples and "labels" in examples[0]:
         learned = sum(1 for ex in examples for t in ex["labels"][1:] if t != IGNORE_INDEX)
         out["learned"] = f"{learned} tokens ({learned / total:.0%}) carry the loss"
@@ -109,9 +134,16 @@ def summarize(examples: list[dict[str, Any]], max_length: int) -> dict[str, str]
 
 def show_example(example: dict[str, Any], tokenizer: Any, label_map: dict[str, int] | None = None) -> str:
     """The example's text with the tokens that carry the loss wrapped in [[ ]]."""
+    names = {v: k for k, v in (label_map or {}).items()}
     if "label" in example:
-        names = {v: k for k, v in (label_map or {}).items()}
         return f"{tokenizer.decode(example['input_ids'])}\n=> label {names.get(example['label'], example['label'])}"
+    if "target_ids" in example:
+        return f"{tokenizer.decode(example['input_ids'])}\n=> target [[{tokenizer.decode(example['target_ids'])}]]"
+    if "token_labels" in example:  # each word's first sub-token with its tag
+        return " ".join(
+            tokenizer.decode([t]) + (f"/{names.get(tag, tag)}" if tag != IGNORE_INDEX else "")
+            for t, tag in zip(example["input_ids"], example["token_labels"])
+        )
     parts, run, learned = [], [], False
     for token, label in zip(example["input_ids"], example["labels"]):
         if (label != IGNORE_INDEX) != learned and run:

@@ -7,10 +7,10 @@ import argparse
 import json
 
 from ..hf import DEFAULT_MODEL
-from ..plan.estimate import DEVICES, DTYPES, METHODS, PlanSetup, compare
+from ..plan.estimate import DEVICES, DTYPES, METHODS, PLAN_TASKS, PlanSetup, compare
 from ..plan.memory import OPTIMIZERS
 from ..plan.models import ATTENTION, BUILTIN
-from ..tasks import TASKS, parse_target_modules
+from ..tasks import parse_target_modules
 
 PREFERENCE = ("dpo", "orpo", "simpo", "kto")
 
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--attention", choices=ATTENTION, default="sdpa")
     parser.add_argument("--device", choices=DEVICES, default="cuda", help="where training runs")
-    parser.add_argument("--task", choices=TASKS, default="causal-lm")
+    parser.add_argument("--task", choices=PLAN_TASKS, default="causal-lm")
     parser.add_argument(
         "--adapter-dtype",
         choices=list(DTYPES),

@@ -29,10 +29,12 @@ log = logging.getLogger(__name__)
 
 _HELP = {
     "model": "a local Hugging Face folder, a .gguf file, a Hub ID (org/name), or 'smollm2-135m' (embedded)",
-    "data": "training data file (jsonl/json/csv/parquet, completion/instruction/chat/classification) "
+    "data": "training data file (jsonl/json/csv/parquet: completion, instruction, chat, classification, "
+    "prompt-completion, input-target or token-tags records; prompt/chosen/rejected for --method) "
     "or a built-in dataset such as rotten_tomatoes_chat:train[:2400]",
     "eval_data": "evaluation data file (default: hold out --eval-fraction of --data)",
-    "task": "causal-lm or classification (a sequence-classification head, trained in full)",
+    "task": "causal-lm, classification (a sequence-classification head, trained in full), seq2seq "
+    "(encoder-decoder models such as T5 and BART) or token-classification (a tag per word, NER)",
     "output": "output folder: adapter/, checkpoints/, metrics.jsonl, training.png, train_config.yaml",
     "max_steps": "optimizer steps to run (wins over --epochs)",
     "epochs": "passes over the training data when --max-steps is not given",
@@ -86,6 +88,10 @@ _HELP = {
     "ref_adapter": "dpo/kto: start from this adapter folder and use a frozen copy of it as the reference "
     "(default: the base model, adapters disabled)",
     "precompute_ref": "dpo: compute the reference log-probs once before training (stored in --output)",
+    "chat_template": "render prompt/completion text records with the chat template (prompt as the user "
+    "turn, completion as the assistant turn); message-list records always use it",
+    "add_tokens": "comma-separated tokens to add to the tokenizer (e.g. '<tool>,</tool>'): the embeddings "
+    "are resized and only these rows are trained and saved (PEFT's trainable_token_indices)",
 }
 
 

@@ -19,11 +19,14 @@ from .encode import Encoded, encode
 from .formats import (
     FORMATS,
     build_label_map,
+    build_tag_map,
     chat_messages,
     classification_as_instruction,
     detect_format,
     instruction_prompt,
     label_key,
+    prompt_completion_messages,
+    word_tags,
 )
 from .readers import RecordSet, read_records
 from .rotten_tomatoes import rotten_tomatoes
@@ -47,4 +50,7 @@ __all__ = [
     "read_records",
     "rotten_tomatoes",
     "split",
+    "build_tag_map",
+    "prompt_completion_messages",
+    "word_tags",
 ]

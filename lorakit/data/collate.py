@@ -67,25 +67,32 @@ def pack(examples: Sequence[dict], max_length: int) -> list[dict]:
     return packed
 
 
+# the key that holds an example's supervision, other than causal-lm's `labels`
+_LABEL_KEYS = ("label", "target_ids", "token_labels")
+
+
 def collate(
     examples: Sequence[dict], pad_token_id: int, *, mask_dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """Right-pad `examples` into a batch that can be passed as `model(**batch)`.
 
     Gives `input_ids`, `attention_mask` and `labels` (-100 on padding; class ids [B] for
-    classification examples). If any example is packed (has `position_ids`), gives `position_ids` and
+    classification examples; the decoder targets [B, T_target] for seq2seq examples (`target_ids`);
+    a tag id per token for token-classification examples (`token_labels`)). If any example is
+    packed (has `position_ids`), gives `position_ids` and
     a 4D block-diagonal causal mask [B, 1, T, T]: additive (0 / dtype min) for a float `mask_dtype`
     (the float32 default works with eager and sdpa attention, bf16 models and autocast) or boolean
     (True = attend, 4x smaller) for `torch.bool` (sdpa only). Raises `ConfigError` for a missing pad id, `DataError` for an empty
-    batch or a mix of classification and causal-lm examples.
+    batch or a mix of kinds of example.
     """
     if not examples:
         raise DataError("cannot collate an empty batch")
     if pad_token_id is None:
         raise ConfigError("pad_token_id is None; use the tokenizer's pad or EOS token id")
-    classify = ["label" in ex for ex in examples]
-    if any(classify) and not all(classify):
-        raise DataError("a batch mixes classification examples (label) with causal-lm examples (labels)")
+    kinds = {next((k for k in _LABEL_KEYS if k in ex), "labels") for ex in examples}
+    if len(kinds) > 1:
+        raise DataError(f"a batch mixes kinds of example (their label keys: {sorted(kinds)})")
+    kind = kinds.pop()
     width = max(len(ex["input_ids"]) for ex in examples)
     lengths = [len(ex["input_ids"]) for ex in examples]
     batch = {
@@ -94,12 +101,12 @@ def collate(
         ),
         "attention_mask": torch.tensor([[1] * n + [0] * (width - n) for n in lengths]),
     }
-    if all(classify):
+    if kind == "label":
         batch["labels"] = torch.tensor([ex["label"] for ex in examples])
-    else:
-        batch["labels"] = torch.tensor(
-            [list(ex["labels"]) + [IGNORE_INDEX] * (width - n) for ex, n in zip(examples, lengths)]
-        )
+    else:  # seq2seq targets have their own length; the other labels are one per input token
+        rows = [list(ex[kind]) for ex in examples]
+        longest = max(map(len, rows))
+        batch["labels"] = torch.tensor([r + [IGNORE_INDEX] * (longest - len(r)) for r in rows])
     if any("position_ids" in ex for ex in examples):
         positions = [list(ex.get("position_ids", range(n))) for ex, n in zip(examples, lengths)]
         batch["position_ids"] = torch.tensor([p + list(range(width - len(p))) for p in positions])

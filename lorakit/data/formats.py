@@ -6,6 +6,11 @@ Formats and the columns they need:
   - "chat": `messages` (list of {"role", "content"}) or ShareGPT `conversations` ({"from", "value"});
     loss on assistant turns only.
   - "classification": `text`, `label` (strings mapped to ids, or ints kept).
+  - "prompt-completion": `prompt`, `completion` (TRL's and OpenAI's fine-tuning format): two strings,
+    or two lists of chat messages (TRL's conversational form); loss on the completion only.
+  - "input-target": `input`, `target` (seq2seq pairs); loss on the target only.
+  - "token-tags": `tokens` (a list of words) and `tags` (or `ner_tags`: one tag per word, strings
+    such as "B-PER" or ints), for token classification.
 """
 
 from __future__ import annotations
@@ -15,11 +20,22 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 
-FORMATS = ("completion", "instruction", "chat", "classification")
+FORMATS = (
+    "completion",
+    "instruction",
+    "chat",
+    "classification",
+    "prompt-completion",
+    "input-target",
+    "token-tags",
+)
 _REQUIRED = {
     "completion": ("text",),
     "instruction": ("instruction", "output"),
     "classification": ("text", "label"),
+    "prompt-completion": ("prompt", "completion"),
+    "input-target": ("input", "target"),
+    "token-tags": ("tokens",),
 }
 # speaker names (chat roles and ShareGPT's) -> chat-template roles
 _ROLE_NAMES = {
@@ -66,14 +82,20 @@ def _guess(record: dict) -> str:
         return "chat"
     if {"instruction", "output"} <= keys:
         return "instruction"
+    for fmt in ("prompt-completion", "input-target"):
+        if set(_REQUIRED[fmt]) <= keys:
+            return fmt
+    if "tokens" in keys and keys & {"tags", "ner_tags"}:
+        return "token-tags"
     if {"text", "label"} <= keys:
         return "classification"
     if "text" in keys:
         return "completion"
     raise DataError(
         f"cannot tell the data format from the columns {sorted(keys)}; expected `text` (completion), "
-        "`instruction`+`output` (instruction), `messages` or `conversations` (chat), or `text`+`label` "
-        "(classification); rename the columns or pass the format explicitly"
+        "`instruction`+`output` (instruction), `messages` or `conversations` (chat), `text`+`label` "
+        "(classification), `prompt`+`completion`, `input`+`target` (seq2seq) or `tokens`+`tags` "
+        "(token classification); rename the columns or pass the format explicitly"
     )
 
 
@@ -82,6 +104,9 @@ def _check(record: dict, fmt: str, i: int) -> None:
         raise DataError(f"record {i}: expected an object, got {type(record).__name__}")
     if fmt == "chat":
         chat_messages(record, i)
+        return
+    if fmt == "token-tags":
+        word_tags(record, i)
         return
     for column in _REQUIRED[fmt]:
         if record.get(column) is None:
@@ -94,7 +119,10 @@ def _check(record: dict, fmt: str, i: int) -> None:
         raise DataError(
             f"record {i}: column 'label' must be a string or a number, got {type(label).__name__}"
         )
-    for column in ("text", "instruction", "input", "output"):
+    if fmt == "prompt-completion" and isinstance(record["prompt"], list):
+        prompt_completion_messages(record, i)
+        return
+    for column in ("text", "instruction", "input", "output", "prompt", "completion", "target"):
         if column in record and record[column] is not None and not isinstance(record[column], str):
             raise DataError(
                 f"record {i}: column {column!r} must be a string, got {type(record[column]).__name__}"
@@ -197,3 +225,64 @@ def classification_as_instruction(
         }
         for r in records
     ]
+
+
+def prompt_completion_messages(record: dict, i: int = 0) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(prompt turns, completion turns) of a conversational prompt/completion record (TRL's form:
+    both are lists of chat messages). Raises `DataError` (naming record `i`) when one is not a
+    list, a turn is malformed, or the completion has no assistant turn."""
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, list) or not isinstance(completion, list) or not completion:
+        raise DataError(
+            f"record {i}: a conversational prompt/completion record needs a list of messages in both "
+            f"`prompt` and `completion`, got {type(prompt).__name__} and {type(completion).__name__}"
+        )
+    turns = chat_messages({"messages": prompt + completion}, i)
+    prompt_turns, completion_turns = turns[: len(prompt)], turns[len(prompt) :]
+    if not any(m["role"] == "assistant" for m in completion_turns):
+        raise DataError(f"record {i}: the completion has no assistant turn, so there is nothing to train on")
+    return prompt_turns, completion_turns
+
+
+def word_tags(record: dict, i: int = 0) -> tuple[list[str], list]:
+    """(words, tags) of a token-tags record: `tokens` and `tags` (or `ner_tags`), lists of the same
+    length, words strings and tags strings or ints. Raises `DataError` naming record `i`."""
+    words, tags = record.get("tokens"), record.get("tags", record.get("ner_tags"))
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
+        raise DataError(f"record {i}: `tokens` must be a non-empty list of strings (the words)")
+    if not isinstance(tags, list) or len(tags) != len(words):
+        got = len(tags) if isinstance(tags, list) else type(tags).__name__
+        raise DataError(
+            f"record {i}: `tags` (or `ner_tags`) must be a list with one tag per word: "
+            f"{len(words)} words, tags: {got}"
+        )
+    for j, tag in enumerate(tags):
+        if isinstance(tag, bool) or not isinstance(tag, (str, int)) or tag == "":
+            raise DataError(f"record {i}, word {j}: tag {tag!r} must be a non-empty string or an integer")
+    return words, tags
+
+
+def build_tag_map(records: Iterable[dict]) -> dict[str, int]:
+    """Map the tags of token-tags records to ids: integer tags (or int-like strings) keep their
+    values; string tags are sorted with "O" first (id 0), so the map is stable across runs.
+    Raises `DataError` for a malformed record or fewer than two different tags."""
+    keys = {label_key(t) for i, r in enumerate(records) for t in word_tags(r, i)[1]}
+    if len(keys) < 2:
+        raise DataError(f"token classification needs at least two different tags, found {sorted(keys)}")
+    if all(k.lstrip("-").isdigit() for k in keys):
+        ids = sorted(int(k) for k in keys)
+        if ids[0] < 0:
+            raise DataError(f"integer tags must be >= 0, found {ids}")
+        return {str(k): k for k in ids}
+    return {k: i for i, k in enumerate(sorted(keys, key=lambda k: (k != "O", k)))}
+
+
+def prompt_and_answer(record: dict, fmt: str) -> tuple[str, str]:
+    """The (source, target) strings of a prompt-completion, input-target or instruction record."""
+    if fmt == "instruction":
+        return instruction_prompt(record), record["output"]
+    return (
+        (record["prompt"], record["completion"])
+        if fmt == "prompt-completion"
+        else (record["input"], record["target"])
+    )

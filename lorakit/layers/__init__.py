@@ -7,6 +7,7 @@ from .embedding import LoraEmbedding, embedding_delta
 from .linear import LoraLinear, linear_delta
 from .modules_to_save import ModulesToSave
 from .param import LoraMultiheadAttention, LoraParam, param_delta
+from .trainable_tokens import TrainableTokens
 
 __all__ = [
     "LoraLayer",
@@ -22,4 +23,5 @@ __all__ = [
     "linear_delta",
     "embedding_delta",
     "conv_delta",
+    "TrainableTokens",
 ]

@@ -63,6 +63,11 @@ class ModulesToSave(nn.Module):
             return self.original_module
         return self.modules_to_save[name]
 
+    def unloaded(self, merge: bool) -> nn.Module:
+        """The plain module `unload` puts back: the active adapter's copy when `merge`, else the
+        original."""
+        return self.current() if merge else self.original_module
+
     def forward(self, *args, **kwargs):
         rows = self._rows
         if rows is None or self.disabled or len(set(rows)) <= 1:

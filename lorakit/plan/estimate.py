@@ -20,10 +20,13 @@ from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
 from ..modeling import decoder_layers
 from ..quant import DEFAULT_BLOCKSIZE, nf4_bytes, quantized_weights
-from ..tasks import TASKS
+from ..tasks import CAUSAL_LM, CLASSIFICATION
 from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, optimizer_state_bytes, step_memory
 from .models import ATTENTION, build_meta_model, load_config
 from .trace import ActivationTrace, trace_activations
+
+# the tasks whose models plan builds (seq2seq and token classification are not estimated yet)
+PLAN_TASKS = (CAUSAL_LM, CLASSIFICATION)
 
 METHODS = ("full", "lora", "qlora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,7 +72,7 @@ class PlanSetup:
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("attention", self.attention, ATTENTION),
             ("device", self.device, DEVICES),
-            ("task", self.task, TASKS),
+            ("task", self.task, PLAN_TASKS),
         ]
         if self.adapter_dtype is not None:
             checks.append(("adapter_dtype", self.adapter_dtype, tuple(DTYPES)))

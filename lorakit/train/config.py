@@ -17,7 +17,7 @@ from typing import Any
 from ..config import is_weight_init
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
-from ..tasks import CAUSAL_LM, CLASSIFICATION, TASKS, parse_target_modules
+from ..tasks import CAUSAL_LM, TASKS, parse_target_modules
 from .preference import LOSS_TYPES, METHODS, check_method
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -89,6 +89,8 @@ class TrainConfig:
         None  # DPO/KTO: start from this adapter, and keep a frozen copy as the reference
     )
     precompute_ref: bool = False  # DPO: reference log-probs once before training, stored in the output folder
+    chat_template: bool = False  # prompt/completion text records: render them with the chat template
+    add_tokens: str | None = None  # comma-separated new tokens: embeddings resized, only their rows trained
 
     def validate(self) -> TrainConfig:
         """Check every value (type and range); raise `ConfigError` naming the setting, its flag and
@@ -109,9 +111,9 @@ class TrainConfig:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"
             )
-        if self.pack and self.task == CLASSIFICATION:
+        if self.pack and self.task != CAUSAL_LM:
             raise ConfigError(
-                "pack (--pack) joins causal-lm examples; classification examples cannot be packed"
+                f"pack (--pack) joins causal-lm examples; {self.task} examples cannot be packed"
             )
         if not str(self.model).strip():
             raise ConfigError(

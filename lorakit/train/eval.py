@@ -14,12 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..generate import Row, Sampling, generate_tokens
 from ..tasks import IGNORE_INDEX
-from .loop import answer_logits, count_targets, lm_loss_sum
+from .loop import count_targets, forward_loss
+from .tagging import tagging_metrics
 
 MAX_LABELS = 20  # more distinct answers than this is free text, not a label
 
@@ -38,37 +38,44 @@ def _loss_pass(
     batch_size: int,
     device,
     candidates: torch.Tensor | None = None,
+    tag_names: dict[int, str] | None = None,
 ) -> tuple[dict[str, float], dict[int, int]]:
     """`loss_metrics`, and with `candidates` (token ids) the index of the candidate each causal-LM
-    example's logits score highest at its first answer position (read from the same forward)."""
+    example's logits score highest at its first answer position (read from the same forward).
+    Token classification (`token_labels` examples) adds token accuracy and, with `tag_names`
+    (id -> tag), the entity scores of `entity_scores`."""
     device = device or torch.device("cpu")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total, count = 0.0, 0
     preds, golds, picks = [], [], {}
+    tagged = bool(examples) and "token_labels" in examples[0]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         piece = [examples[i] for i in idx]
         batch = {k: v.to(device) for k, v in collate(piece).items()}
         labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         count += sum(count_targets(e) for e in piece)
-        if labels.dim() == 1:
-            logits = model(**inputs).logits
-            total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            preds += logits.argmax(-1).tolist()
-            golds += labels.tolist()
-            continue
-        logits, first = answer_logits(model, inputs, labels)
+        loss, logits, first = forward_loss(model, batch)
         if logits is None:
             continue
-        total += lm_loss_sum(logits, labels, first).item()
-        if candidates is not None:
+        total += loss.item()
+        if labels.dim() == 1:
+            preds += logits.argmax(-1).tolist()
+            golds += labels.tolist()
+        elif tagged:  # one predicted and one gold tag sequence per example, on its tagged tokens
+            keep = labels != IGNORE_INDEX
+            predicted = logits.argmax(-1)
+            preds += [predicted[row][keep[row]].tolist() for row in range(len(idx))]
+            golds += [labels[row][keep[row]].tolist() for row in range(len(idx))]
+        elif candidates is not None:
             for row, i in enumerate(idx):
                 at = (
                     len(split_answer(examples[i])[0]) - first
                 )  # the logit predicting the answer's first token
                 picks[i] = int(logits[row, at].float().cpu()[candidates].argmax())
     loss = total / max(count, 1)
+    if tagged:
+        return {"eval_loss": loss, **tagging_metrics(preds, golds, tag_names)}, picks
     if golds:
         metrics = {
             "eval_loss": loss,
@@ -211,22 +218,61 @@ def _first_token_picks(model: nn.Module, rows: list[Row], pad: int, candidates: 
     return out.logits[:, -1].float().cpu()[:, candidates].argmax(-1).tolist()
 
 
+@torch.no_grad()
+def seq2seq_exact_match(
+    model: nn.Module,
+    tokenizer,
+    examples: list[dict[str, Any]],
+    *,
+    batch_size: int = 32,
+    extra_tokens: int = 8,
+) -> dict[str, float]:
+    """`eval_exact_match` of an encoder-decoder model: the share of seq2seq examples whose greedy
+    reply (`lorakit.generate.generate_seq2seq`, with the active adapter) equals the target after
+    `normalize`. The reply may run `extra_tokens` past the longest target."""
+    from ..generate import context_length, eos_ids, generate_seq2seq
+
+    refs = [normalize(tokenizer.decode(e["target_ids"], skip_special_tokens=True)) for e in examples]
+    longest = max(len(e["target_ids"]) for e in examples) + extra_tokens
+    limit = context_length(model)  # a decoder with learned positions (BART) generates no further
+    sampling = Sampling(max_tokens=min(longest, limit - 1) if limit else longest)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos, adapter = eos_ids(model, tokenizer), _active(model)
+    exact = 0
+    for start in range(0, len(examples), batch_size):
+        piece = examples[start : start + batch_size]
+        rows = [Row(list(e["input_ids"]), adapter, sampling) for e in piece]
+        for reply, ref in zip(generate_seq2seq(model, rows, eos, pad), refs[start:]):
+            exact += normalize(tokenizer.decode(reply, skip_special_tokens=True)) == ref
+    return {"eval_exact_match": exact / len(examples)}
+
+
 def make_evaluator(
-    examples: list[dict[str, Any]], collate: Callable, *, tokenizer=None, batch_size: int = 16, device=None
+    examples: list[dict[str, Any]],
+    collate: Callable,
+    *,
+    tokenizer=None,
+    batch_size: int = 16,
+    device=None,
+    tag_names: dict[int, str] | None = None,
 ) -> Callable[[nn.Module, int], dict[str, float]]:
     """`evaluate(model, step)` for the loop: loss metrics, plus exact match when the answers are
-    label-like and the model can `generate`. At step 0 lorakit's adapters are disabled, so the
-    numbers are the base model's."""
+    label-like and the model can `generate`, or the examples are seq2seq (generated replies against
+    the targets); token accuracy and entity F1 for token classification (`tag_names`: id -> tag).
+    At step 0 lorakit's adapters are disabled, so the numbers are the base model's."""
     from ..adapters import disable_adapters, list_adapters
 
     generate = label_like(examples, tokenizer)
+    seq2seq = bool(examples) and "target_ids" in examples[0] and tokenizer is not None
     names, candidates = answer_choices(examples, tokenizer) if generate else ([], None)
 
     def evaluate(model: nn.Module, step: int) -> dict[str, float]:
         def run() -> dict[str, float]:
             result, picks = _loss_pass(
-                model, examples, collate, batch_size, device, candidates if names else None
+                model, examples, collate, batch_size, device, candidates if names else None, tag_names
             )
+            if seq2seq:
+                result.update(seq2seq_exact_match(model, tokenizer, examples, batch_size=2 * batch_size))
             if generate:
                 result.update(
                     generation_accuracy(

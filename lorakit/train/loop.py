@@ -26,7 +26,7 @@ from torch import nn
 from .._heap import HeapTrimmer, heap_trimming
 from ..errors import ConfigError, DataError, TrainingError
 from ..modeling import decoder_layers
-from ..tasks import IGNORE_INDEX
+from ..tasks import IGNORE_INDEX, SEQ2SEQ, TOKEN_CLASSIFICATION, model_task
 from . import distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -95,9 +95,13 @@ def apply_settings(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainC
 
 
 def count_targets(example: dict[str, Any]) -> int:
-    """How many loss terms `example` adds: its predicted label tokens, or 1 for a class label."""
-    if "label" in example or "prompt_len" in example:  # a class label, or a preference pair / KTO example
+    """How many loss terms `example` adds: its predicted label tokens, or 1 for a class label, a
+    preference pair or a KTO example (every target token of a seq2seq example, every tagged token of
+    a token-classification one)."""
+    if "label" in example or "prompt_len" in example:
         return 1
+    if "labels" not in example:
+        return sum(1 for t in example.get("target_ids", example.get("token_labels", ())) if t != IGNORE_INDEX)
     return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
 
 
@@ -110,18 +114,52 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed loss of a micro-batch (causal LM: next-token cross-entropy over labelled positions;
-    classification: cross-entropy of the class logits). Only the positions from the first labelled
-    one on reach the output head when the model takes `logits_to_keep` (transformers' models do),
-    which skips most of the vocabulary projection when the loss is on short answers."""
+    classification: cross-entropy of the class logits; seq2seq: cross-entropy of the decoder's
+    logits against the targets; token classification: of each tagged token's logits). Only the
+    positions from the first labelled one on reach the output head when the model takes
+    `logits_to_keep` (transformers' causal LMs do), which skips most of the vocabulary projection
+    when the loss is on short answers."""
+    return forward_loss(model, batch)[0]
+
+
+def forward_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(summed loss, logits, first) of a micro-batch, for the loss and the evaluation. The logits
+    are the class logits [B, C], the decoder's or the tagger's [B, T, V] (first 0), or a causal
+    LM's `answer_logits` from position `first - 1` on; None (loss 0) when nothing is labelled."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if labels.dim() == 1:
-        out = model(**inputs)
-        return F.cross_entropy(out.logits.float(), labels, reduction="sum")
+        logits = model(**inputs).logits
+        return F.cross_entropy(logits.float(), labels, reduction="sum"), logits, 0
+    task = model_task(model)
+    if task in (SEQ2SEQ, TOKEN_CLASSIFICATION):
+        if task == SEQ2SEQ:
+            inputs["decoder_input_ids"] = decoder_inputs(model, labels)
+        logits = model(**inputs).logits
+        return aligned_loss_sum(logits, labels), logits, 0
     logits, first = answer_logits(model, inputs, labels)
     if logits is None:
-        return torch.zeros((), device=labels.device, requires_grad=True)
-    return lm_loss_sum(logits, labels, first)
+        return torch.zeros((), device=labels.device, requires_grad=True), None, 0
+    return lm_loss_sum(logits, labels, first), logits, first
+
+
+def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder's input ids for seq2seq `labels`: shifted right behind the decoder start token,
+    -100 read as padding (the model's own `prepare_decoder_input_ids_from_labels`, which T5, BART
+    and the others implement; built from the config's ids otherwise)."""
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        return prepare(labels=labels)
+    config = model.config
+    start = config.decoder_start_token_id
+    if start is None or config.pad_token_id is None:
+        raise ConfigError(
+            f"{type(model).__name__}: config.decoder_start_token_id and pad_token_id must be set to train seq2seq"
+        )
+    shifted = F.pad(labels[:, :-1], (1, 0), value=start)
+    return shifted.masked_fill(shifted == IGNORE_INDEX, config.pad_token_id)
 
 
 def answer_logits(
@@ -143,7 +181,11 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, first: int) -> torch
     """Summed next-token loss of `answer_logits`' output against `labels`."""
     # the targets are shifted, not the logits (the last position predicts nothing): slicing the
     # logits would copy the [tokens, vocab] tensor in the forward and again in the backward
-    target = F.pad(labels[:, first:], (0, 1), value=IGNORE_INDEX)
+    return aligned_loss_sum(logits, F.pad(labels[:, first:], (0, 1), value=IGNORE_INDEX))
+
+
+def aligned_loss_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of `logits[b, t]` against `target[b, t]`, skipping -100."""
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         target.reshape(-1),

@@ -26,7 +26,7 @@ from ..errors import ConfigError, storage_errors
 from ..inject import inject, trainable_parameters
 from ..io import save_adapter
 from ..modeling import classifier_heads
-from ..tasks import CAUSAL_LM, CLASSIFICATION, PEFT_TASK_TYPES
+from ..tasks import CAUSAL_LM, LABEL_TASKS, PEFT_TASK_TYPES
 from . import distributed as dist
 from . import preference as P
 from .config import TrainConfig, save_resolved
@@ -62,8 +62,16 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict
     fmt = D.detect_format(train_recs)
     eval_recs = D.read_dataset(cfg.eval_data, seed=cfg.seed).records if cfg.eval_data else None
     label_map = D.build_label_map(train_recs) if fmt == "classification" else None
+    if fmt == "token-tags":  # a rare tag may appear only in the eval data: the head gets a row for it
+        label_map = D.build_tag_map(list(train_recs) + list(eval_recs or []))
     enc = partial(
-        D.encode, tokenizer=tokenizer, fmt=fmt, max_length=cfg.max_length, label_map=label_map, task=cfg.task
+        D.encode,
+        tokenizer=tokenizer,
+        fmt=fmt,
+        max_length=cfg.max_length,
+        label_map=label_map,
+        task=cfg.task,
+        chat_template=cfg.chat_template,
     )
     train_ex = enc(train_recs).examples
     if eval_recs is not None:
@@ -76,13 +84,31 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict
         eval_ex = eval_ex[: cfg.max_eval]
     if cfg.pack and cfg.task == CAUSAL_LM:
         train_ex = D.pack(train_ex, cfg.max_length)
-    return train_ex, eval_ex, label_map if cfg.task == CLASSIFICATION else None
+    return train_ex, eval_ex, label_map if cfg.task in LABEL_TASKS else None
 
 
-def lora_config(cfg: TrainConfig, model) -> LoraConfig:
-    """The LoraConfig of `cfg`; a classifier's new head is trained in full (modules_to_save)."""
+def add_tokens(tokenizer, tokens: str | None) -> list[int]:
+    """Add the comma-separated `tokens` the tokenizer lacks (as added tokens, never split) and
+    return the ids of all of them: the embedding rows `--add-tokens` trains. [] for none."""
+    names = [t.strip() for t in (tokens or "").split(",") if t.strip()]
+    if names:
+        tokenizer.add_tokens([t for t in names if t not in tokenizer.get_vocab()])
+    return [tokenizer.convert_tokens_to_ids(t) for t in names]
+
+
+def resize_for(model, tokenizer) -> None:
+    """Grow the model's embeddings (and a tied head) to the tokenizer's size when tokens were added."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        log.info("resizing the embeddings from %d to %d rows for the added tokens", rows, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def lora_config(cfg: TrainConfig, model, token_rows: list[int] | None = None) -> LoraConfig:
+    """The LoraConfig of `cfg`; a classifier's (or tagger's) new head is trained in full
+    (modules_to_save)."""
     heads = None
-    if cfg.task == CLASSIFICATION:
+    if cfg.task in LABEL_TASKS:
         heads = classifier_heads(model) or None
     return LoraConfig(
         r=cfg.r,
@@ -95,6 +121,7 @@ def lora_config(cfg: TrainConfig, model) -> LoraConfig:
         use_dora=cfg.dora,
         init_lora_weights=cfg.init or True,
         loftq_config={"loftq_bits": 4, "loftq_iter": 1} if cfg.init == "loftq" else {},
+        trainable_token_indices=token_rows or None,
     )
 
 
@@ -137,13 +164,14 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
+    token_rows = add_tokens(tokenizer, cfg.add_tokens)  # before encoding, so the data uses them
     if cfg.method == "sft":
         train_ex, eval_ex, label_map = load_data(cfg, tokenizer)
     else:  # preference pairs or KTO records (lorakit.train.preference)
         (train_ex, eval_ex), label_map = P.preference_data(cfg, tokenizer), None
     # integer labels keep their values (1 and 2 need a 3-way head), so the head spans the largest id
     num_labels = max(label_map.values()) + 1 if label_map else None
-    model, tokenizer = load_model(
+    model, loaded_tokenizer = load_model(
         cfg.model,
         task=cfg.task,
         quantize=None if cfg.init == "loftq" else cfg.quantize,  # LoftQ quantizes its targets itself
@@ -156,10 +184,12 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         model.config.id2label = {i: names.get(i, f"LABEL_{i}") for i in range(num_labels)}
         model.config.label2id = {name: i for i, name in model.config.id2label.items()}
     seed_everything(cfg.seed)  # the same LoRA init whatever the loading consumed
+    tokenizer = tokenizer if token_rows else loaded_tokenizer
+    resize_for(model, tokenizer)
     if cfg.ref_adapter:
         P.add_ref_adapter(model, cfg.ref_adapter)  # the adapter's own LoRA settings, and a frozen copy
     else:
-        inject(model, lora_config(cfg, model))
+        inject(model, lora_config(cfg, model, token_rows))
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     trainable, total = trainable_parameters(model)
@@ -175,7 +205,8 @@ def run_training(cfg: TrainConfig) -> RunSummary:
             f"{total:,}",
         )
     collate = partial(D.collate, pad_token_id=tokenizer.pad_token_id)
-    evaluator = partial(make_evaluator, tokenizer=tokenizer)
+    tag_names = {i: name for name, i in label_map.items()} if label_map else None
+    evaluator = partial(make_evaluator, tokenizer=tokenizer, tag_names=tag_names)
     if cfg.method != "sft":
         collate = P.preference_collate(cfg, tokenizer.pad_token_id)
         evaluator = partial(P.preference_evaluator, cfg=cfg)
@@ -191,6 +222,8 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         with storage_errors(adapter):
             save_adapter(model, adapter, "default" if cfg.ref_adapter else None)  # swaps the folder in
             save_resolved(cfg, adapter)
+            if token_rows:  # the base must be resized to this tokenizer to load the adapter
+                tokenizer.save_pretrained(adapter)
         with storage_errors(plot):
             plot_training(out / METRICS, plot)
     dist.barrier()
