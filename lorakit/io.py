@@ -97,8 +97,17 @@ def fingerprint(model: nn.Module, adapter: str = "default") -> dict:
     return {"base_model_name_or_path": _config(model, adapter).base_model_name_or_path, "modules": modules}
 
 
-def save_adapter(model: nn.Module, path: str | Path, adapter: str | list[str] | None = None) -> list[Path]:
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    adapter: str | list[str] | None = None,
+    *,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> list[Path]:
     """Write adapters as PEFT folders; returns the folders written.
+
+    `tensors` (adapter name -> PEFT-named tensors) are written instead of the model's own when given:
+    a sharded model's adapter gathered whole (`lorakit.train.sharding.full_adapters`).
 
     Where each goes: saving one adapter (`adapter="alpha"`, or `None` on a model that has only
     one) writes it to `path` itself, whatever its name: the folder you name is the adapter folder.
@@ -121,7 +130,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | list[str] | 
     )
     if not names:
         raise AdapterStateError("the model has no adapters to save; call lorakit.inject first")
-    files = {name: _adapter_files(model, name) for name in names}
+    files = {name: _adapter_files(model, name, None if tensors is None else tensors[name]) for name in names}
     subfolder = {name: "" if len(names) == 1 or name == "default" else name for name in names}
     # what the new folder rewrites; an old nested copy of an adapter now saved at the top goes too,
     # or load_adapter(path, name) would still find the stale one in path/<name>
@@ -142,12 +151,13 @@ def save_adapter(model: nn.Module, path: str | Path, adapter: str | list[str] | 
     return [path / subfolder[name] if subfolder[name] else path for name in names]
 
 
-def _adapter_files(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, adapter_config.json content) of adapter `name`, copied off the model."""
+def _adapter_files(
+    model: nn.Module, name: str, source: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, adapter_config.json content) of adapter `name`, copied off the model (or `source`)."""
     config = _config(model, name)
-    tensors = {
-        k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()
-    }
+    source = adapter_state_dict(model, name) if source is None else source
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in source.items()}
     bad = first_non_finite(tensors)
     if bad is not None:
         raise AdapterStateError(

@@ -70,6 +70,8 @@ _HELP = {
     "resume": "continue from the newest complete checkpoint in --output (changed settings are checked)",
     "overwrite": "replace the run already in --output (its checkpoints and metrics go; the old adapter "
     "stays until the new one is saved)",
+    "strategy": "under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: the model "
+    "sharded over the processes; --fsdp for short)",
 }
 
 
@@ -106,6 +108,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 help=help_text,
                 metavar=kind.upper(),
             )
+    parser.add_argument(
+        "--fsdp",
+        dest="strategy",
+        action="store_const",
+        const="fsdp",
+        default=argparse.SUPPRESS,
+        help="short for --strategy fsdp",
+    )
     parser.set_defaults(_train_fields=True)
 
 

@@ -20,6 +20,7 @@ from ..tasks import CAUSAL_LM, CLASSIFICATION, TASKS, parse_target_modules
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp")  # several processes: whole-model replicas, or FSDP2 shards
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the packaged configs (the demos)
 DEFAULT_CONFIG = CONFIGS / "sentiment.yaml"
 # settings that only steer this invocation: never recorded as true in train_config.yaml
@@ -72,6 +73,7 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = False
     overwrite: bool = False  # replace the run already in `output` (else it is refused)
+    strategy: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards; lorakit.train.sharding)
 
     def validate(self) -> TrainConfig:
         """Check every value (type and range); raise `ConfigError` naming the setting, its flag and
@@ -84,6 +86,7 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("quantize", self.quantize, (None, "nf4"))
+        _choice("strategy", self.strategy, STRATEGIES)
         for name, (lo, hi, lo_open, hi_open) in _RANGES.items():
             _in_range(name, getattr(self, name), lo, hi, lo_open, hi_open)
         if self.batch_size % self.grad_accum:

@@ -30,9 +30,10 @@ from ..tasks import CAUSAL_LM, CLASSIFICATION, PEFT_TASK_TYPES
 from . import distributed as dist
 from .config import TrainConfig, save_resolved
 from .eval import make_evaluator
-from .loop import train
+from .loop import train, uses_bf16
 from .outputs import check_output, claim_output
 from .report import METRICS, plot_training
+from .sharding import full_adapters, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     trainable, total = trainable_parameters(model)
+    if cfg.strategy == "fsdp":
+        shard_model(model, device, bf16=uses_bf16(cfg, device))
     out = Path(cfg.output)
     if dist.is_main():
         claim_output(cfg)
@@ -171,9 +174,10 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     seconds = time.perf_counter() - started
     adapter = out / "adapter"
     plot = out / "training.png"
+    tensors = full_adapters(model)  # every process: a sharded adapter is gathered (and checked)
     if dist.is_main():
         with storage_errors(adapter):
-            save_adapter(model, adapter)  # swaps the whole folder in (lorakit.io)
+            save_adapter(model, adapter, tensors=tensors)  # swaps the whole folder in (lorakit.io)
             save_resolved(cfg, adapter)
         with storage_errors(plot):
             plot_training(out / METRICS, plot)
