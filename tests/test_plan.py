@@ -352,3 +352,26 @@ def test_cli_errors(llama_json, tmp_path):
     assert rc == 1 and "not a size" in err
     rc, out, _ = _cli(["plan", "--model", llama_json, "--seq-len", "16", "--budget", "1KiB"])
     assert rc == 3 and "nothing fits" in out
+
+
+def test_fsdp_divides_what_fully_shard_shards_by_hand(llama_json):
+    """`--fsdp 2` per process: half of every weight, gradient and AdamW moment, plus half (the part
+    not already local) of what FSDP2 gathers whole for compute: the root group and two decoder
+    layers. Counted by hand on a real model with the same LoRA; NF4 storage (buffers) stays whole."""
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA))
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"))
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    total = nbytes(model.parameters())
+    layers = sorted(nbytes(layer.parameters()) for layer in model.model.layers)
+    root = total - sum(layers)
+    kw = dict(model=llama_json, r=4, seq_len=8, dtype="float32")
+    one, two = estimate(PlanSetup(**kw)).memory, estimate(PlanSetup(**kw, fsdp=2)).memory
+    assert one.weights == total
+    assert two.weights == -(-total // 2) + (root + layers[-1] + layers[-2]) // 2
+    assert two.gradients == -(-one.gradients // 2) and two.optimizer == one.optimizer // 2
+    assert two.activations == one.activations and two.peak < one.peak
+    q = estimate(PlanSetup(**{**kw, "method": "qlora"}, fsdp=2))
+    nf4 = q.weights_by_dtype["nf4 (with scales)"]
+    assert q.memory.weights >= nf4 + (sum(q.weights_by_dtype.values()) - nf4) // 2
+    with pytest.raises(ConfigError, match="fsdp"):
+        PlanSetup(**kw, fsdp=0)

@@ -51,6 +51,7 @@ class PlanSetup:
     device: str = "cuda"
     task: str = "causal-lm"
     adapter_dtype: str | None = None  # dtype the adapter file is saved in; None: as trained (fp32)
+    fsdp: int = 1  # processes the model is sharded over (`lorakit train --fsdp`); memory is per process
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
@@ -73,7 +74,7 @@ class PlanSetup:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"plan: {name} must be one of {', '.join(allowed)}; got {value!r}")
-        for name in ("r", "batch_size", "seq_len"):
+        for name in ("r", "batch_size", "seq_len", "fsdp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"plan: {name} must be a positive integer, got {value!r}")
@@ -195,6 +196,7 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
     by_dtype: dict[str, int] = {}
     total = trainable = trainable_bytes = largest = 0
     dequant = 0
+    stored: dict[int, int] = {}
     for p in model.parameters():
         n, size = p.numel(), p.numel() * p.element_size()
         total += n
@@ -206,6 +208,7 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
             if p.requires_grad and setup.method != "full":
                 key += " (adapters)"
         by_dtype[key] = by_dtype.get(key, 0) + size
+        stored[id(p)] = size
         if p.requires_grad:
             trainable += n
             trainable_bytes += p.numel() * p.element_size()
@@ -216,12 +219,13 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
     ]
     step = None
     if memory:
+        n = setup.fsdp  # FSDP2 keeps 1/n of every gradient and optimizer moment per process
         step = step_memory(
-            weights=sum(by_dtype.values()),
-            layer_grads=layer_grads,
-            other_grads=trainable_bytes - sum(layer_grads),
-            optimizer=optimizer_state_bytes(setup.optimizer, trainable, trainable_bytes),
-            largest_trainable=largest,
+            weights=fsdp_weights(model, stored, quantized, n),
+            layer_grads=[-(-g // n) for g in layer_grads],
+            other_grads=-(-(trainable_bytes - sum(layer_grads)) // n),
+            optimizer=-(-optimizer_state_bytes(setup.optimizer, trainable, trainable_bytes) // n),
+            largest_trainable=-(-largest // n),
             trace=activation_trace(setup),
             gradient_checkpointing=setup.gradient_checkpointing,
             logits_upcast=setup.dtype != "float32",
@@ -239,6 +243,26 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
         memory=step,
         targets=list(targets),
     )
+
+
+def fsdp_weights(model: nn.Module, stored: dict[int, int], replicated: set[int], n: int) -> int:
+    """Weight bytes one process holds when the model is sharded n ways as `lorakit train --fsdp`
+    shards it (FSDP2 per decoder layer and the root): 1/n of every parameter's `stored[id]` bytes,
+    plus what is gathered whole for compute: the root group (embeddings, final norm, head: FSDP2 keeps
+    it gathered from the forward to the backward) and two decoder layers (the one computing and the
+    next, prefetched). Ids in `replicated` (NF4 storage: `Linear4bit` holds it in buffers, which
+    FSDP2 does not shard) count whole on every process. n = 1: the plain sum."""
+    total = sum(stored.values())
+    if n == 1:
+        return total
+    whole = sum(stored[i] for i in replicated)
+    layers = [
+        sum(stored[id(p)] for p in layer.parameters() if id(p) not in replicated)
+        for layer in decoder_layers(model)
+    ]
+    shardable = total - whole
+    gathered = (shardable - sum(layers)) + sum(sorted(layers)[-2:])
+    return whole + -(-shardable // n) + gathered * (n - 1) // n
 
 
 def _adapter_file_bytes(model: nn.Module, dtype: str | None) -> int:
