@@ -140,7 +140,8 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     model, tokenizer = load_model(
         cfg.model, task=cfg.task, quantize=cfg.quantize, num_labels=num_labels, trim_heap=cfg.trim_heap
     )
-    model.to(device)
+    if cfg.strategy != "fsdp" or not dist.active():  # fully_shard moves each layer's shard itself
+        model.to(device)
     if label_map:
         names = {i: name for name, i in label_map.items()}
         model.config.id2label = {i: names.get(i, f"LABEL_{i}") for i in range(num_labels)}
