@@ -5,9 +5,9 @@ from its config; `--layers` to cut the depth), LoRA r=8 on all linear layers, lo
 peak RSS is its own; setups are interleaved over `--repeats` so load drifts hit them alike. Beside
 each measurement: `lorakit plan --device cpu --fsdp N`'s predicted peak per process.
 
-    python benchmarks/bench_distributed.py [--layers 30] [--steps 4] [--seq 32] [--batch 4] [--repeats 2]
+    python benchmarks/bench_distributed.py [--layers 30] [--steps 4] [--seq 32] [--batch 4] [--repeats 2] [--trim-heap]
 
-Writes benchmarks/results/distributed.json and prints a table (min/median/max over the repeats).
+Writes benchmarks/results/distributed.json (distributed_trim_heap.json with --trim-heap) and prints a table (min/median/max over the repeats).
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def worker(args) -> None:
         log_every=1,
         eval_base=False,
         strategy=args.strategy,
+        trim_heap=args.trim_heap,
     ).validate()
     rows = train(model, examples, cfg, partial(collate, pad_token_id=0), device=device)
     busy = [r["train_s"] for r in rows if "train_s" in r]
@@ -111,8 +112,9 @@ def _vm(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def predicted_peak(args, n: int) -> int:
-    """`lorakit plan`'s peak per process (CPU, fp32, this process's share of the batch)."""
+def predicted_peak(args, n: int, strategy: str) -> int:
+    """`lorakit plan`'s peak per process (CPU, fp32, this process's share of the batch; sharded n
+    ways under FSDP)."""
     from lorakit.plan import PlanSetup, estimate
 
     with tempfile.TemporaryDirectory() as d:
@@ -125,7 +127,7 @@ def predicted_peak(args, n: int) -> int:
             seq_len=args.seq,
             dtype="float32",
             device="cpu",
-            fsdp=n if n > 1 else 1,
+            fsdp=n if strategy == "fsdp" else 1,
         )
         return estimate(setup).memory.peak
 
@@ -149,6 +151,7 @@ def launch(args, procs: int, strategy: str, folder: Path) -> list[dict]:
         str(result),
         *("--layers", str(args.layers), "--steps", str(args.steps)),
         *("--seq", str(args.seq), "--batch", str(args.batch)),
+        *(["--trim-heap"] if args.trim_heap else []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, check=True, env=env, capture_output=True)
@@ -162,6 +165,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4, help="global batch (split over the processes)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--trim-heap", action="store_true", help="lorakit train --trim-heap: hand freed heap back to the OS"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -176,7 +182,7 @@ def main() -> None:
                 runs[name].append(launch(args, procs, strategy, Path(d)))
     load = os.getloadavg()
     table = {}
-    for name, procs, _ in SETUPS:
+    for name, procs, strategy in SETUPS:
         peaks = [max(r["peak"] - r["baseline"] for r in run) for run in runs[name]]
         steps = [statistics.median(run[0]["step_s"]) for run in runs[name]]
         mib = partial(_mib, runs[name])
@@ -187,7 +193,7 @@ def main() -> None:
             "load_peak_rss_mib": mib("load_peak"),  # building the whole model (then sharding it)
             "before_training_rss_mib": mib("before_training"),
             "step_s": [round(s, 3) for s in steps],
-            "plan_peak_per_process_mib": round(predicted_peak(args, procs) / 2**20, 1),
+            "plan_peak_per_process_mib": round(predicted_peak(args, procs, strategy) / 2**20, 1),
         }
     ref = table["1 process"]
     print(
@@ -206,7 +212,7 @@ def main() -> None:
         )
     print("train peak RSS: the peak while training, over the RSS after imports (before the model)")
     print(f"load average after the run: {load[0]:.1f} (1 min), {load[2]:.1f} (15 min)")
-    out = ROOT / "benchmarks" / "results" / "distributed.json"
+    out = ROOT / "benchmarks" / "results" / f"distributed{'_trim_heap' if args.trim_heap else ''}.json"
     out.write_text(json.dumps({"args": vars(args), "load_average": load, "setups": table}, indent=2))
 
 

@@ -135,6 +135,7 @@ def test_no_arguments_reads_the_packaged_sentiment_config_equal_to_the_old_prese
         "rotten_tomatoes_chat:test[:200]",
     )
     assert new.pop("overwrite") is False  # the one new field
+    assert new.pop("strategy") == "ddp"  # added with --fsdp (issue 19)
     for name, value in OLD_DEMO.items():  # field by field, so a difference names itself
         assert (name, new[name]) == (name, value)
     assert new.keys() == OLD_DEMO.keys()

@@ -379,9 +379,9 @@ def test_two_nodes_over_loopback_resume_a_one_process_run(tiny_folder, reference
     _assert_same_run(out, reference)
 
 
-def test_qlora_under_fully_shard_trains_as_unsharded_with_the_4bit_storage_whole(one_process_group):
-    """NF4 codes live in buffers, which FSDP2 does not shard (a uint8 parameter fails its reshard in
-    torch 2.13, see docs/train.md): they stay whole and untouched while the adapters shard."""
+def test_qlora_under_fully_shard_shards_the_4bit_codes_and_trains_as_unsharded(one_process_group):
+    """The packed NF4 codes are a frozen uint8 parameter, so FSDP2 shards them with their layer (the
+    block scales, buffers, stay whole); training equals the unsharded model's."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -391,6 +391,7 @@ def test_qlora_under_fully_shard_trains_as_unsharded_with_the_4bit_storage_whole
     examples = lm_examples(4)
     plain, sharded = (lora4(quantize_model(tiny_llama())) for _ in range(2))
     packed = {n: m.weight.clone() for n, m in sharded.named_modules() if isinstance(m, Linear4bit)}
+    assert packed
     for layer in sharded.model.layers:
         fully_shard(layer)
     fully_shard(sharded)
@@ -398,7 +399,9 @@ def test_qlora_under_fully_shard_trains_as_unsharded_with_the_4bit_storage_whole
     _one_step(sharded, examples)
     for name, module in sharded.named_modules():
         if isinstance(module, Linear4bit):
-            assert not isinstance(module.weight, DTensor) and torch.equal(module.weight, packed[name])
+            assert isinstance(module.weight, DTensor) and torch.equal(
+                module.weight.full_tensor(), packed[name]
+            )
     sharded_params = dict(sharded.named_parameters())
     for name, p in plain.named_parameters():
         if p.requires_grad:

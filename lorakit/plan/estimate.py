@@ -197,11 +197,13 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
     total = trainable = trainable_bytes = largest = 0
     dequant = 0
     stored: dict[int, int] = {}
+    scales: dict[int, int] = {}  # NF4 block scales: buffers, whole on every process under FSDP
     for p in model.parameters():
         n, size = p.numel(), p.numel() * p.element_size()
         total += n
         if id(p) in quantized:
             key, size = "nf4 (with scales)", nf4_bytes(n, DEFAULT_BLOCKSIZE)
+            scales[id(p)] = size - (n + 1) // 2
             dequant = max(dequant, n * p.element_size())
         else:
             key = str(p.dtype).removeprefix("torch.")
@@ -221,7 +223,7 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
     if memory:
         n = setup.fsdp  # FSDP2 keeps 1/n of every gradient and optimizer moment per process
         step = step_memory(
-            weights=fsdp_weights(model, stored, quantized, n),
+            weights=fsdp_weights(model, stored, scales, n),
             layer_grads=[-(-g // n) for g in layer_grads],
             other_grads=-(-(trainable_bytes - sum(layer_grads)) // n),
             optimizer=-(-optimizer_state_bytes(setup.optimizer, trainable, trainable_bytes) // n),
@@ -245,24 +247,25 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
     )
 
 
-def fsdp_weights(model: nn.Module, stored: dict[int, int], replicated: set[int], n: int) -> int:
+def fsdp_weights(model: nn.Module, stored: dict[int, int], whole: dict[int, int], n: int) -> int:
     """Weight bytes one process holds when the model is sharded n ways as `lorakit train --fsdp`
     shards it (FSDP2 per decoder layer and the root): 1/n of every parameter's `stored[id]` bytes,
     plus what is gathered whole for compute: the root group (embeddings, final norm, head: FSDP2 keeps
     it gathered from the forward to the backward) and two decoder layers (the one computing and the
-    next, prefetched). Ids in `replicated` (NF4 storage: `Linear4bit` holds it in buffers, which
-    FSDP2 does not shard) count whole on every process. n = 1: the plain sum."""
+    next, prefetched). `whole[id]` bytes of a parameter are not sharded (NF4 block scales: `Linear4bit`
+    keeps them in buffers, which FSDP2 does not shard; its packed codes are a parameter and shard).
+    n = 1: the plain sum."""
     total = sum(stored.values())
     if n == 1:
         return total
-    whole = sum(stored[i] for i in replicated)
+    kept = sum(whole.values())
     layers = [
-        sum(stored[id(p)] for p in layer.parameters() if id(p) not in replicated)
+        sum(stored[id(p)] - whole.get(id(p), 0) for p in layer.parameters())
         for layer in decoder_layers(model)
     ]
-    shardable = total - whole
+    shardable = total - kept
     gathered = (shardable - sum(layers)) + sum(sorted(layers)[-2:])
-    return whole + -(-shardable // n) + gathered * (n - 1) // n
+    return kept + -(-shardable // n) + gathered * (n - 1) // n
 
 
 def _adapter_file_bytes(model: nn.Module, dtype: str | None) -> int:
