@@ -476,6 +476,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights count as their unpacked size."""
     trainable = total = 0
     for p in model.parameters():
+        if not p.is_floating_point():  # packed 4-bit codes: counted below at their unpacked size
+            continue
         n = p.numel()
         total += n
         trainable += n if p.requires_grad else 0

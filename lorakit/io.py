@@ -135,6 +135,7 @@ def save_adapter(
     adapter: str | list[str] | None = None,
     *,
     convert_to_lora: bool = False,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> list[Path]:
     """Write adapters as PEFT folders; returns the folders written.
 
@@ -142,6 +143,9 @@ def save_adapter(
     trained on the residual base is saved as a plain LoRA adapter of rank 2r for the *original* base
     (`A' = [A; A0]`, `B' = [B, -B0]`, r and alpha doubled), so it loads on the unmodified model.
     Raises `AdapterStateError` for an adapter that was not PiSSA/OLoRA-initialised in this session.
+
+    `tensors` (adapter name -> PEFT-named tensors) are written instead of the model's own when given:
+    a sharded model's adapter gathered whole (`lorakit.train.sharding.full_adapters`).
 
     Where each goes: saving one adapter (`adapter="alpha"`, or `None` on a model that has only
     one) writes it to `path` itself, whatever its name: the folder you name is the adapter folder.
@@ -164,7 +168,7 @@ def save_adapter(
     )
     if not names:
         raise AdapterStateError("the model has no adapters to save; call lorakit.inject first")
-    files = {name: _adapter_files(model, name) for name in names}
+    files = {name: _adapter_files(model, name, None if tensors is None else tensors[name]) for name in names}
     if convert_to_lora:
         files = {name: _converted(model, name, *files[name]) for name in names}
     subfolder = {name: "" if len(names) == 1 or name == "default" else name for name in names}
@@ -187,12 +191,13 @@ def save_adapter(
     return [path / subfolder[name] if subfolder[name] else path for name in names]
 
 
-def _adapter_files(model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, adapter_config.json content) of adapter `name`, copied off the model."""
+def _adapter_files(
+    model: nn.Module, name: str, source: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, adapter_config.json content) of adapter `name`, copied off the model (or `source`)."""
     config = _config(model, name)
-    tensors = {
-        k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model, name).items()
-    }
+    source = adapter_state_dict(model, name) if source is None else source
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in source.items()}
     bad = first_non_finite(tensors)
     if bad is not None:
         raise AdapterStateError(

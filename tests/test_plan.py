@@ -403,3 +403,31 @@ def test_dora_counts_its_magnitude_vectors_as_peft_does(llama_json, tmp_path):
     )
     assert est.trainable_params - plain.trainable_params == magnitudes
     assert est.adapter_bytes - plain.adapter_bytes >= 4 * magnitudes
+
+
+def test_fsdp_divides_what_fully_shard_shards_by_hand(llama_json):
+    """`--fsdp 2` per process: half of every weight, gradient and AdamW moment, plus half (the part
+    not already local) of what FSDP2 gathers whole for compute: the root group and two decoder
+    layers. Counted by hand on a real model with the same LoRA; NF4 codes shard, their scales (buffers) do not."""
+    from lorakit.quant import quantized_weights
+
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA))
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"))
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    total = nbytes(model.parameters())
+    layers = sorted(nbytes(layer.parameters()) for layer in model.model.layers)
+    root = total - sum(layers)
+    kw = dict(model=llama_json, r=4, seq_len=8, dtype="float32")
+    one, two = estimate(PlanSetup(**kw)).memory, estimate(PlanSetup(**kw, fsdp=2)).memory
+    assert one.weights == total
+    assert two.weights == -(-total // 2) + (root + layers[-1] + layers[-2]) // 2
+    assert two.gradients == -(-one.gradients // 2) and two.optimizer == one.optimizer // 2
+    assert two.activations == one.activations and two.peak < one.peak
+    # QLoRA: the packed codes (a uint8 parameter) shard, the block scales (buffers) stay whole
+    q, q1 = (estimate(PlanSetup(**{**kw, "method": "qlora"}, fsdp=f)) for f in (2, 1))
+    sizes = [model.get_submodule(name).weight.numel() for name in quantized_weights(model)]
+    scales = sum(nf4_bytes(n) - (n + 1) // 2 for n in sizes)
+    assert q1.weights_by_dtype["nf4 (with scales)"] == scales + sum((n + 1) // 2 for n in sizes)
+    assert q1.memory.weights > q.memory.weights > scales + (q1.memory.weights - scales) // 2
+    with pytest.raises(ConfigError, match="fsdp"):
+        PlanSetup(**kw, fsdp=0)

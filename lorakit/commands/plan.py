@@ -69,6 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dora", action=argparse.BooleanOptionalAction, default=False, help="DoRA adapters")
     parser.add_argument("--budget", help="memory budget, e.g. 8GiB or 24GB: recommend settings that fit")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--fsdp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="memory per process with the model sharded over N processes (lorakit train --fsdp); "
+        "--batch-size is then per process",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         task=args.task,
         adapter_dtype=args.adapter_dtype,
         use_dora=args.dora,
+        fsdp=args.fsdp,
     )
     budget = parse_size(args.budget) if args.budget else None
     methods = compare(setup)

@@ -92,6 +92,8 @@ _HELP = {
     "turn, completion as the assistant turn); message-list records always use it",
     "add_tokens": "comma-separated tokens to add to the tokenizer (e.g. '<tool>,</tool>'): the embeddings "
     "are resized and only these rows are trained and saved (PEFT's trainable_token_indices)",
+    "strategy": "under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: the model "
+    "sharded over the processes; --fsdp for short)",
 }
 
 
@@ -128,6 +130,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 help=help_text,
                 metavar=kind.upper(),
             )
+    parser.add_argument(
+        "--fsdp",
+        dest="strategy",
+        action="store_const",
+        const="fsdp",
+        default=argparse.SUPPRESS,
+        help="short for --strategy fsdp",
+    )
     parser.set_defaults(_train_fields=True)
 
 

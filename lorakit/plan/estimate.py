@@ -56,6 +56,7 @@ class PlanSetup:
     adapter_dtype: str | None = None  # dtype the adapter file is saved in; None: as trained (fp32)
     target_parameters: tuple[str, ...] = ()  # parameters to adapt (MoE experts), PEFT's rule
     use_dora: bool = False  # DoRA: + one magnitude per output feature, and its forward's activations
+    fsdp: int = 1  # processes the model is sharded over (`lorakit train --fsdp`); memory is per process
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
@@ -79,7 +80,7 @@ class PlanSetup:
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"plan: {name} must be one of {', '.join(allowed)}; got {value!r}")
-        for name in ("r", "batch_size", "seq_len"):
+        for name in ("r", "batch_size", "seq_len", "fsdp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"plan: {name} must be a positive integer, got {value!r}")
@@ -205,17 +206,21 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
     by_dtype: dict[str, int] = {}
     total = trainable = trainable_bytes = largest = 0
     dequant = 0
+    stored: dict[int, int] = {}
+    scales: dict[int, int] = {}  # NF4 block scales: buffers, whole on every process under FSDP
     for p in model.parameters():
         n, size = p.numel(), p.numel() * p.element_size()
         total += n
         if id(p) in quantized:
             key, size = "nf4 (with scales)", nf4_bytes(n, DEFAULT_BLOCKSIZE)
+            scales[id(p)] = size - (n + 1) // 2
             dequant = max(dequant, n * p.element_size())
         else:
             key = str(p.dtype).removeprefix("torch.")
             if p.requires_grad and setup.method != "full":
                 key += " (adapters)"
         by_dtype[key] = by_dtype.get(key, 0) + size
+        stored[id(p)] = size
         if p.requires_grad:
             trainable += n
             trainable_bytes += p.numel() * p.element_size()
@@ -226,12 +231,13 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
     ]
     step = None
     if memory:
+        n = setup.fsdp  # FSDP2 keeps 1/n of every gradient and optimizer moment per process
         step = step_memory(
-            weights=sum(by_dtype.values()),
-            layer_grads=layer_grads,
-            other_grads=trainable_bytes - sum(layer_grads),
-            optimizer=optimizer_state_bytes(setup.optimizer, trainable, trainable_bytes),
-            largest_trainable=largest,
+            weights=fsdp_weights(model, stored, scales, n),
+            layer_grads=[-(-g // n) for g in layer_grads],
+            other_grads=-(-(trainable_bytes - sum(layer_grads)) // n),
+            optimizer=-(-optimizer_state_bytes(setup.optimizer, trainable, trainable_bytes) // n),
+            largest_trainable=-(-largest // n),
             trace=activation_trace(setup),
             gradient_checkpointing=setup.gradient_checkpointing,
             logits_upcast=setup.dtype != "float32",
@@ -249,6 +255,27 @@ def estimate(setup: PlanSetup, *, memory: bool = True) -> Estimate:
         memory=step,
         targets=list(targets),
     )
+
+
+def fsdp_weights(model: nn.Module, stored: dict[int, int], whole: dict[int, int], n: int) -> int:
+    """Weight bytes one process holds when the model is sharded n ways as `lorakit train --fsdp`
+    shards it (FSDP2 per decoder layer and the root): 1/n of every parameter's `stored[id]` bytes,
+    plus what is gathered whole for compute: the root group (embeddings, final norm, head: FSDP2 keeps
+    it gathered from the forward to the backward) and two decoder layers (the one computing and the
+    next, prefetched). `whole[id]` bytes of a parameter are not sharded (NF4 block scales: `Linear4bit`
+    keeps them in buffers, which FSDP2 does not shard; its packed codes are a parameter and shard).
+    n = 1: the plain sum."""
+    total = sum(stored.values())
+    if n == 1:
+        return total
+    kept = sum(whole.values())
+    layers = [
+        sum(stored[id(p)] - whole.get(id(p), 0) for p in layer.parameters())
+        for layer in decoder_layers(model)
+    ]
+    shardable = total - kept
+    gathered = (shardable - sum(layers)) + sum(sorted(layers)[-2:])
+    return kept + -(-shardable // n) + gathered * (n - 1) // n
 
 
 def _adapter_file_bytes(model: nn.Module, dtype: str | None) -> int:

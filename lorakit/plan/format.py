@@ -29,7 +29,8 @@ def render(chosen: Estimate, all_methods: dict[str, Estimate]) -> str:
         f"setup: {s.method}"
         + ("" if s.method == "full" else f", r={s.r}, targets {targets} ({len(chosen.targets)} targets)")
         + f", batch {s.batch_size} x {s.seq_len} tokens, {s.optimizer}, attention {s.attention}, "
-        f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, device {s.device}",
+        f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, device {s.device}"
+        + (f", FSDP over {s.fsdp} processes (memory per process)" if s.fsdp > 1 else ""),
         f"trainable: {count(chosen.trainable_params)} = {100 * chosen.trainable_ratio:.4f}% of all parameters",
         "weights: " + ", ".join(f"{k} {human(v)}" for k, v in chosen.weights_by_dtype.items()),
     ]

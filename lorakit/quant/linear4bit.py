@@ -1,7 +1,7 @@
 """`Linear4bit`: a frozen linear layer whose weight is stored in NF4 (QLoRA's base layer).
 
-It holds the packed codes as a uint8 buffer (`weight`, bitsandbytes' `[(n + 1) // 2, 1]` layout)
-plus the quant state buffers. The forward dequantizes the weight into `compute_dtype`, runs one
+It holds the packed codes as a frozen uint8 parameter (`weight`, bitsandbytes' `[(n + 1) // 2, 1]`
+layout; a parameter so that FSDP2 shards it) plus the quant state buffers. The forward dequantizes the weight into `compute_dtype`, runs one
 matmul and drops the full-precision copy; the backward (for the input gradient LoRA needs)
 dequantizes again instead of keeping it, so training holds at most one layer's full-precision
 weight at a time. The weight itself never gets a gradient.
@@ -146,8 +146,10 @@ class Linear4bit(nn.Module):
         return layer
 
     def _set_state(self, packed: torch.Tensor, state: NF4State) -> None:
-        # buffers (not one state object) so .to(), .cuda() and state_dict see every tensor
-        self.register_buffer("weight", packed)
+        # tensors on the module (not one state object) so .to(), .cuda() and state_dict see them all;
+        # the packed codes a frozen parameter (as bitsandbytes' Params4bit is), so FSDP2, which shards
+        # parameters only, shards the 4-bit storage with the rest of its layer (uint8 is never cast)
+        self.weight = nn.Parameter(packed, requires_grad=False)
         self.register_buffer("absmax", state.absmax)
         self.register_buffer("nested_absmax", state.nested_absmax)
         self.blocksize, self.weight_dtype = state.blocksize, state.dtype

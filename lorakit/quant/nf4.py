@@ -303,8 +303,10 @@ def quantize_nf4(
 def _decode(flat: torch.Tensor) -> torch.Tensor:
     """The fp32 code values of packed bytes (two per byte, high nibble first)."""
     if flat.device.type == "cpu":
-        # numpy's fancy indexing with uint8 indices needs no index conversion: the fastest gather on CPU
-        pairs = torch.from_numpy(_PAIR_LUT64.numpy()[flat.contiguous().numpy()])
+        # numpy's fancy indexing with uint8 indices needs no index conversion: the fastest gather on CPU.
+        # On a copy: .numpy() pins its tensor's storage (no resize after), and FSDP2 frees a gathered
+        # 4-bit weight by resizing its storage to 0
+        pairs = torch.from_numpy(_PAIR_LUT64.numpy()[flat.clone().numpy()])
     else:
         pairs = _PAIR_LUT64.to(flat.device)[flat.long()]
     return pairs.view(torch.float32)

@@ -8,6 +8,10 @@ temporary name and swapped in whole (`lorakit._atomic.atomic_folder`), `complete
 kill mid-write leaves the previous checkpoint the newest usable one (the temporary folder is removed
 by `clean_stale` on the next start). A checkpoint with a non-finite tensor is never written. Older
 ones beyond `keep` are deleted only after the new one is in place.
+
+Under FSDP (`--strategy fsdp`) the tensors and optimizer state are gathered whole before rank 0
+writes them, in the same layout as a 1-process run's, and each process cuts its slice again on load
+(`lorakit.train.sharding`): a checkpoint resumes at any number of processes, with either strategy.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from .. import _state
 from .._atomic import atomic_folder
 from ..errors import AdapterFileError, ShapeMismatchError, TrainingError, storage_errors
 from ..io import first_non_finite, save_adapter
+from . import distributed as dist
+from . import sharding
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +86,20 @@ def save_checkpoint(
     scheduler: Any,
     progress: dict[str, Any],
     keep: int = 2,
-) -> Path:
+) -> Path | None:
     """Write checkpoint `step` under `root` atomically; keep the newest `keep`. Returns its folder.
 
-    Raises `TrainingError` (writing nothing) when a trainable tensor holds NaN or Inf, so the newest
-    checkpoint is always a good one, and `StorageError` when the disk is full or not writable."""
+    Under torchrun every process calls it (a sharded model's tensors are gathered first); only the
+    main process writes, and the others get None. Raises `TrainingError` (writing nothing) when a
+    trainable tensor holds NaN or Inf, so the newest checkpoint is always a good one, or when the
+    gathered adapter does not match the model's (`sharding.check_adapter`), and `StorageError` when
+    the disk is full or not writable."""
     root = Path(root)
-    tensors = {
-        n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad
-    }
+    tensors = sharding.gather({n: p for n, p in model.named_parameters() if p.requires_grad})
+    optimizer_state = sharding.gather_state(optimizer.state_dict())
+    adapters = sharding.full_adapters(model) if _state.has_adapters(model) else None
+    if not dist.is_main():
+        return None
     bad = first_non_finite(tensors)
     if bad is not None:
         raise TrainingError(
@@ -99,7 +110,7 @@ def save_checkpoint(
     with storage_errors(final), atomic_folder(final) as tmp:  # a rerun of the same step replaces it whole
         save_file(tensors, str(tmp / TENSORS))
         state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "progress": progress,
@@ -107,8 +118,8 @@ def save_checkpoint(
         buffer = io.BytesIO()  # torch.save ignores some failed writes on a full disk; Python's do not
         torch.save(state, buffer)
         (tmp / STATE).write_bytes(buffer.getbuffer())
-        if _state.has_adapters(model):
-            save_adapter(model, tmp / "adapter")
+        if adapters is not None:
+            save_adapter(model, tmp / "adapter", tensors=adapters)
         (tmp / MARKER).write_text(json.dumps({"step": step}), encoding="utf-8")
     for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -156,8 +167,8 @@ def load_checkpoint(
         )
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(tensors[n])
-    optimizer.load_state_dict(state["optimizer"])
+            p.copy_(sharding.shard_like(tensors[n], p))
+    optimizer.load_state_dict(sharding.shard_optimizer_state(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["progress"]

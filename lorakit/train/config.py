@@ -22,6 +22,7 @@ from .preference import LOSS_TYPES, METHODS, check_method
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp")  # several processes: whole-model replicas, or FSDP2 shards
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the packaged configs (the demos)
 DEFAULT_CONFIG = CONFIGS / "sentiment.yaml"
 # settings that only steer this invocation: never recorded as true in train_config.yaml
@@ -91,6 +92,7 @@ class TrainConfig:
     precompute_ref: bool = False  # DPO: reference log-probs once before training, stored in the output folder
     chat_template: bool = False  # prompt/completion text records: render them with the chat template
     add_tokens: str | None = None  # comma-separated new tokens: embeddings resized, only their rows trained
+    strategy: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards; lorakit.train.sharding)
 
     def validate(self) -> TrainConfig:
         """Check every value (type and range); raise `ConfigError` naming the setting, its flag and
@@ -105,6 +107,7 @@ class TrainConfig:
         _choice("quantize", self.quantize, (None, "nf4"))
         _choice("method", self.method, METHODS)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("strategy", self.strategy, STRATEGIES)
         for name, (lo, hi, lo_open, hi_open) in _RANGES.items():
             _in_range(name, getattr(self, name), lo, hi, lo_open, hi_open)
         if self.batch_size % self.grad_accum:

@@ -2,7 +2,8 @@
 
 Each process computes gradients on its slice of every global batch; `all_reduce_grads` sums them
 (the loss is already divided by the global token count), so every process takes the same optimizer
-step and the adapter stays identical everywhere. Only rank 0 writes files and logs. Outside
+step and the adapter stays identical everywhere. Only rank 0 writes files and logs. `--strategy fsdp` shards the model instead
+(`lorakit.train.sharding`); these functions then leave its sharded parameters to FSDP. Outside
 `torchrun` (no `WORLD_SIZE` in the environment) every function here is a no-op for one process.
 """
 
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def init() -> tuple[int, int, torch.device]:
@@ -55,7 +57,8 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
     """Sum the gradients of `params` over processes, as one flat buffer (one collective call)."""
     if not active():
         return
-    params = list(params)
+    # a sharded (FSDP2) parameter's gradient was already summed into its shard by FSDP
+    params = [p for p in params if not isinstance(p, DTensor)]
     for p in params:  # a parameter unused on one process must still join the same buffer layout
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -74,7 +77,8 @@ def broadcast_params(params: Iterable[torch.nn.Parameter]) -> None:
     """Copy rank 0's values of `params` to every process (same start, whatever each seeded)."""
     if active():
         for p in params:
-            dist.broadcast(p.data, src=0)
+            if not isinstance(p, DTensor):  # shards are cut from a broadcast start (sharding.shard_model)
+                dist.broadcast(p.data, src=0)
 
 
 def barrier() -> None:

@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .lora_plus import group_lr, lora_plus_groups
 from .preference import MetricSums, preference_loss_sum
 from .report import MetricsLog
+from .sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -337,11 +338,10 @@ def _budget(cfg: TrainConfig, step: int, total: int, entered: float) -> int:
 
 
 def _save(out: Path, prog: Progress, model, optimizer, scheduler, cfg: TrainConfig) -> None:
-    """Rank 0 writes the checkpoint of this step; the others wait for it."""
-    if dist.is_main():
-        save_checkpoint(
-            out / "checkpoints", prog.step, model, optimizer, scheduler, vars(prog), cfg.keep_checkpoints
-        )
+    """Every process joins (a sharded model is gathered first); rank 0 writes the checkpoint."""
+    save_checkpoint(
+        out / "checkpoints", prog.step, model, optimizer, scheduler, vars(prog), cfg.keep_checkpoints
+    )
     dist.barrier()
 
 
@@ -397,23 +397,28 @@ def _update(params, optimizer, scheduler, cfg) -> float:
 def _evaluate(
     model: nn.Module, evaluate: Callable[[nn.Module, int], dict[str, float]], step: int
 ) -> dict[str, float]:
-    """Evaluate on rank 0 while the others wait; back to train mode after."""
+    """Evaluate on rank 0 while the others wait (a sharded model: on every process in step, each
+    forward being a collective; rank 0's result is kept); back to train mode after."""
     result: dict[str, float] = {}
-    if dist.is_main():
+    if dist.is_main() or is_sharded(model):
         model.eval()
         with torch.no_grad():
             result = evaluate(model, step)
         model.train()
     dist.barrier()
-    return result
+    return result if dist.is_main() else {}
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast when asked, or by default on a GPU that supports it; otherwise a no-op."""
-    use = cfg.precision == "bf16" or (
+    """bf16 autocast when `uses_bf16`; otherwise a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, device))
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether training computes in bf16: when asked, or by default on a GPU that supports it."""
+    return cfg.precision == "bf16" or (
         cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
 def _bar_extra(extra: dict[str, float]) -> dict[str, str]:

@@ -31,9 +31,10 @@ from . import distributed as dist
 from . import preference as P
 from .config import TrainConfig, save_resolved
 from .eval import make_evaluator
-from .loop import train
+from .loop import train, uses_bf16
 from .outputs import check_output, claim_output
 from .report import METRICS, plot_training
+from .sharding import full_adapters, shard_model
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,8 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         num_labels=num_labels,
         trim_heap=cfg.trim_heap,
     )
-    model.to(device)
+    if cfg.strategy != "fsdp" or not dist.active():  # fully_shard moves each layer's shard itself
+        model.to(device)
     if label_map:
         names = {i: name for name, i in label_map.items()}
         model.config.id2label = {i: names.get(i, f"LABEL_{i}") for i in range(num_labels)}
@@ -193,6 +195,8 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     trainable, total = trainable_parameters(model)
+    if cfg.strategy == "fsdp":
+        shard_model(model, device, bf16=uses_bf16(cfg, device))
     out = Path(cfg.output)
     if dist.is_main():
         claim_output(cfg)
@@ -218,9 +222,11 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     seconds = time.perf_counter() - started
     adapter = out / "adapter"
     plot = out / "training.png"
+    tensors = full_adapters(model)  # every process: a sharded adapter is gathered (and checked)
     if dist.is_main():
         with storage_errors(adapter):
-            save_adapter(model, adapter, "default" if cfg.ref_adapter else None)  # swaps the folder in
+            # swaps the whole folder in (lorakit.io); with --ref-adapter only the trained copy is saved
+            save_adapter(model, adapter, "default" if cfg.ref_adapter else None, tensors=tensors)
             save_resolved(cfg, adapter)
             if token_rows:  # the base must be resized to this tokenizer to load the adapter
                 tokenizer.save_pretrained(adapter)
