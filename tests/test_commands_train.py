@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lorakit.errors import ConfigError
 from lorakit.train import TrainConfig
 from lorakit.train.config import FLAG_ALIASES
 
@@ -162,3 +163,16 @@ def test_demo_data_reference_gives_the_old_demo_records():
 
     assert read_dataset(cfg.data, seed=cfg.seed).records == [chat(r) for r in train]
     assert read_dataset(cfg.eval_data, seed=cfg.seed).records == [chat(r) for r in test]
+
+
+def test_resume_of_a_run_shorter_than_the_default_warmup_is_not_refused(tmp_path):
+    """The saved train_config.yaml records warmup_steps=10 for a 6-step run (the default, cut to the
+    run's length); reading it back on --resume must not count as the user setting it."""
+    from lorakit.train.config import resolve_config, save_resolved
+
+    run = resolve_config({}, {"data": "d.jsonl", "max_steps": 6, "output": str(tmp_path)})
+    save_resolved(run, tmp_path)
+    cfg = _resolve("--output", str(tmp_path), "--resume")
+    assert (cfg.max_steps, cfg.warmup_steps, cfg.resume) == (6, 10, True)
+    with pytest.raises(ConfigError, match="warmup_steps"):  # a warmup given now is still checked
+        _resolve("--output", str(tmp_path), "--resume", "--warmup-steps", "20")

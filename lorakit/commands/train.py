@@ -168,7 +168,7 @@ def resolve_args(args: argparse.Namespace) -> TrainConfig:
     elif config is None and "data" not in flags:
         config = DEFAULT_CONFIG
         log.info("no --data or --config: running %s (the embedded sentiment demo)", config)
-    return resolve_config(load_yaml(config_path(config)) if config else {}, flags)
+    return resolve_config(load_yaml(config_path(config)) if config else {}, flags, saved_run=config is saved)
 
 
 def config_path(config: str | Path) -> Path:

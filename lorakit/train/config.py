@@ -301,10 +301,14 @@ def _coerce(name: str, value: Any, path: Path) -> Any:
         raise ConfigError(f"--config {path}: {name} must be a number, got {value!r}") from None
 
 
-def resolve_config(yaml_values: dict[str, Any], flag_values: dict[str, Any]) -> TrainConfig:
+def resolve_config(
+    yaml_values: dict[str, Any], flag_values: dict[str, Any], saved_run: bool = False
+) -> TrainConfig:
     """Defaults, overridden by the YAML file's values, overridden by the flags given; validated.
 
-    Raises `ConfigError` for an invalid setting, or a `warmup_steps` set longer than `max_steps`."""
+    Raises `ConfigError` for an invalid setting, or a `warmup_steps` set longer than `max_steps`.
+    `saved_run`: the YAML is a run's own `train_config.yaml` (a resume), which records the default
+    warmup as a value; only a warmup given as a flag is checked then."""
     merged = {**yaml_values, **flag_values}
     try:
         cfg = TrainConfig(**merged)
@@ -312,7 +316,8 @@ def resolve_config(yaml_values: dict[str, Any], flag_values: dict[str, Any]) -> 
         raise ConfigError(f"invalid training setting: {e}") from None
     cfg.validate()
     # only a warmup the user set is checked: the default (10) is cut to a short run's length
-    if "warmup_steps" in merged and cfg.max_steps is not None and cfg.warmup_steps > cfg.max_steps:
+    given = flag_values if saved_run else merged
+    if "warmup_steps" in given and cfg.max_steps is not None and cfg.warmup_steps > cfg.max_steps:
         raise ConfigError(
             f"warmup_steps ({cfg.warmup_steps}) must be <= max_steps ({cfg.max_steps}); "
             "the learning rate would never reach --lr"
