@@ -522,3 +522,20 @@ NER = [
     {"tokens": ["Berlin", "is", "big"], "tags": ["B-LOC", "O", "O"]},
     {"tokens": ["Tom", "met", "Anna"], "tags": ["B-PER", "O", "B-PER"]},
 ]
+
+
+def tiny_run_folder(root: Path) -> Path:
+    """`root/model`: a tiny random Llama with SmolLM2's tokenizer; `root/data.jsonl`: 40 short
+    sentiment-like text/label records (seed 0). Returns `root`; for end-to-end `lorakit train` tests."""
+    import json
+
+    train_llama(vocab=49152, tie_word_embeddings=True).save_pretrained(root / "model")
+    lorakit.hf.load_tokenizer("smollm2-135m").save_pretrained(root / "model")
+    rng = random.Random(0)
+    words = ["good", "bad", "great", "awful", "fine", "dull"]
+    with open(root / "data.jsonl", "w") as f:
+        for _ in range(40):
+            w = [rng.choice(words) for _ in range(rng.randint(2, 6))]
+            label = "positive" if w[0] in ("good", "great", "fine") else "negative"
+            f.write(json.dumps({"text": " ".join(w), "label": label}) + "\n")
+    return root

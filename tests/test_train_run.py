@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
-from fixtures import train_llama as tiny_llama
+from fixtures import tiny_run_folder
 
 from lorakit.errors import ConfigError, DataError
 from lorakit.train import resolve_config
@@ -24,19 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, and a small sentiment-like data file."""
-    from lorakit.hf import load_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab=49152, tie_word_embeddings=True).save_pretrained(root / "model")
-    load_tokenizer("smollm2-135m").save_pretrained(root / "model")
-    rng = random.Random(0)
-    words = ["good", "bad", "great", "awful", "fine", "dull"]
-    with open(root / "data.jsonl", "w") as f:
-        for _ in range(40):
-            w = [rng.choice(words) for _ in range(rng.randint(2, 6))]
-            label = "positive" if w[0] in ("good", "great", "fine") else "negative"
-            f.write(json.dumps({"text": " ".join(w), "label": label}) + "\n")
-    return root
+    return tiny_run_folder(tmp_path_factory.mktemp("tiny"))
 
 
 def test_run_training_classification_trains_the_head_and_reloads(tiny_folder, tmp_path):

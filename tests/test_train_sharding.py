@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-from fixtures import lm_examples, lora4, pad_right, train_cfg
+from fixtures import lm_examples, lora4, pad_right, tiny_run_folder, train_cfg
 from fixtures import train_llama as tiny_llama
 from safetensors.torch import load_file
 
@@ -180,19 +179,7 @@ def test_run_training_refuses_to_save_a_broken_gather(tmp_path, monkeypatch, tin
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer, and a small sentiment-like data file."""
-    from lorakit.hf import load_tokenizer
-
-    root = tmp_path_factory.mktemp("tiny")
-    tiny_llama(vocab=49152, tie_word_embeddings=True).save_pretrained(root / "model")
-    load_tokenizer("smollm2-135m").save_pretrained(root / "model")
-    rng = random.Random(0)
-    words = ["good", "bad", "great", "awful", "fine", "dull"]
-    with open(root / "data.jsonl", "w") as f:
-        for _ in range(40):
-            w = [rng.choice(words) for _ in range(rng.randint(2, 6))]
-            label = "positive" if w[0] in ("good", "great", "fine") else "negative"
-            f.write(json.dumps({"text": " ".join(w), "label": label}) + "\n")
-    return root
+    return tiny_run_folder(tmp_path_factory.mktemp("tiny"))
 
 
 def _args(tiny_folder, output, *extra: str) -> list[str]:
