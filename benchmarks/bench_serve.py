@@ -32,6 +32,8 @@ import httpx
 import torch
 
 import lorakit.hf
+from lorakit.layers import LoraLinear
+from lorakit.mixed import adapter_rows
 from lorakit.serve import AdapterCache, Engine, create_app
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -139,6 +141,56 @@ def summarize(records: list[dict], wall: float, sent: int, end: float) -> dict:
     }
 
 
+@torch.no_grad()
+def routing_steps(model, names: list[str], rounds: int, prompt_len: int = 48) -> dict:
+    """Seconds of one decode step of `len(names)` rows (one adapter each), in interleaved rounds:
+    a plain step (routing unchanged), the step right after a routing change (the rows' adapters
+    permuted), and the same with every layer's stacks dropped first: what each routing change
+    cost before the stacks were kept by adapter weights (all adapters in use, so the rebuild
+    stacks exactly what the old per-routing cache stacked)."""
+    model.eval()
+    rng = random.Random(1)
+    ids = torch.randint(0, 1000, (len(names), prompt_len), generator=torch.Generator().manual_seed(1))
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    times: dict[str, list[float]] = {"plain": [], "after_change": [], "after_change_rebuilt": []}
+
+    def step(rows, state):
+        with adapter_rows(model, rows):
+            t = time.perf_counter()
+            out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
+            dt = time.perf_counter() - t
+        state.update(cache=out.past_key_values, next=out.logits[:, -1:].argmax(-1))
+        return dt
+
+    for _ in range(rounds):
+        rows = list(names)
+        with adapter_rows(model, rows):
+            out = model(input_ids=ids, use_cache=True)
+            state = {"cache": out.past_key_values, "next": out.logits[:, -1:].argmax(-1)}
+            for _ in range(2):  # the routing stays: plain decode steps (the second one timed)
+                t = time.perf_counter()
+                out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
+                dt = time.perf_counter() - t
+                state.update(cache=out.past_key_values, next=out.logits[:, -1:].argmax(-1))
+        times["plain"].append(dt)
+        rng.shuffle(rows)
+        times["after_change"].append(step(list(rows), state))
+        rng.shuffle(rows)
+        for layer in layers:
+            layer._stacks = None
+        times["after_change_rebuilt"].append(step(list(rows), state))
+
+    def spread(v):
+        v = sorted(v)
+        return {"min": v[0], "median": v[len(v) // 2], "max": v[-1]}
+
+    ratios = {
+        k: spread([a / b for a, b in zip(times[k], times["plain"])])
+        for k in ("after_change", "after_change_rebuilt")
+    }
+    return {"rows": len(names), "prompt_len": prompt_len, "seconds": times, "ratio_to_plain": ratios}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 1.0], help="requests per second")
@@ -148,6 +200,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    parser.add_argument("--routing-rounds", type=int, default=5, help="decode-step timing rounds (0: skip)")
+    parser.add_argument("--routing-only", action="store_true", help="only the decode-step timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -157,8 +211,12 @@ def main() -> None:
     model, tok = lorakit.hf.load_model("smollm2-135m")  # a clean base; the cache loads the files
     cache = AdapterCache(model, {n: tmp for n in names}, capacity=8)
     cache.ensure(names)
-    rows = []
-    for rate in args.rates:
+    out: dict = {"args": vars(args)}
+    if args.routing_rounds:
+        out["routing"] = routing_steps(model, [cache.key(n) for n in names], args.routing_rounds)
+        print(json.dumps(out["routing"]["ratio_to_plain"]), flush=True)
+    rows = out["rows"] = []
+    for rate in [] if args.routing_only else args.rates:
         for spread in (1, 8):
             reqs = workload(args.seed, rate, args.requests, names[:spread])
             for batching in ("continuous", "static"):
@@ -172,7 +230,7 @@ def main() -> None:
                 row.update(summarize(records, wall, len(reqs), end))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

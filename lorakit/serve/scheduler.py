@@ -311,8 +311,8 @@ class Continuous:
 
     def decode(self) -> None:
         """One token for every running row. A row that ends stays in the batch, fed but ignored,
-        until a group joins or dead rows outnumber live ones: re-packing the batch changes the
-        rows' adapter routing, which costs the mixed-adapter layers a rebuild of their stacks."""
+        until a group joins or dead rows outnumber live ones: re-packing the batch copies every
+        layer's KV cache (a routing change itself only re-indexes the layers' adapter stacks)."""
         for s in self.running:
             if not s.out.finished and s.request.cancelled.is_set():
                 self.finish(s, "cancelled")
