@@ -37,6 +37,7 @@ from lorakit.mixed import adapter_rows
 from lorakit.serve import AdapterCache, Engine, create_app
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_serve_llama  # noqa: E402
 from bench_inference import PROMPTS, make_adapters  # noqa: E402 - the same adapters and prompts
 
 
@@ -201,6 +202,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     parser.add_argument("--routing-rounds", type=int, default=5, help="decode-step timing rounds (0: skip)")
+    parser.add_argument(
+        "--llama-cpp", action="store_true", help="add llama.cpp rows (needs llama-cpp-python)"
+    )
+    parser.add_argument("--llama-type", default="f32", help="the base GGUF's type for llama.cpp")
+    parser.add_argument(
+        "--gguf-dir", help="where the GGUF files are written once and reused (default: a temp dir)"
+    )
     parser.add_argument("--routing-only", action="store_true", help="only the decode-step timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -216,10 +224,30 @@ def main() -> None:
         out["routing"] = routing_steps(model, [cache.key(n) for n in names], args.routing_rounds)
         print(json.dumps(out["routing"]["ratio_to_plain"]), flush=True)
     rows = out["rows"] = []
+    backends = ["continuous", "static"]
+    llama = None
+    if args.llama_cpp:
+        why = bench_serve_llama.missing()
+        if why:
+            print(f"skipping llama.cpp: {why}", flush=True)
+            out["llama_cpp"] = f"skipped: {why}"
+        else:
+            folder = Path(args.gguf_dir) if args.gguf_dir else tmp / "gguf"
+            keys = {n: cache.key(n) for n in names}
+            llama = bench_serve_llama.LlamaServer(
+                *bench_serve_llama.export(model, keys, folder, args.llama_type), args.threads
+            )
+            backends.append("llama.cpp")
     for rate in [] if args.routing_only else args.rates:
         for spread in (1, 8):
             reqs = workload(args.seed, rate, args.requests, names[:spread])
-            for batching in ("continuous", "static"):
+            for batching in backends:
+                if batching == "llama.cpp":
+                    records, wall, end = llama.run(reqs, args.budget_s)
+                    rows.append({"rate": rate, "adapters": spread, "batching": batching})
+                    rows[-1].update(summarize(records, wall, len(reqs), end))
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 engine = Engine(model, tok, cache, max_batch=args.max_batch, batching=batching)
                 server = Server(create_app(engine, "base", shutdown_timeout=0))
                 try:
