@@ -7,9 +7,12 @@ with continuous batching and with static batching (`--batching static`), in inte
 Each request streams (`/v1/chat/completions`, greedy); the client records time to first token (TTFT)
 and the time per output token after the first (TPOT). A run is bounded in count (`--requests` per
 configuration) and time (`--budget-s` per configuration: requests not finished by then are
-cancelled and counted as unfinished).
+cancelled and counted as unfinished). `--backends llama.cpp` adds llama.cpp on the same stream
+(`bench_serve_llama.py`); `--routing-rounds` times a decode step right after the rows' adapter
+routing changed against a plain one (`routing_steps`).
 
     PYTHONPATH=. python benchmarks/bench_serve.py [--rates 0.3 1.0] [--requests 6] [--budget-s 240]
+        [--backends continuous static llama.cpp] [--routing-rounds 5]
 
 Writes benchmarks/results/serve.json. The client runs in the server's process (one asyncio loop,
 the server in a thread): on a machine with few cores it competes for them, alike for every
@@ -197,13 +200,18 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 1.0], help="requests per second")
     parser.add_argument("--requests", type=int, default=6, help="requests per configuration")
     parser.add_argument("--budget-s", type=float, default=240.0, help="seconds per configuration")
+    parser.add_argument("--spreads", type=int, nargs="+", default=[1, 8], help="adapters the requests use")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
     parser.add_argument("--routing-rounds", type=int, default=5, help="decode-step timing rounds (0: skip)")
     parser.add_argument(
-        "--llama-cpp", action="store_true", help="add llama.cpp rows (needs llama-cpp-python)"
+        "--backends",
+        nargs="+",
+        choices=["continuous", "static", "llama.cpp"],
+        default=["continuous", "static"],
+        help="lorakit's two batchings and llama.cpp (needs llama-cpp-python; skipped with a message without)",
     )
     parser.add_argument("--llama-type", default="f32", help="the base GGUF's type for llama.cpp")
     parser.add_argument(
@@ -224,22 +232,22 @@ def main() -> None:
         out["routing"] = routing_steps(model, [cache.key(n) for n in names], args.routing_rounds)
         print(json.dumps(out["routing"]["ratio_to_plain"]), flush=True)
     rows = out["rows"] = []
-    backends = ["continuous", "static"]
+    backends = list(args.backends)
     llama = None
-    if args.llama_cpp:
+    if "llama.cpp" in backends:
         why = bench_serve_llama.missing()
         if why:
             print(f"skipping llama.cpp: {why}", flush=True)
             out["llama_cpp"] = f"skipped: {why}"
+            backends.remove("llama.cpp")
         else:
             folder = Path(args.gguf_dir) if args.gguf_dir else tmp / "gguf"
             keys = {n: cache.key(n) for n in names}
             llama = bench_serve_llama.LlamaServer(
                 *bench_serve_llama.export(model, keys, folder, args.llama_type), args.threads
             )
-            backends.append("llama.cpp")
     for rate in [] if args.routing_only else args.rates:
-        for spread in (1, 8):
+        for spread in args.spreads:
             reqs = workload(args.seed, rate, args.requests, names[:spread])
             for batching in backends:
                 if batching == "llama.cpp":
