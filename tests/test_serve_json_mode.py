@@ -10,7 +10,7 @@ from lorakit.serve.json_mode import START, JsonRow, advance, complete
 
 DOCS = [
     "{}",
-    ' { "a" : 1 } ',
+    '{ "a" : 1 } ',
     '{"a": [1, -2.5e+3, 0, 0.25, 1E9, true, false, null, "x\\n\\u00e9\\"", {}], "b": {"c": []}}',
     '{"nested": [[[]], [{"k": "v"}]], "": -0}',
 ]
@@ -59,7 +59,7 @@ def test_random_texts_agree_with_json_loads():
     whole = 0
     for _ in range(6000):
         body = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 9)))
-        text = rng.choice(["{", '{"', "", " {"]) + body + rng.choice(["", "}", '"}', "]}", ":1}"])
+        text = rng.choice(["{", '{"', ""]) + body + rng.choice(["", "}", '"}', "]}", ":1}"])
         state = advance(START, text)
         try:
             parsed = _strict(text)
@@ -68,19 +68,20 @@ def test_random_texts_agree_with_json_loads():
         if complete(state):
             whole += 1
             assert isinstance(parsed, dict), text
-        elif isinstance(parsed, dict):
+        elif isinstance(parsed, dict) and text == text.lstrip():  # the reply opens with "{"
             raise AssertionError(f"{text!r} is JSON but the checker says {state}")
-        if state is None:  # no continuation can help: try a few closings
+        if state is None and text == text.lstrip():  # no continuation can help: try a few closings
             for tail in ("}", '"}', "]}", '""}', "0}", '":0}', "1]}", '"]}'):
                 try:
                     assert not isinstance(_strict(text + tail), dict), text + tail
                 except ValueError:
                     pass
-    assert whole > 100
+    assert whole > 40
 
 
 def test_top_level_must_be_an_object():
     for text in (
+        " {}",
         "[1]",
         '"x"',
         "1",

@@ -1,8 +1,9 @@
 """JSON mode (`response_format: {"type": "json_object"}`): a decoder that only takes tokens keeping
 the reply a valid prefix of one JSON object.
 
-`JsonPrefix` is an incremental checker of RFC 8259 text whose top-level value is an object
-(leading whitespace allowed), fed character by character; its state is an immutable tuple, so a
+`advance` is an incremental checker of RFC 8259 text whose top-level value is an object (opened
+by the reply's first character: a model cannot spend its tokens on leading whitespace), fed
+character by character; its state is an immutable tuple, so a
 candidate token is tried without copying anything. The reply ends (finish reason "stop") as soon as
 the object closes; a reply cut by `max_tokens` or a stop string is a truncated object, as with
 OpenAI.
@@ -74,10 +75,10 @@ def _step(state: tuple, ch: str) -> tuple | None:
         if detail not in _NUMBER_END:
             return None
         return _step(_after_value(stack), ch)  # the number ended: `ch` belongs to what follows
+    if mode == "start":  # the reply opens the object at once (no run of leading whitespace)
+        return (("{",), "key_or_close", None) if ch == "{" else None
     if ch in _WS:
         return state
-    if mode == "start":
-        return (("{",), "key_or_close", None) if ch == "{" else None
     if mode == "done":
         return None
     if mode in ("key_or_close", "key"):
