@@ -143,6 +143,7 @@ def _check_rows(model, rows, seq, seed):
     return mixed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seq", [5, 1])
 def test_stacks_survive_routing_changes_and_follow_weight_changes(seq):
     # inference keeps one stack of every adapter per linear layer across routings; it must be rebuilt
