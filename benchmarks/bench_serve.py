@@ -7,9 +7,12 @@ with continuous batching and with static batching (`--batching static`), in inte
 Each request streams (`/v1/chat/completions`, greedy); the client records time to first token (TTFT)
 and the time per output token after the first (TPOT). A run is bounded in count (`--requests` per
 configuration) and time (`--budget-s` per configuration: requests not finished by then are
-cancelled and counted as unfinished).
+cancelled and counted as unfinished). `--backends llama.cpp` adds llama.cpp on the same stream
+(`bench_serve_llama.py`); `--routing-rounds` times a decode step right after the rows' adapter
+routing changed against a plain one (`routing_steps`).
 
     PYTHONPATH=. python benchmarks/bench_serve.py [--rates 0.3 1.0] [--requests 6] [--budget-s 240]
+        [--backends continuous static llama.cpp] [--routing-rounds 5]
 
 Writes benchmarks/results/serve.json. The client runs in the server's process (one asyncio loop,
 the server in a thread): on a machine with few cores it competes for them, alike for every
@@ -32,9 +35,12 @@ import httpx
 import torch
 
 import lorakit.hf
+from lorakit.layers import LoraLinear
+from lorakit.mixed import adapter_rows
 from lorakit.serve import AdapterCache, Engine, create_app
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_serve_llama  # noqa: E402
 from bench_inference import PROMPTS, make_adapters  # noqa: E402 - the same adapters and prompts
 
 
@@ -139,15 +145,79 @@ def summarize(records: list[dict], wall: float, sent: int, end: float) -> dict:
     }
 
 
+@torch.no_grad()
+def routing_steps(model, names: list[str], rounds: int, prompt_len: int = 48) -> dict:
+    """Seconds of one decode step of `len(names)` rows (one adapter each), in interleaved rounds:
+    a plain step (routing unchanged), the step right after a routing change (the rows' adapters
+    permuted), and the same with every layer's stacks dropped first: what each routing change
+    cost before the stacks were kept by adapter weights (all adapters in use, so the rebuild
+    stacks exactly what the old per-routing cache stacked)."""
+    model.eval()
+    rng = random.Random(1)
+    ids = torch.randint(0, 1000, (len(names), prompt_len), generator=torch.Generator().manual_seed(1))
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    times: dict[str, list[float]] = {"plain": [], "after_change": [], "after_change_rebuilt": []}
+
+    def step(rows, state):
+        with adapter_rows(model, rows):
+            t = time.perf_counter()
+            out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
+            dt = time.perf_counter() - t
+        state.update(cache=out.past_key_values, next=out.logits[:, -1:].argmax(-1))
+        return dt
+
+    for _ in range(rounds):
+        rows = list(names)
+        with adapter_rows(model, rows):
+            out = model(input_ids=ids, use_cache=True)
+            state = {"cache": out.past_key_values, "next": out.logits[:, -1:].argmax(-1)}
+            for _ in range(2):  # the routing stays: plain decode steps (the second one timed)
+                t = time.perf_counter()
+                out = model(input_ids=state["next"], past_key_values=state["cache"], use_cache=True)
+                dt = time.perf_counter() - t
+                state.update(cache=out.past_key_values, next=out.logits[:, -1:].argmax(-1))
+        times["plain"].append(dt)
+        rng.shuffle(rows)
+        times["after_change"].append(step(list(rows), state))
+        rng.shuffle(rows)
+        for layer in layers:
+            layer._stacks = None
+        times["after_change_rebuilt"].append(step(list(rows), state))
+
+    def spread(v):
+        v = sorted(v)
+        return {"min": v[0], "median": v[len(v) // 2], "max": v[-1]}
+
+    ratios = {
+        k: spread([a / b for a, b in zip(times[k], times["plain"])])
+        for k in ("after_change", "after_change_rebuilt")
+    }
+    return {"rows": len(names), "prompt_len": prompt_len, "seconds": times, "ratio_to_plain": ratios}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 1.0], help="requests per second")
     parser.add_argument("--requests", type=int, default=6, help="requests per configuration")
     parser.add_argument("--budget-s", type=float, default=240.0, help="seconds per configuration")
+    parser.add_argument("--spreads", type=int, nargs="+", default=[1, 8], help="adapters the requests use")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.json"))
+    parser.add_argument("--routing-rounds", type=int, default=5, help="decode-step timing rounds (0: skip)")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["continuous", "static", "llama.cpp"],
+        default=["continuous", "static"],
+        help="lorakit's two batchings and llama.cpp (needs llama-cpp-python; skipped with a message without)",
+    )
+    parser.add_argument("--llama-type", default="f32", help="the base GGUF's type for llama.cpp")
+    parser.add_argument(
+        "--gguf-dir", help="where the GGUF files are written once and reused (default: a temp dir)"
+    )
+    parser.add_argument("--routing-only", action="store_true", help="only the decode-step timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -157,11 +227,35 @@ def main() -> None:
     model, tok = lorakit.hf.load_model("smollm2-135m")  # a clean base; the cache loads the files
     cache = AdapterCache(model, {n: tmp for n in names}, capacity=8)
     cache.ensure(names)
-    rows = []
-    for rate in args.rates:
-        for spread in (1, 8):
+    out: dict = {"args": vars(args)}
+    if args.routing_rounds:
+        out["routing"] = routing_steps(model, [cache.key(n) for n in names], args.routing_rounds)
+        print(json.dumps(out["routing"]["ratio_to_plain"]), flush=True)
+    rows = out["rows"] = []
+    backends = list(args.backends)
+    llama = None
+    if "llama.cpp" in backends:
+        why = bench_serve_llama.missing()
+        if why:
+            print(f"skipping llama.cpp: {why}", flush=True)
+            out["llama_cpp"] = f"skipped: {why}"
+            backends.remove("llama.cpp")
+        else:
+            folder = Path(args.gguf_dir) if args.gguf_dir else tmp / "gguf"
+            keys = {n: cache.key(n) for n in names}
+            llama = bench_serve_llama.LlamaServer(
+                *bench_serve_llama.export(model, keys, folder, args.llama_type), args.threads
+            )
+    for rate in [] if args.routing_only else args.rates:
+        for spread in args.spreads:
             reqs = workload(args.seed, rate, args.requests, names[:spread])
-            for batching in ("continuous", "static"):
+            for batching in backends:
+                if batching == "llama.cpp":
+                    records, wall, end = llama.run(reqs, args.budget_s)
+                    rows.append({"rate": rate, "adapters": spread, "batching": batching})
+                    rows[-1].update(summarize(records, wall, len(reqs), end))
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 engine = Engine(model, tok, cache, max_batch=args.max_batch, batching=batching)
                 server = Server(create_app(engine, "base", shutdown_timeout=0))
                 try:
@@ -172,7 +266,7 @@ def main() -> None:
                 row.update(summarize(records, wall, len(reqs), end))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -113,16 +113,21 @@ def choose_tokens(
     for i, s in enumerate(samplings):
         if s.temperature == 0:
             continue
-        # in float64 and shifted so the top logit is 0: a tiny temperature then gives -inf (p = 0),
-        # never inf - inf or 0 / 0 (a float32 tensor divided by 1e-90 divides by 0)
-        shifted = logits[i].double() - logits[i].double().max()
-        probs = torch.softmax(shifted / s.temperature, -1)
-        if s.top_p < 1:
-            sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p  # keep the smallest set reaching top_p
-            probs = probs.scatter(0, order[drop], 0.0)
-        chosen[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+        chosen[i] = int(torch.multinomial(sample_probs(logits[i], s), 1, generator=generators[i]))
     return chosen
+
+
+def sample_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """The distribution a sampled row draws from: softmax(`logits` [vocab] / T) within top-p."""
+    # in float64 and shifted so the top logit is 0: a tiny temperature then gives -inf (p = 0),
+    # never inf - inf or 0 / 0 (a float32 tensor divided by 1e-90 divides by 0)
+    shifted = logits.double() - logits.double().max()
+    probs = torch.softmax(shifted / s.temperature, -1)
+    if s.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order[drop], 0.0)
+    return probs
 
 
 def penalize_rows(logits: torch.Tensor, samplings: list[Sampling], history: list[list[int]] | None) -> None:

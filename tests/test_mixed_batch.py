@@ -130,7 +130,67 @@ def test_uniform_batch_uses_plain_path_and_rows_reset():
         got = model(ids).logits
     torch.testing.assert_close(got, alone(model, "b", ids))
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.row_adapters is None and layer._stacks == {}
+    assert layer.row_adapters is None and layer._routing is None
+
+
+def _check_rows(model, rows, seq, seed):
+    ids = torch.randint(0, 128, (len(rows), seq), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad(), adapter_rows(model, rows):
+        mixed = model(ids).logits
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(mixed[i], alone(model, name, ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+    return mixed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq", [5, 1])
+def test_stacks_survive_routing_changes_and_follow_weight_changes(seq):
+    # inference keeps one stack of every adapter per linear layer across routings; it must be rebuilt
+    # exactly when an adapter's weights change (in place, training step, merge of the base under
+    # DoRA, delete, re-add) and never serve stale weights
+    specs = {**SPECS, "d": {"r": 4, "lora_alpha": 8, "use_dora": True}}
+    model = with_adapters(tiny_llama(), specs).eval()
+    layer = model.model.layers[0].self_attn.q_proj
+    _check_rows(model, ["a", "b", None, "d"], seq, 0)
+    built = layer._stacks[3]
+    _check_rows(model, ["d", "a", "a", "b", None], seq, 1)  # other rows, same weights: no rebuild
+    assert layer._stacks[3] is built
+    _check_rows(model, ["c", "b"], seq, 2)  # 5 slots for 2 rows: per-row gather, still the same stack
+    assert layer._stacks[3] is built
+
+    before = _check_rows(model, ["a", "b", "d"], seq, 3)
+    with torch.no_grad():  # in place, as a load into existing tensors does
+        for p in lorakit.io.adapter_state_dict(model, "b").values():
+            p.mul_(-1.5)
+    after = _check_rows(model, ["a", "b", "d"], seq, 3)
+    assert not torch.allclose(before[1], after[1], atol=1e-3)
+    torch.testing.assert_close(before[0], after[0])
+
+    lorakit.set_adapter(model, ["a", "d"])  # one optimizer step on a and d (d: DoRA magnitude too)
+    model.train()
+    ids = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(5))
+    with adapter_rows(model, ["a", "d"]):
+        model(ids).logits.pow(2).mean().backward()
+    params = [p for n in ("a", "d") for p in lorakit.io.adapter_state_dict(model, n).values()]
+    torch.optim.SGD(params, lr=1.0).step()
+    model.eval()
+    _check_rows(model, ["a", "b", "d", None], seq, 4)
+
+    lorakit.set_adapter(model, "a")  # merging a changes the base weight, so d's DoRA factor
+    lorakit.merge(model)
+    with torch.no_grad():
+        for key, p in lorakit.io.adapter_state_dict(model, "a").items():
+            if "lora_A" in key:
+                p.zero_()
+    lorakit.unmerge(model)  # the base is back (to rounding) but a's A is now zero: the stacks must see both
+    _check_rows(model, ["a", "d", "b"], seq, 6)
+
+    lorakit.delete_adapter(model, "c")
+    assert layer._stacks is None
+    _check_rows(model, ["a", "b", None], seq, 7)
+    with_adapters(model, {"c": {"r": 6, "lora_alpha": 3}})  # same name again, new weights and rank
+    _check_rows(model, ["c", "a", "c", "d"], seq, 8)
 
 
 def test_errors():

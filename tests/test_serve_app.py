@@ -252,10 +252,11 @@ def test_unsupported_fields_are_refused_not_ignored(env):
         {"echo": True},
         {"best_of": 2},
         {"logit_bias": {"5": 1}},
-        {"response_format": {"type": "json_object"}},
     ):
         r = post(env, "/v1/completions", {**body, **extra})
         assert r.status_code == 400 and "not supported" in r.json()["error"]["message"], extra
+    r = post(env, "/v1/completions", {**body, "response_format": {"type": "json_schema"}})
+    assert r.status_code == 400 and "json_object" in r.json()["error"]["message"]
     neutral = {"echo": False, "best_of": 1, "user": "someone"}
     assert post(env, "/v1/completions", {**body, **neutral}).status_code == 200
     r = post(env, "/admin/adapters", {"name": "model"})  # the base model's id
@@ -374,3 +375,30 @@ def test_vllm_load_and_unload_endpoints(env):
     assert (
         httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "v"}, headers=auth).status_code == 404
     )
+
+
+def test_json_mode_replies_are_json_objects(env):
+    # the tiny model's own replies are no JSON; in JSON mode every reply is a JSON prefix, and a
+    # reply that ends with "stop" is a whole object (Python's json module is the reference)
+    import json
+
+    from lorakit.serve.json_mode import START, advance
+
+    fmt = {"type": "json_object"}
+    for i, temperature in enumerate((0, 1.0, 1.0)):
+        r = env["client"].chat.completions.create(
+            model="a1",
+            messages=[{"role": "user", "content": "Give me JSON"}],
+            max_tokens=40,
+            temperature=temperature,
+            seed=i,
+            response_format=fmt,
+        )
+        text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        assert text.startswith("{") and advance(START, text) is not None, text
+        if finish == "stop":
+            assert isinstance(json.loads(text), dict), text
+        else:
+            assert finish == "length" and r.usage.completion_tokens == 40
+    r = post(env, "/v1/completions", {"model": "a1", "prompt": "{", "max_tokens": 3, "response_format": fmt})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("{")

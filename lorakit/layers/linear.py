@@ -42,7 +42,8 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self._stacks: dict = {}  # mixed batches at inference: row routing -> stacked weights
+        self._stacks: tuple | None = None  # mixed batches at inference: every adapter, stacked
+        self._routing: tuple | None = None  # ... and each routed row's slot in that stack
 
     def _create_adapter(self, adapter: str, r: int) -> None:
         dtype = self._adapter_dtype()
@@ -106,16 +107,22 @@ class LoraLinear(LoraLayer):
 
     def route_rows(self, rows: list[str | None] | None) -> None:
         super().route_rows(rows)
-        self._stacks = {}  # the stacks are only valid for one routing and one set of weights
+        self._routing = None  # each row's slot follows the rows; the stacks do not
+
+    def delete_adapter(self, adapter: str) -> None:
+        super().delete_adapter(adapter)
+        self._stacks = None  # free the stacked copy of its weights now
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Mixed batch: row i gets adapter `row_adapters[i]` (nothing if None or not on this layer).
 
-        BGMV-style: the adapters in use are stacked (ranks zero-padded to the largest), each row
-        gathers its own A and B by index, and two batched matmuls serve the whole batch. A decode
-        step (one token per row) instead multiplies by all stacked adapters at once and masks out
-        the other rows' slots: the same result, without copying per-row weights, which at one
-        token per row costs more than the extra multiply-adds.
+        BGMV-style: the adapters are stacked (ranks zero-padded to the largest), each row gathers
+        its own A and B by slot index, and two batched matmuls serve the whole batch. A decode
+        step (one token per row) with no more slots than twice the rows instead multiplies by all
+        stacked adapters at once and masks out the other rows' slots: the same result, without
+        copying per-row weights, which at one token per row costs more than the extra
+        multiply-adds. At inference the stack holds every adapter of the layer (S-LoRA style), so
+        rows joining or leaving only re-index it (`_stacked`).
         """
         rows = self.row_adapters
         used = [n for n in dict.fromkeys(rows) if n in self.r]
@@ -124,12 +131,12 @@ class LoraLinear(LoraLayer):
         )
         if self.training and dropped_dora:  # DoRA's base part then needs each row's own dropout
             return super()._mixed_forward(x, result)
-        a_stack, b_stack, p, idx, b_cat, mask, factor = self._row_stacks(used)
+        (a_stack, b_stack, p, b_cat, factor), (idx, mask) = self._stacked(used)
         h = x.reshape(len(rows), -1, self.in_features).to(a_stack.dtype)
         if self.training and bool((p > 0).any()):
             keep = (torch.rand_like(h) >= p[idx, None, None]).to(h.dtype)
             h = h * keep / (1 - p[idx, None, None])
-        if h.shape[1] == 1:  # decode step: dense over all slots, masked per row
+        if h.shape[1] == 1 and mask is not None:  # decode step: dense over all slots, masked per row
             h = F.linear(h[:, 0], a_stack.reshape(-1, self.in_features)) * mask
             out = torch.addmm(result.reshape(len(rows), self.out_features).to(a_stack.dtype), h, b_cat.T)
         else:
@@ -145,33 +152,75 @@ class LoraLinear(LoraLayer):
             out = out * f if bias is None else (out - bias) * f + bias
         return out.view(result.shape).to(result.dtype)
 
-    def _row_stacks(self, used: list[str]) -> tuple[torch.Tensor, ...]:
-        """Stacked A [k+1, r, in], scaled B [k+1, out, r], dropout p, row index (slot 0 is "none"),
-        for decode steps B side by side [out, (k+1)*r] with each row's slot mask [rows, (k+1)*r],
-        and the DoRA factors [k+1, out] (ones for plain slots; None when no DoRA adapter is used)."""
-        key = tuple(self.row_adapters)
-        if key in self._stacks:
-            return self._stacks[key]
-        a0 = self.lora_A[used[0]].weight
-        r = max(self.r[n] for n in used)
+    def _stacked(self, used: list[str]) -> tuple[tuple, tuple]:
+        """The stacks (`_build_stacks`) and the rows' slots (`_slot_rows`). Training builds them
+        from the adapters in use at every forward (autograd needs the live weights). Inference
+        keeps one stack of every adapter of the layer until an adapter is added or deleted, or
+        any stacked tensor (A, B, DoRA magnitude, base weight for DoRA) is replaced or changed in
+        place (optimizer steps, `copy_`, merges bump the tensor's version); the slots follow the
+        routing (`route_rows`)."""
+        if torch.is_grad_enabled():
+            return self._build_stacks(used), self._slot_rows(used)
+        names = list(self.r)
+        meta, tensors = self._stack_key(names)
+        versions = tuple(t._version for t in tensors)
+        hit = self._stacks
+        if not (
+            hit is not None
+            and hit[0] == meta
+            and hit[2] == versions
+            and all(a is b for a, b in zip(hit[1], tensors, strict=True))
+        ):  # the entry holds its tensors, so a freed one's id or memory cannot come back as a match
+            self._stacks = hit = (meta, tensors, versions, self._build_stacks(names))
+            self._routing = None
+        if self._routing is None:
+            self._routing = self._slot_rows(names)
+        return hit[3], self._routing
+
+    def _stack_key(self, names: list[str]) -> tuple[tuple, list[torch.Tensor]]:
+        """What the stacks are built from: (names, scalings, dropouts) and the tensors."""
+        meta = tuple((n, self.scaling[n], getattr(self.lora_dropout[n], "p", 0.0)) for n in names)
+        tensors = []  # checked at every forward: kept to plain lookups
+        dora = self.lora_magnitude_vector
+        for n in names:
+            tensors += (self.lora_A[n].weight, self.lora_B[n].weight)
+            if n in dora:
+                tensors.append(dora[n])
+        if len(dora):
+            tensors.append(self.base_layer.weight)
+        return meta, tensors
+
+    def _build_stacks(self, names: list[str]) -> tuple[torch.Tensor | None, ...]:
+        """Stacked A [k+1, r, in], scaled B [k+1, out, r] and dropout p (slot 0 is "none"), for
+        decode steps B side by side [out, (k+1)*r], and the DoRA factors [k+1, out] (ones for plain
+        slots; None when none of `names` is DoRA)."""
+        a0 = self.lora_A[names[0]].weight
+        r = max(self.r[n] for n in names)
         a_stack = torch.stack(
             [a0.new_zeros(r, self.in_features)]
-            + [F.pad(self.lora_A[n].weight, (0, 0, 0, r - self.r[n])) for n in used]
+            + [F.pad(self.lora_A[n].weight, (0, 0, 0, r - self.r[n])) for n in names]
         )
         b_stack = torch.stack(
             [a0.new_zeros(self.out_features, r)]
-            + [F.pad(self.lora_B[n].weight, (0, r - self.r[n])) * self.scaling[n] for n in used]
+            + [F.pad(self.lora_B[n].weight, (0, r - self.r[n])) * self.scaling[n] for n in names]
         )
-        p = torch.tensor([0.0] + [getattr(self.lora_dropout[n], "p", 0.0) for n in used], device=a0.device)
-        slot = {n: i + 1 for i, n in enumerate(used)}
-        idx = torch.tensor([slot.get(n, 0) for n in self.row_adapters], device=a0.device)
+        p = torch.tensor([0.0] + [getattr(self.lora_dropout[n], "p", 0.0) for n in names], device=a0.device)
         b_cat = b_stack.permute(1, 0, 2).reshape(self.out_features, -1)
-        mask = F.one_hot(idx, len(used) + 1).to(a0.dtype).repeat_interleave(r, 1)
         factor = None
-        if any(self.is_dora(n) for n in used):
+        if any(self.is_dora(n) for n in names):
             one = a0.new_ones(self.out_features)
-            factor = torch.stack([one] + [self._dora_factor(n) if self.is_dora(n) else one for n in used])
-        stacks = (a_stack, b_stack, p.to(a0.dtype), idx, b_cat, mask, factor)
-        if not torch.is_grad_enabled():  # inference: reuse across decode steps (cleared on exit)
-            self._stacks[key] = stacks
-        return stacks
+            factor = torch.stack([one] + [self._dora_factor(n) if self.is_dora(n) else one for n in names])
+        return a_stack, b_stack, p.to(a0.dtype), b_cat, factor
+
+    def _slot_rows(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's slot in the stack of `names` (0: no adapter) and, when a dense decode step
+        is worth it (at most twice as many slots as rows), each row's mask over the slots' ranks."""
+        rows = self.row_adapters
+        device = self.lora_A[names[0]].weight.device
+        slot = {n: i + 1 for i, n in enumerate(names)}
+        idx = torch.tensor([slot.get(n, 0) for n in rows], device=device)
+        if len(names) + 1 > 2 * len(rows):
+            return idx, None
+        r = max(self.r[n] for n in names)
+        mask = F.one_hot(idx, len(names) + 1).to(self.lora_A[names[0]].weight.dtype).repeat_interleave(r, 1)
+        return idx, mask

@@ -152,6 +152,11 @@ def _make_jobs(
     stop = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or [] if s]
     if logprobs is not None and engine.batching == "static":
         raise APIError(400, "logprobs need continuous batching (this server runs --batching static)")
+    json_mode = body.response_format is not None and body.response_format.type == "json_object"
+    if json_mode and engine.batching == "static":
+        raise APIError(
+            400, "response_format json_object needs continuous batching (this server runs --batching static)"
+        )
     jobs = []
     for i in range(body.n):  # choice i samples with seed + i: n different, reproducible replies
         seed = None if body.seed is None else (body.seed + i) % 2**64 if 0 <= body.seed < 2**64 else body.seed
@@ -166,7 +171,7 @@ def _make_jobs(
             )
         except ConfigError as e:
             raise APIError.of(e) from None
-        jobs.append(Job(Row(ids, adapter, sampling), asyncio.get_running_loop(), stop, logprobs))
+        jobs.append(Job(Row(ids, adapter, sampling), asyncio.get_running_loop(), stop, logprobs, json_mode))
     try:
         for job in jobs:
             engine.submit(job)

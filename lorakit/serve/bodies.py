@@ -92,12 +92,19 @@ UNSUPPORTED = {
     "suffix": (None, ""),
     "logit_bias": (None, {}),
     "tools": (None, []),
-    "response_format": (None, {"type": "text"}),
 }
 
 
 def _same(a, b) -> bool:
     return isinstance(a, bool) == isinstance(b, bool) and a == b  # True is not 1 here
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: "text" (the default) or "json_object" (JSON mode: the reply is
+    kept a valid JSON object, `lorakit.serve.json_mode`); "json_schema" is not implemented."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object"]
 
 
 class StreamOptions(BaseModel):
@@ -130,6 +137,7 @@ class Body(BaseModel):
     presence_penalty: StrictFloat | StrictInt | None = None
     frequency_penalty: StrictFloat | StrictInt | None = None
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionBody(Body):

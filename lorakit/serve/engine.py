@@ -85,6 +85,7 @@ class Request:
     loop: asyncio.AbstractEventLoop
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None
+    json_mode: bool = False  # response_format json_object: the reply is kept a JSON object
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)

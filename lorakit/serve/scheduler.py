@@ -32,6 +32,7 @@ from ..generate import _seed, adapters_for_rows, cache_argument, choose_tokens
 from .batch import Batch, check_cache
 from .cache import AdapterLoadError, NoRoom
 from .engine import Failed, Request, TokenLogprob, _Output, failure
+from .json_mode import JsonRow
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class _Seq:
     alone: bool = False  # prefill it alone (its group failed)
     history: list[int] = field(default_factory=list)
     generator: torch.Generator = field(default_factory=torch.Generator)
+    json: JsonRow | None = None  # JSON mode: what keeps the reply a JSON object
 
     @property
     def budget(self) -> int:
@@ -88,6 +90,7 @@ class Continuous:
         self.routed: tuple | None = None
         self.route_stack = contextlib.ExitStack()
         self.guard = threading.Lock()  # the lists above, for `rows` and `pinned` from other threads
+        self.texts: dict[int, str] = {}  # token -> its text alone (JSON mode)
         self.probe()
 
     def probe(self) -> None:
@@ -154,6 +157,8 @@ class Continuous:
             seq = _Seq(request, _Output(request, self.e.tokenizer, self.e.metrics))
             seq.generator.manual_seed(_seed(request.row.sampling.seed))
             seq.ready = request.row.adapter is None
+            if request.json_mode:
+                seq.json = JsonRow(self.text_of, self.e.eos)
             tokens += seq.budget
             with self.guard:
                 self.ready.append(seq)
@@ -311,8 +316,8 @@ class Continuous:
 
     def decode(self) -> None:
         """One token for every running row. A row that ends stays in the batch, fed but ignored,
-        until a group joins or dead rows outnumber live ones: re-packing the batch changes the
-        rows' adapter routing, which costs the mixed-adapter layers a rebuild of their stacks."""
+        until a group joins or dead rows outnumber live ones: re-packing the batch copies every
+        layer's KV cache (a routing change itself only re-indexes the layers' adapter stacks)."""
         for s in self.running:
             if not s.out.finished and s.request.cancelled.is_set():
                 self.finish(s, "cancelled")
@@ -361,6 +366,12 @@ class Continuous:
         tokens = choose_tokens(logits, samplings, [s.generator for s in seqs], [s.history for s in seqs])
         keep = []
         for j, (seq, token) in enumerate(zip(seqs, tokens)):
+            if seq.json is not None and not seq.request.cancelled.is_set():
+                try:  # JSON mode: the first choice that keeps the reply a JSON object
+                    token = seq.json.choose(logits[j], samplings[j], seq.generator, token)
+                except RuntimeError as e:
+                    self.finish(seq, fail=failure(e))
+                    continue
             reason = None
             if seq.request.cancelled.is_set():
                 reason = "cancelled"
@@ -369,7 +380,7 @@ class Continuous:
             else:
                 seq.history.append(token)
                 seq.out.push(token, self.logprob(seq, logp, j, token))
-                if seq.out.stopped:
+                if seq.out.stopped or (seq.json is not None and seq.json.done):
                     reason = "stop"
                 elif len(seq.history) >= seq.request.row.sampling.max_tokens:
                     reason = "length"
@@ -379,6 +390,13 @@ class Continuous:
                 keep.append(j)
         self.e.metrics.step(len(seqs))
         return keep
+
+    def text_of(self, token: int) -> str:
+        """`token`'s text decoded alone (cached)."""
+        text = self.texts.get(token)
+        if text is None:
+            text = self.texts[token] = self.e.tokenizer.decode([token])
+        return text
 
     @staticmethod
     def logprob(seq: _Seq, logp: torch.Tensor | None, row: int, token: int) -> TokenLogprob | None:
