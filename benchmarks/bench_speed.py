@@ -47,7 +47,7 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def build(method: str, checkpointing: bool = False):
+def build(method: str, recompute: str = "none"):
     """The model of `method`: "base" (no adapter), "lorakit" or "peft" (r=16 all-linear)."""
     import peft
     from bench_lora import SMOLLM2_SHAPE
@@ -68,10 +68,11 @@ def build(method: str, checkpointing: bool = False):
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.02)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if method == "peft":
-            model.enable_input_require_grads()
+    if recompute != "none":  # lorakit's switch (transformers' API) on both models
+        from lorakit.train.run import enable_checkpointing
+
+        hf = model.get_base_model() if method == "peft" else model
+        enable_checkpointing(hf, selective=recompute == "selective")
     return model
 
 
@@ -213,7 +214,7 @@ def saved_bytes(method: str, model, ids) -> int:
 def child(args) -> dict:
     """One method's training memory (run in its own process)."""
     malloc = PeakMalloc()
-    model = build(args.child, args.checkpointing).train()
+    model = build(args.child, args.recompute).train()
     ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     heap_model = malloc.now()
@@ -228,7 +229,7 @@ def child(args) -> dict:
         "method": args.child,
         "batch": args.batch,
         "seq": args.seq,
-        "checkpointing": args.checkpointing,
+        "recompute": args.recompute,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "model_rss_mib": rss_model,
         "alloc_peak_mib": peak / 2**20,
@@ -240,9 +241,9 @@ def child(args) -> dict:
     return out
 
 
-def run_child(method: str, seq: int, batch: int, checkpointing: bool, saved: bool = False) -> dict:
+def run_child(method: str, seq: int, batch: int, recompute: str, saved: bool = False) -> dict:
     cmd = [sys.executable, __file__, "child", "--child", method, "--seq", str(seq), "--batch", str(batch)]
-    cmd += ["--checkpointing"] * checkpointing + ["--saved"] * saved
+    cmd += ["--recompute", recompute] + ["--saved"] * saved
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:
@@ -254,15 +255,17 @@ def run_child(method: str, seq: int, batch: int, checkpointing: bool, saved: boo
 
 
 def mode_memory(args) -> dict:
-    rows = {m: run_child(m, args.seq, args.batch, args.checkpointing, saved=True) for m in METHODS}
+    saved = args.recompute == "none"  # the hooks do not see inside a checkpointed layer
+    rows = {m: run_child(m, args.seq, args.batch, args.recompute, saved=saved) for m in METHODS}
     a, b = rows["lorakit"], rows["peft"]
     ratios = {
         "peak RSS lorakit / peft": a["peak_rss_mib"] / b["peak_rss_mib"],
         "allocator peak lorakit / peft": a["alloc_peak_mib"] / b["alloc_peak_mib"],
         "training RSS above the model, lorakit / peft": (a["peak_rss_mib"] - a["model_rss_mib"])
         / (b["peak_rss_mib"] - b["model_rss_mib"]),
-        "saved for backward lorakit / peft": a["saved_for_backward_mib"] / b["saved_for_backward_mib"],
     }
+    if saved:
+        ratios["saved for backward lorakit / peft"] = a["saved_for_backward_mib"] / b["saved_for_backward_mib"]
     return {"runs": rows, "ratios": ratios}
 
 
@@ -270,15 +273,15 @@ def mode_longest(args) -> dict:
     budget = args.budget_gib * 1024
     out = {}
     for method in METHODS:
-        pts = [run_child(method, s, 1, args.checkpointing) for s in args.probe]
+        pts = [run_child(method, s, 1, args.recompute) for s in args.probe]
         xs, ys = [p["seq"] for p in pts], [p["peak_rss_mib"] for p in pts]
         mx, my = statistics.mean(xs), statistics.mean(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         guess = int((budget - (my - slope * mx)) / slope) // 64 * 64
-        check = run_child(method, guess, 1, args.checkpointing)
+        check = run_child(method, guess, 1, args.recompute)
         while check["peak_rss_mib"] > budget and guess > 64:
             guess -= 64
-            check = run_child(method, guess, 1, args.checkpointing)
+            check = run_child(method, guess, 1, args.recompute)
         out[method] = {"probes": pts, "mib_per_token": slope, "longest": guess, "check": check}
     out["ratio lorakit / peft"] = out["lorakit"]["longest"] / out["peft"]["longest"]
     return out
@@ -316,7 +319,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both")
+    p.add_argument(
+        "--recompute",
+        choices=("none", "selective", "full"),
+        default="none",
+        help="activation checkpointing, both",
+    )
     p.add_argument("--budget-gib", type=float, default=4.0)
     p.add_argument("--probe", type=int, nargs="+", default=[256, 512, 1024])
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
@@ -350,7 +358,12 @@ def main() -> None:
     )
     result["load_after"] = load()
     print(json.dumps(result, indent=2))
-    path = ROOT / "benchmarks" / "results" / f"speed_{args.mode}{'_ckpt' if args.checkpointing else ''}.json"
+    path = (
+        ROOT
+        / "benchmarks"
+        / "results"
+        / f"speed_{args.mode}{'' if args.recompute == 'none' else '_' + args.recompute}.json"
+    )
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
