@@ -7,7 +7,7 @@ AdamW steps.
 
     python benchmarks/bench_speed.py time [--rounds 7]      # rows 1 and 4, interleaved rounds
     python benchmarks/bench_speed.py memory [--seq 128]     # row 2, one child process per method
-    python benchmarks/bench_speed.py longest [--budget-gib 4]  # row 3, batch 1, children
+    python benchmarks/bench_speed.py longest [--budget-gib 3]  # row 3, batch 1, children
     python benchmarks/bench_speed.py compiled [--rounds 3]  # decoder layers torch.compile'd (inductor)
 
 `time`: each round calls every variant once (plain forward, lorakit / PEFT unmerged forward,
@@ -132,6 +132,7 @@ def mode_time(args) -> dict:
             fn()
             times[name].append(time.perf_counter() - t)
         loads.append(load())
+        print(f"round {len(loads) - 1}: load {loads[-1]}", flush=True)
 
     def per_round(a, b):
         return spread([x / y for x, y in zip(times[a], times[b])])
@@ -221,9 +222,9 @@ def child(args) -> dict:
     malloc.reset()
     step = train_step(args.child, model, ids)
     t = time.perf_counter()
-    for _ in range(2):
+    for _ in range(args.steps):
         step()
-    seconds = (time.perf_counter() - t) / 2
+    seconds = (time.perf_counter() - t) / args.steps
     peak = malloc.stop()
     out = {
         "method": args.child,
@@ -241,9 +242,9 @@ def child(args) -> dict:
     return out
 
 
-def run_child(method: str, seq: int, batch: int, recompute: str, saved: bool = False) -> dict:
+def run_child(method: str, seq: int, batch: int, recompute: str, saved: bool = False, steps: int = 2) -> dict:
     cmd = [sys.executable, __file__, "child", "--child", method, "--seq", str(seq), "--batch", str(batch)]
-    cmd += ["--recompute", recompute] + ["--saved"] * saved
+    cmd += ["--recompute", recompute, "--steps", str(steps)] + ["--saved"] * saved
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:
@@ -265,7 +266,9 @@ def mode_memory(args) -> dict:
         / (b["peak_rss_mib"] - b["model_rss_mib"]),
     }
     if saved:
-        ratios["saved for backward lorakit / peft"] = a["saved_for_backward_mib"] / b["saved_for_backward_mib"]
+        ratios["saved for backward lorakit / peft"] = (
+            a["saved_for_backward_mib"] / b["saved_for_backward_mib"]
+        )
     return {"runs": rows, "ratios": ratios}
 
 
@@ -273,15 +276,15 @@ def mode_longest(args) -> dict:
     budget = args.budget_gib * 1024
     out = {}
     for method in METHODS:
-        pts = [run_child(method, s, 1, args.recompute) for s in args.probe]
+        pts = [run_child(method, s, 1, args.recompute, steps=1) for s in args.probe]
         xs, ys = [p["seq"] for p in pts], [p["peak_rss_mib"] for p in pts]
         mx, my = statistics.mean(xs), statistics.mean(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         guess = int((budget - (my - slope * mx)) / slope) // 64 * 64
-        check = run_child(method, guess, 1, args.recompute)
+        check = run_child(method, guess, 1, args.recompute, steps=1)
         while check["peak_rss_mib"] > budget and guess > 64:
             guess -= 64
-            check = run_child(method, guess, 1, args.recompute)
+            check = run_child(method, guess, 1, args.recompute, steps=1)
         out[method] = {"probes": pts, "mib_per_token": slope, "longest": guess, "check": check}
     out["ratio lorakit / peft"] = out["lorakit"]["longest"] / out["peft"]["longest"]
     return out
@@ -325,7 +328,8 @@ def main() -> None:
         default="none",
         help="activation checkpointing, both",
     )
-    p.add_argument("--budget-gib", type=float, default=4.0)
+    p.add_argument("--budget-gib", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--probe", type=int, nargs="+", default=[256, 512, 1024])
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--saved", action="store_true", help=argparse.SUPPRESS)
