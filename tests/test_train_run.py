@@ -467,3 +467,27 @@ def test_add_tokens_trains_only_the_new_rows_and_generate_reads_them(tmp_path, c
     assert len(tok) == vocab + 2 and model.get_input_embeddings().weight.shape[0] == vocab + 2
     torch.testing.assert_close(model.model.embed_tokens(torch.tensor([vocab, vocab + 1])), rows)
     assert tok("<tool>x</tool>", add_special_tokens=False)["input_ids"][0] == vocab
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+
+@pytest.mark.parametrize("selective", [False, True])
+def test_checkpointing_gives_the_same_gradient_bits_as_none(selective):
+    from fixtures import lm_examples, lora4, pad_right, train_llama
+
+    from lorakit.train import loss_sum
+    from lorakit.train.run import enable_checkpointing
+
+    def grads(checkpointed: bool):
+        model = lora4(train_llama()).train()
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
+        if checkpointed:
+            enable_checkpointing(model, selective=selective)
+        loss_sum(model, pad_right(lm_examples(4))).backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    for a, b in zip(grads(True), grads(False)):
+        assert torch.equal(a, b)

@@ -94,6 +94,8 @@ _HELP = {
     "are resized and only these rows are trained and saved (PEFT's trainable_token_indices)",
     "strategy": "under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: the model "
     "sharded over the processes; --fsdp for short)",
+    "selective_checkpointing": "recompute only the pointwise ops (norms, activations) in the backward, keep "
+    "the matmul outputs: between no checkpointing and --gradient-checkpointing in memory and speed",
 }
 
 

@@ -93,6 +93,7 @@ class TrainConfig:
     chat_template: bool = False  # prompt/completion text records: render them with the chat template
     add_tokens: str | None = None  # comma-separated new tokens: embeddings resized, only their rows trained
     strategy: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards; lorakit.train.sharding)
+    selective_checkpointing: bool = False  # keep matmul outputs, recompute pointwise ops (train.run)
 
     def validate(self) -> TrainConfig:
         """Check every value (type and range); raise `ConfigError` naming the setting, its flag and

@@ -26,10 +26,11 @@ from torch import nn
 from .._heap import HeapTrimmer, heap_trimming
 from ..errors import ConfigError, DataError, TrainingError
 from ..modeling import decoder_layers
-from ..tasks import IGNORE_INDEX, SEQ2SEQ, TOKEN_CLASSIFICATION, model_task
+from ..tasks import CAUSAL_LM, IGNORE_INDEX, SEQ2SEQ, TOKEN_CLASSIFICATION, model_task
 from . import distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .head_loss import head_loss_sum, plain_lm_head
 from .lora_plus import group_lr, lora_plus_groups
 from .preference import MetricSums, preference_loss_sum
 from .report import MetricsLog
@@ -119,8 +120,19 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits against the targets; token classification: of each tagged token's logits). Only the
     positions from the first labelled one on reach the output head when the model takes
     `logits_to_keep` (transformers' causal LMs do), which skips most of the vocabulary projection
-    when the loss is on short answers."""
-    return forward_loss(model, batch)[0]
+    when the loss is on short answers. A causal LM with a plain head (`head_loss.plain_lm_head`)
+    never builds the full logits: the loss and its gradient are computed chunk by chunk from the
+    last hidden states (`head_loss.head_loss_sum`)."""
+    labels = batch["labels"]
+    head = plain_lm_head(model) if labels.dim() == 2 else None
+    if head is None or model_task(model) != CAUSAL_LM:
+        return forward_loss(model, batch)[0]
+    first = first_labelled(labels)
+    if first is None:
+        return torch.zeros((), device=labels.device, requires_grad=True)
+    hidden = model.base_model(**{k: v for k, v in batch.items() if k != "labels"})[0]
+    target = F.pad(labels[:, first:], (0, 1), value=IGNORE_INDEX)
+    return head_loss_sum(hidden[:, first - 1 :], head.weight, target)
 
 
 def forward_loss(
@@ -168,14 +180,19 @@ def answer_logits(
 ) -> tuple[torch.Tensor | None, int]:
     """(logits of positions `first - 1` on, `first`): `first` is the batch's first labelled position,
     so `logits[:, j]` predicts the token at `first + j`. (None, 0) when nothing is labelled."""
-    labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
-    if len(labelled) == 0:
+    first = first_labelled(labels)
+    if first is None:
         return None, 0
-    first = int(labelled[0]) + 1  # first labelled position; the logits before it predict it
     keep = labels.shape[1] - first + 1
     if _accepts_logits_to_keep(model):
         return model(**inputs, logits_to_keep=keep).logits, first
     return model(**inputs).logits[:, first - 1 :], first
+
+
+def first_labelled(labels: torch.Tensor) -> int | None:
+    """The batch's first labelled position (>= 1; the logits before it predict it), None if none."""
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    return None if len(labelled) == 0 else int(labelled[0]) + 1
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, first: int) -> torch.Tensor:

@@ -126,15 +126,40 @@ def lora_config(cfg: TrainConfig, model, token_rows: list[int] | None = None) ->
     )
 
 
-def enable_checkpointing(model) -> None:
-    """Recompute activations in the backward (transformers' API; its name changed in v5)."""
+def enable_checkpointing(model, selective: bool = False) -> None:
+    """Recompute activations in the backward (transformers' API; its name changed in v5). With
+    `selective`, each decoder layer keeps its matmul and attention outputs and recomputes only the
+    pointwise ops (norms, rotary, activation, products): less memory than no checkpointing, less
+    recomputation than the full form; the gradients are the same bits either way."""
     kwargs = {"use_reentrant": False}  # the non-reentrant form needs no input that requires grad
+    if selective:
+        kwargs["context_fn"] = _keep_matmuls
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         log.warning("%s has no activation checkpointing switch; training without it", type(model).__name__)
+
+
+_MATMULS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu")
+) | frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention")
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _keep_matmuls():
+    """Selective checkpointing's contexts: save what matmuls and attention return, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def seed_everything(seed: int) -> None:
@@ -192,8 +217,8 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         P.add_ref_adapter(model, cfg.ref_adapter)  # the adapter's own LoRA settings, and a frozen copy
     else:
         inject(model, lora_config(cfg, model, token_rows))
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
+    if cfg.gradient_checkpointing or cfg.selective_checkpointing:
+        enable_checkpointing(model, selective=cfg.selective_checkpointing)
     trainable, total = trainable_parameters(model)
     if cfg.strategy == "fsdp":
         shard_model(model, device, bf16=uses_bf16(cfg, device))
