@@ -503,3 +503,7 @@ def test_plan_new_tokens_resize_and_train_only_their_rows(llama_json, tmp_path, 
     )
     with pytest.raises(ConfigError, match="new_tokens"):
         PlanSetup(model=llama_json, new_tokens=-1)
+    rc, out, _ = _cli(
+        ["plan", "--model", str(tmp_path / "config.json"), "--r", "2", "--new-tokens", "3", "--json"]
+    )
+    assert rc == 0 and json.loads(out)["plan"]["trainable_params"] == plan.trainable_params
