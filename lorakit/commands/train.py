@@ -89,7 +89,8 @@ _HELP = {
     "(default: the base model, adapters disabled)",
     "precompute_ref": "dpo: compute the reference log-probs once before training (stored in --output)",
     "chat_template": "render prompt/completion text records with the chat template (prompt as the user "
-    "turn, completion as the assistant turn); message-list records always use it",
+    "turn, completion as the assistant turn); message-list records always use it. <|...|> markers the "
+    "template writes but the vocabulary lacks are added like --add-tokens",
     "add_tokens": "comma-separated tokens to add to the tokenizer (e.g. '<tool>,</tool>'): the embeddings "
     "are resized and only these rows are trained and saved (PEFT's trainable_token_indices)",
     "strategy": "under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: the model "
