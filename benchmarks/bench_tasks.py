@@ -79,7 +79,12 @@ def main() -> None:
         d = Path(tmp)
         sentences = wnut16(args.train + args.eval)
         common = dict(
-            batch_size=8, warmup_steps=args.warmup, max_length=64, eval_batch_size=32, seed=0, threads=args.threads
+            batch_size=8,
+            warmup_steps=args.warmup,
+            max_length=64,
+            eval_batch_size=32,
+            seed=0,
+            threads=args.threads,
         )
         results.append(
             run(
