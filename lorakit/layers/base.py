@@ -127,11 +127,7 @@ class LoraLayer(DoraParts, nn.Module):
                 "from target_modules or set lora_bias=False"
             )
         if lora_bias and self.bias is None:  # PEFT warns too: it trains, but cannot be merged
-            log.warning(
-                "lora_bias=True on a %s without a bias: adapter %r trains and saves, but cannot be merged",
-                type(self.base_layer).__name__,
-                adapter,
-            )
+            log.warning("lora_bias=True on a layer without a bias: adapter %r cannot be merged", adapter)
         if use_dora and not self.supports_dora:
             raise ConfigError(
                 f"use_dora=True is not supported on {type(self.base_layer).__name__} layers "
@@ -300,13 +296,10 @@ class LoraLayer(DoraParts, nn.Module):
     def _plain_delta(self, adapter: str, weights: list[torch.Tensor]) -> torch.Tensor:
         return self._delta(adapter, *weights[:2])
 
-    def bias_delta(self, adapter: str, weights: list[torch.Tensor] | None = None) -> torch.Tensor | None:
-        """What a merge adds to the base bias: `scaling * lora_B.bias` (None without `lora_bias`);
-        `weights` in `_adapter_params` order (A, B, B's bias), default the live ones."""
-        if not self.lora_bias.get(adapter):
-            return None
-        weights = self._adapter_params(adapter) if weights is None else weights
-        return weights[2] * self.scaling[adapter]
+    def bias_delta(self, adapter: str, weights: list[torch.Tensor]) -> torch.Tensor | None:
+        """What a merge adds to the base bias: `scaling * lora_B.bias` (None without `lora_bias`),
+        from `weights` in `_adapter_params` order (A, B, B's bias)."""
+        return weights[2] * self.scaling[adapter] if self.lora_bias.get(adapter) else None
 
     def _delta(self, adapter: str, *weights: torch.Tensor) -> torch.Tensor:
         """The scaled delta of adapter `adapter` from its weights (in `_adapter_params` order)."""
