@@ -8,7 +8,7 @@
   a random-weight T5 with SmolLM2's tokenizer learns to copy a word (exact match of generations).
 
     python benchmarks/bench_tasks.py [--train 1000] [--eval 300] [--steps 150] [--threads 2] [--lr 3e-3]
-        [--lora-alpha 32] [--warmup 5] [--skip-seq2seq]
+        [--lora-alpha 32] [--warmup 5] [--head-lr 3e-3] [--skip-seq2seq]
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="token classification's peak learning rate")
     parser.add_argument("--lora-alpha", type=float, default=32.0, help="token classification's LoRA alpha")
     parser.add_argument("--warmup", type=int, default=5, help="warmup steps")
+    parser.add_argument("--head-lr", type=float, default=None, help="token classification's head lr")
     parser.add_argument("--skip-seq2seq", action="store_true")
     args = parser.parse_args()
     from fixtures import minilm_tokenizer_folder, tiny_seq2seq_model
@@ -97,6 +98,7 @@ def main() -> None:
                 max_steps=args.steps,
                 lr=args.lr,
                 lora_alpha=args.lora_alpha,
+                head_lr=args.head_lr,
                 **common,
             )
         )
