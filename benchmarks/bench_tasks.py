@@ -7,7 +7,8 @@
 - seq2seq: no registry package ships pretrained seq2seq weights (T5/BART) that installs here, so
   a random-weight T5 with SmolLM2's tokenizer learns to copy a word (exact match of generations).
 
-    python benchmarks/bench_tasks.py [--train 1000] [--eval 300] [--steps 150] [--threads 2] [--lr 3e-3] [--skip-seq2seq]
+    python benchmarks/bench_tasks.py [--train 1000] [--eval 300] [--steps 150] [--threads 2] [--lr 3e-3]
+        [--lora-alpha 32] [--warmup 5] [--head-lr 3e-3] [--skip-seq2seq]
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3, help="token classification's peak learning rate")
+    parser.add_argument("--lora-alpha", type=float, default=32.0, help="token classification's LoRA alpha")
+    parser.add_argument("--warmup", type=int, default=5, help="warmup steps")
+    parser.add_argument("--head-lr", type=float, default=None, help="token classification's head lr")
     parser.add_argument("--skip-seq2seq", action="store_true")
     args = parser.parse_args()
     from fixtures import minilm_tokenizer_folder, tiny_seq2seq_model
@@ -76,7 +80,12 @@ def main() -> None:
         d = Path(tmp)
         sentences = wnut16(args.train + args.eval)
         common = dict(
-            batch_size=8, warmup_steps=5, max_length=64, eval_batch_size=32, seed=0, threads=args.threads
+            batch_size=8,
+            warmup_steps=args.warmup,
+            max_length=64,
+            eval_batch_size=32,
+            seed=0,
+            threads=args.threads,
         )
         results.append(
             run(
@@ -88,6 +97,8 @@ def main() -> None:
                 task="token-classification",
                 max_steps=args.steps,
                 lr=args.lr,
+                lora_alpha=args.lora_alpha,
+                head_lr=args.head_lr,
                 **common,
             )
         )

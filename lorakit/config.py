@@ -63,6 +63,7 @@ class LoraConfig:
     loftq_config: dict[str, Any] = field(default_factory=dict)  # {"loftq_bits": 4, "loftq_iter": 1}
     # rows of the input embedding ([ids]) or of named embeddings ({name: [ids]}) trained in full
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    lora_bias: bool = False  # PEFT's key: lora_B has a trainable bias (merged into the base's bias)
     # keys of adapter_config.json this version does not interpret, kept for the round trip
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -103,6 +104,12 @@ class LoraConfig:
         if self.init_lora_weights == "loftq" and not self.loftq_config:
             raise ConfigError(
                 "LoraConfig.init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1}"
+            )
+        if self.lora_bias and (self.use_dora or self.init_lora_weights not in (True, False)):
+            raise ConfigError(
+                "LoraConfig.lora_bias=True works with plain LoRA and init_lora_weights True or False only "
+                f"(PEFT's rule), got use_dora={self.use_dora}, init_lora_weights={self.init_lora_weights!r}; "
+                "set lora_bias=False or drop the other option"
             )
         if self.target_modules is None and not self.target_parameters:
             raise ConfigError(
@@ -291,6 +298,7 @@ _CHECKS: tuple[tuple[str, Any, str], ...] = (
         lambda v: _is_token_indices(v),
         "None, a list of token ids or a {module name: [ids]} object",
     ),
+    ("lora_bias", _is_bool, "true or false"),
 )
 
 

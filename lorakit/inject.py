@@ -353,6 +353,7 @@ def _add_adapter(module: LoraLayer, config: LoraConfig, adapter: str, key: str) 
             config.use_rslora,
             use_dora=config.use_dora,
             loftq_config=config.loftq_config,
+            lora_bias=config.lora_bias,
         )
     except (RuntimeError, MemoryError, ValueError, TypeError, OverflowError) as e:
         if isinstance(e, LorakitError):

@@ -169,6 +169,11 @@ def add_weighted_adapter(
         raise ConfigError(
             "add_weighted_adapter cannot combine adapters with modules_to_save (full module copies)"
         )
+    if any(configs[a].lora_bias for a in adapters):
+        raise ConfigError(
+            "add_weighted_adapter cannot combine adapters with lora_bias=True (a bias on lora_B); "
+            "merge them into the base one by one instead (lorakit.merge)"
+        )
     combination_type = "linear" if len(adapters) == 1 else combination_type
     # the allocated rank, as in PEFT: the largest rank of each config (rank_pattern included)
     ranks = [max([configs[a].r, *configs[a].rank_pattern.values()]) for a in adapters]

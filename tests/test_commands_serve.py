@@ -60,3 +60,12 @@ def test_adapter_named_like_the_base_is_refused(tmp_path, capsys):
     shutil.copytree(make_adapter(folder, tmp_path / "a", 1), tmp_path / "dir" / "base")
     assert main(["serve", "--model", str(folder), "--adapter-dir", str(tmp_path / "dir")]) == 1
     assert "the base model's id" in capsys.readouterr().err
+
+
+def test_a_seq2seq_model_is_refused_at_startup_with_what_to_use(tmp_path, capsys):
+    from fixtures import tiny_seq2seq_model
+
+    folder = tiny_seq2seq_model(tmp_path / "t5", "t5")
+    assert main(["serve", "--model", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "encoder-decoder (seq2seq) model" in err and "lorakit generate" in err

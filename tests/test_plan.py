@@ -295,7 +295,7 @@ def test_bad_inputs_raise_lorakit_errors(tmp_path, llama_json):
         dict(dtype="int8"),
         dict(batch_size=-1),
         dict(optimizer="lion"),
-        dict(task="seq2seq"),  # was accepted and planned as a causal LM
+        dict(task="translation"),
     ):
         with pytest.raises(ConfigError):
             PlanSetup(model=llama_json, **bad)
@@ -431,3 +431,79 @@ def test_fsdp_divides_what_fully_shard_shards_by_hand(llama_json):
     assert q1.memory.weights > q.memory.weights > scales + (q1.memory.weights - scales) // 2
     with pytest.raises(ConfigError, match="fsdp"):
         PlanSetup(**kw, fsdp=0)
+
+
+# --- the other tasks: seq2seq, token classification, new tokens ------------------------------------
+
+
+def _t5_and_bert(tmp_path, name):
+    from transformers import BertConfig, T5Config
+
+    if name == "t5":
+        config = T5Config(
+            vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        )  # fmt: skip
+    else:
+        config = BertConfig(
+            vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            num_labels=7,
+        )  # fmt: skip
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    return config, str(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize(
+    "case, task, peft_task",
+    [("t5", "seq2seq", "SEQ_2_SEQ_LM"), ("bert", "token-classification", "TOKEN_CLS")],
+)
+def test_plan_counts_seq2seq_and_token_classification_as_peft_and_train_do(tmp_path, case, task, peft_task):
+    import peft
+
+    from lorakit.tasks import auto_model_class
+    from lorakit.train import TrainConfig
+    from lorakit.train.run import lora_config
+
+    config, path = _t5_and_bert(tmp_path, case)
+    plan = estimate(PlanSetup(model=path, r=2, task=task, seq_len=8, dtype="float32"))
+    assert plan.memory.peak > 0  # the trace runs the task's own forward (decoder labels, tags)
+    ours = auto_model_class(task).from_config(config)  # what `lorakit train --task` trains
+    lorakit.inject(ours, lora_config(TrainConfig(task=task, r=2, lora_alpha=4), ours))
+    assert (plan.trainable_params, plan.total_params) == lorakit.trainable_parameters(ours)
+    # PEFT: the same modules (its "all-linear" would adapt the tagger's head too, so they are named),
+    # and TOKEN_CLS trains the new `classifier` head in full as lorakit does
+    targets = "all-linear" if case == "t5" else ["query", "key", "value", "dense"]
+    theirs = peft.get_peft_model(
+        auto_model_class(task).from_config(config),
+        peft.LoraConfig(r=2, target_modules=targets, task_type=peft_task),
+    )
+    assert (plan.trainable_params, plan.total_params) == theirs.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_plan_new_tokens_resize_and_train_only_their_rows(llama_json, tmp_path, tie):
+    import peft
+
+    data = {**json.loads(open(llama_json).read()), "tie_word_embeddings": tie}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    plan = estimate(PlanSetup(model=str(tmp_path / "config.json"), r=2, new_tokens=3, seq_len=8))
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA, tie_word_embeddings=tie))
+    model.resize_token_embeddings(131)  # what --add-tokens does for three new tokens
+    rows = [128, 129, 130]
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules="all-linear", trainable_token_indices=rows))
+    assert (plan.trainable_params, plan.total_params) == lorakit.trainable_parameters(model)
+    reference = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA, tie_word_embeddings=tie))
+    reference.resize_token_embeddings(131)
+    theirs = peft.get_peft_model(
+        reference, peft.LoraConfig(r=2, target_modules="all-linear", trainable_token_indices=rows)
+    )
+    assert plan.trainable_params == theirs.get_nb_trainable_parameters()[0]
+    assert (
+        plan.trainable_params - estimate(PlanSetup(model=llama_json, r=2, seq_len=8)).trainable_params
+        == 3 * 64
+    )
+    with pytest.raises(ConfigError, match="new_tokens"):
+        PlanSetup(model=llama_json, new_tokens=-1)
+    rc, out, _ = _cli(
+        ["plan", "--model", str(tmp_path / "config.json"), "--r", "2", "--new-tokens", "3", "--json"]
+    )
+    assert rc == 0 and json.loads(out)["plan"]["trainable_params"] == plan.trainable_params

@@ -85,3 +85,20 @@ def test_variant_flags_reach_the_lora_config():
 def test_variant_flag_refusals(kw, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(data="x", **kw).validate()
+
+
+def test_head_lr_puts_the_new_head_in_its_own_group_and_is_not_mixed_with_lora_plus():
+    from fixtures import tiny_bert_classifier
+
+    from lorakit.train.lora_plus import group_lr, head_groups
+
+    model = tiny_bert_classifier()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    groups = head_groups(model, 1e-4, 1e-3)
+    head = {id(p) for p in model.classifier.modules_to_save["default"].parameters()}
+    assert [g["lr"] for g in groups] == [1e-4, 1e-3] and {id(p) for p in groups[1]["params"]} == head
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable and head < trainable
+    assert group_lr(groups[1], 2e-4) == pytest.approx(2e-3)  # a resume with a new --lr keeps the ratio
+    with pytest.raises(ConfigError, match="use one of them"):
+        TrainConfig(head_lr=1e-3, lora_plus_ratio=16).validate()

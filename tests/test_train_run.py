@@ -491,3 +491,54 @@ def test_checkpointing_gives_the_same_gradient_bits_as_none(selective):
 
     for a, b in zip(grads(True), grads(False)):
         assert torch.equal(a, b)
+
+
+NEW_MARKERS_TEMPLATE = (
+    "{% for m in messages %}{{ '<|turn|>' + m['role'] + '\\n' + m['content'] + '<|endturn|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_a_chat_template_with_new_markers_adds_them_and_trains_only_their_rows(tmp_path):
+    from fixtures import tiny_chat_model, write_jsonl
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from lorakit.generate import load_for_inference
+    from lorakit.train import TrainConfig, run_training
+
+    folder = tiny_chat_model(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = NEW_MARKERS_TEMPLATE  # a user's own template, markers the vocabulary lacks
+    tok.save_pretrained(folder)
+    vocab = len(tok)
+    assert "<|turn|>" not in tok.get_vocab()
+    chats = [
+        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+        for w in ["a", "b", "c", "d"] * 2
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", [json.dumps(c) for c in chats])
+    cfg = TrainConfig(
+        model=str(folder),
+        data=str(data),
+        output=str(tmp_path / "run"),
+        max_steps=2,
+        batch_size=4,
+        warmup_steps=1,
+        save_every=0,
+        eval_fraction=0,
+        eval_base=False,
+        threads=1,
+        target_modules="q_proj",
+    )
+    s = run_training(cfg)
+    config = json.loads((s.adapter / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == [vocab, vocab + 1]  # <|endturn|>, <|turn|> (sorted)
+    saved = load_file(s.adapter / "adapter_model.safetensors")
+    assert saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"].shape == (2, 32)
+    model, tok2, _ = load_for_inference(str(folder), [str(s.adapter)])
+    assert tok2.convert_tokens_to_ids(["<|endturn|>", "<|turn|>"]) == [vocab, vocab + 1]
+    text = tok2.apply_chat_template(chats[0]["messages"], tokenize=False)
+    assert tok2(text, add_special_tokens=False)["input_ids"][0] == vocab + 1  # one token, not split
+    assert model.get_input_embeddings().weight.shape[0] == vocab + 2

@@ -67,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dtype of the saved adapter (default: fp32)",
     )
     parser.add_argument("--dora", action=argparse.BooleanOptionalAction, default=False, help="DoRA adapters")
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N tokens added (lorakit train --add-tokens): the embeddings grow by N rows, only those rows train",
+    )
     parser.add_argument("--budget", help="memory budget, e.g. 8GiB or 24GB: recommend settings that fit")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         adapter_dtype=args.adapter_dtype,
         use_dora=args.dora,
         fsdp=args.fsdp,
+        new_tokens=args.new_tokens,
     )
     budget = parse_size(args.budget) if args.budget else None
     methods = compare(setup)

@@ -106,6 +106,15 @@ def build(args: argparse.Namespace):
         raise ConfigError(f"--shutdown-timeout must be a finite number >= 0, got {args.shutdown_timeout}")
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    from ..generate import inference_task
+    from ..tasks import SEQ2SEQ
+
+    if inference_task(args.model) == SEQ2SEQ:  # before the slow load
+        raise ConfigError(
+            f"{args.model} is an encoder-decoder (seq2seq) model; lorakit serve serves causal LMs only "
+            "(its batching decodes one growing sequence per request). Generate with "
+            "`lorakit generate --model MODEL --adapter ADAPTER PROMPT`, which handles seq2seq models"
+        )
     model, tokenizer = hf.load_model(args.model)
     adapters = {name: adapter_source(folder) for name, folder in adapters.items()}  # or Hub IDs
     base_name = args.served_model_name or Path(str(args.model)).name

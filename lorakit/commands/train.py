@@ -89,9 +89,12 @@ _HELP = {
     "(default: the base model, adapters disabled)",
     "precompute_ref": "dpo: compute the reference log-probs once before training (stored in --output)",
     "chat_template": "render prompt/completion text records with the chat template (prompt as the user "
-    "turn, completion as the assistant turn); message-list records always use it",
+    "turn, completion as the assistant turn); message-list records always use it. <|...|> markers the "
+    "template writes but the vocabulary lacks are added like --add-tokens",
     "add_tokens": "comma-separated tokens to add to the tokenizer (e.g. '<tool>,</tool>'): the embeddings "
     "are resized and only these rows are trained and saved (PEFT's trainable_token_indices)",
+    "head_lr": "learning rate of a classifier's or tagger's new head (trained in full), e.g. 10x --lr; "
+    "default --lr (not with --lora-plus-ratio)",
     "strategy": "under torchrun: ddp (each process holds the whole model) or fsdp (FSDP2: the model "
     "sharded over the processes; --fsdp for short)",
     "selective_checkpointing": "recompute only the pointwise ops (norms, activations) in the backward, keep "

@@ -71,6 +71,11 @@ def _pairs(model: nn.Module, adapter: str):
             )
         if getattr(layer, "lora_magnitude_vector", None):
             raise ConfigError(f"adapter {adapter!r} has DoRA magnitudes on {name}; use --format gguf")
+        if layer.lora_bias.get(adapter):
+            raise ConfigError(
+                f"adapter {adapter!r} has a lora_B bias (lora_bias=True) on {name}, which a llama.cpp LoRA "
+                "file cannot hold; use --format gguf (the adapter merged into the model)"
+            )
         r = layer.r[adapter]
         fold = layer.scaling[adapter] * r / alpha  # 1.0 unless rsLoRA / alpha_pattern
         if hasattr(layer, "lora_embedding_A"):

@@ -31,6 +31,7 @@ Initialisations that read the base weight (PiSSA, OLoRA, LoftQ: `lorakit.init`) 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -38,6 +39,8 @@ from torch import nn
 
 from ..errors import AdapterStateError, ConfigError, ShapeMismatchError
 from .dora import DoraParts
+
+log = logging.getLogger(__name__)
 
 
 class LoraLayer(DoraParts, nn.Module):
@@ -48,6 +51,7 @@ class LoraLayer(DoraParts, nn.Module):
     # names of the per-adapter containers; io.py uses them to build PEFT's tensor names
     adapter_containers: tuple[str, ...] = ()
     supports_dora = False  # families that implement the DoRA layout hooks set it
+    supports_lora_bias = False  # families whose B can carry a bias (PEFT: linear and conv layers)
     _drops_input = True  # dropout applies to the input (not to an embedding's token ids)
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -56,6 +60,7 @@ class LoraLayer(DoraParts, nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}  # adapters whose lora_B has a bias (PEFT's lora_bias)
         self.lora_dropout = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -108,11 +113,21 @@ class LoraLayer(DoraParts, nn.Module):
         use_rslora: bool = False,
         use_dora: bool = False,
         loftq_config: dict | None = None,
+        lora_bias: bool = False,
     ) -> None:
         """Add (or replace) adapter `adapter` with rank `r`; raise `ConfigError` if r <= 0, or for
-        DoRA or a weight-based init (`"pissa"`, `"olora"`, `"loftq"`) on a layer without support."""
+        DoRA, `lora_bias` or a weight-based init (`"pissa"`, `"olora"`, `"loftq"`) on a layer
+        without support."""
         if r <= 0:
             raise ConfigError(f"rank must be a positive integer, got r={r} for adapter {adapter!r}")
+        if lora_bias and not self.supports_lora_bias:
+            raise ConfigError(
+                f"lora_bias=True is not supported on {type(self.base_layer).__name__} layers "
+                f"({type(self).__name__}; PEFT has it on linear and convolution layers only); exclude them "
+                "from target_modules or set lora_bias=False"
+            )
+        if lora_bias and self.bias is None:  # PEFT warns too: it trains, but cannot be merged
+            log.warning("lora_bias=True on a layer without a bias: adapter %r cannot be merged", adapter)
         if use_dora and not self.supports_dora:
             raise ConfigError(
                 f"use_dora=True is not supported on {type(self.base_layer).__name__} layers "
@@ -128,6 +143,7 @@ class LoraLayer(DoraParts, nn.Module):
         self.lora_alpha[adapter] = lora_alpha
         self.scaling[adapter] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[adapter] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_bias[adapter] = bool(lora_bias)
         self._create_adapter(adapter, r)
         if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
             self._init_from_weight(adapter, init_lora_weights, loftq_config or {})
@@ -153,7 +169,7 @@ class LoraLayer(DoraParts, nn.Module):
             items = getattr(self, container)
             if adapter in items:
                 del items[adapter]
-        for d in (self.r, self.lora_alpha, self.scaling, self._dora_cache):
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_bias, self._dora_cache):
             d.pop(adapter, None)
 
     def containers_of(self, adapter: str) -> list[str]:
@@ -246,6 +262,8 @@ class LoraLayer(DoraParts, nn.Module):
         else:
             kaiming_uniform_(a)
         nn.init.zeros_(self.lora_B[adapter].weight)
+        if self.lora_bias[adapter]:
+            nn.init.zeros_(self.lora_B[adapter].bias)
 
     def _adapter_params(self, adapter: str) -> list[nn.Parameter]:
         return [p for c in self.containers_of(adapter) for p in _params_of(getattr(self, c)[adapter])]
@@ -269,14 +287,19 @@ class LoraLayer(DoraParts, nn.Module):
         """The adapter's contribution in the layout of `base_layer.weight` (already scaled); for a
         DoRA adapter, what its merge adds: `(f - 1) * W + f * dW` for the current base weight W."""
         weights = self._adapter_params(adapter)
-        delta = self._delta(adapter, *weights[:2] if self.is_dora(adapter) else weights)
+        delta = self._delta(adapter, *weights[:2])
         if not self.is_dora(adapter):
             return delta
         f = self._weight_view(weights[2].reshape(-1) / self._dora_norm(adapter, *weights))
         return (f - 1) * self._base_weight().to(delta.dtype) + f * delta
 
     def _plain_delta(self, adapter: str, weights: list[torch.Tensor]) -> torch.Tensor:
-        return self._delta(adapter, *weights[:2] if self.is_dora(adapter) else weights)
+        return self._delta(adapter, *weights[:2])
+
+    def bias_delta(self, adapter: str, weights: list[torch.Tensor]) -> torch.Tensor | None:
+        """What a merge adds to the base bias: `scaling * lora_B.bias` (None without `lora_bias`),
+        from `weights` in `_adapter_params` order (A, B, B's bias)."""
+        return weights[2] * self.scaling[adapter] if self.lora_bias.get(adapter) else None
 
     def _delta(self, adapter: str, *weights: torch.Tensor) -> torch.Tensor:
         """The scaled delta of adapter `adapter` from its weights (in `_adapter_params` order)."""
@@ -294,11 +317,18 @@ class LoraLayer(DoraParts, nn.Module):
             for n in todo
             if self.is_dora(n)
         }
+        no_bias = [n for n in todo if self.lora_bias.get(n) and self.bias is None]
+        if no_bias:  # PEFT refuses this merge too
+            raise AdapterStateError(
+                f"adapter(s) {no_bias} have lora_bias=True but this {type(self.base_layer).__name__} has no "
+                "bias to merge it into; keep them unmerged"
+            )
         bad = [
             n
             for n in todo
             if not bool(torch.isfinite(deltas[n]).all())
             or (n in factors and not bool(torch.isfinite(factors[n]).all()))
+            or (self.lora_bias.get(n) and not bool(torch.isfinite(weights[n][2]).all()))
         ]
         if bad:
             raise AdapterStateError(
@@ -311,7 +341,7 @@ class LoraLayer(DoraParts, nn.Module):
                 f = factors[name]
                 delta = (f - 1) * self._base_weight().to(delta.dtype) + f * delta
                 self._merged_factors[name] = f
-            self._add_to_base(delta)
+            self._add_to_base(delta, self.bias_delta(name, weights[name]))
             self.merged_adapters.append(name)
             self._merged_weights[name] = weights[name]
         self._update_trainable()
@@ -327,17 +357,21 @@ class LoraLayer(DoraParts, nn.Module):
                 if name in self._merged_factors:  # W <- W / f - dW
                     f = self._merged_factors.pop(name).to(device)
                     delta = self._base_weight().to(delta.dtype) * (1 / f - 1) + delta
-                self._add_to_base(delta)
+                bias = self.bias_delta(name, merged)
+                self._add_to_base(delta, None if bias is None else -bias)
                 self.merged_adapters.remove(name)
         self._update_trainable()
 
-    def _add_to_base(self, delta: torch.Tensor) -> None:
+    def _add_to_base(self, delta: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Add `delta` to the base weight (and `bias`, a `lora_bias` merge, to its bias)."""
         base = self.base_layer
-        if hasattr(base, "add_weight_delta_"):  # quantized bases know how to update themselves
-            base.add_weight_delta_(delta)
-            return
         with torch.no_grad():
-            base.weight.add_(delta.to(base.weight.dtype))
+            if bias is not None:
+                base.bias.add_(bias.to(base.bias.dtype))
+            if hasattr(base, "add_weight_delta_"):  # quantized bases know how to update themselves
+                base.add_weight_delta_(delta)
+            else:
+                base.weight.add_(delta.to(base.weight.dtype))
 
     def _lora_active(self) -> list[str]:
         """The active adapters whose output the forward must add (not disabled, not merged)."""

@@ -31,6 +31,7 @@ class LoraConv(LoraLayer):
     """Wraps an `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d`; see the module docstring."""
 
     adapter_containers = ("lora_A", "lora_B")
+    supports_lora_bias = True
 
     @property
     def supports_dora(self) -> bool:
@@ -61,7 +62,9 @@ class LoraConv(LoraLayer):
             bias=False,
             dtype=dtype,
         )
-        self.lora_B[adapter] = conv(r, base.out_channels, 1, 1, groups=base.groups, bias=False, dtype=dtype)
+        self.lora_B[adapter] = conv(
+            r, base.out_channels, 1, 1, groups=base.groups, bias=self.lora_bias[adapter], dtype=dtype
+        )
 
     def _delta(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
         if self.base_layer.groups > 1:

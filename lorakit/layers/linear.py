@@ -32,6 +32,7 @@ class LoraLinear(LoraLayer):
 
     adapter_containers = ("lora_A", "lora_B")
     supports_dora = True
+    supports_lora_bias = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -48,7 +49,7 @@ class LoraLinear(LoraLayer):
     def _create_adapter(self, adapter: str, r: int) -> None:
         dtype = self._adapter_dtype()
         self.lora_A[adapter] = nn.Linear(self.in_features, r, bias=False, dtype=dtype)
-        self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=False, dtype=dtype)
+        self.lora_B[adapter] = nn.Linear(r, self.out_features, bias=self.lora_bias[adapter], dtype=dtype)
 
     def _delta(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
         return linear_delta(lora_a, lora_b, self.scaling[adapter], self.fan_in_fan_out)
@@ -61,8 +62,8 @@ class LoraLinear(LoraLayer):
         return v.view(1, -1) if self.fan_in_fan_out else v.view(-1, 1)
 
     def _lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        a = self.lora_A[name].weight
-        return F.linear(F.linear(x.to(a.dtype), a), self.lora_B[name].weight) * self.scaling[name]
+        a, b = self.lora_A[name].weight, self.lora_B[name]
+        return F.linear(F.linear(x.to(a.dtype), a), b.weight, b.bias) * self.scaling[name]
 
     def _base_plus_lora(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[name].weight
@@ -96,9 +97,12 @@ class LoraLinear(LoraLayer):
         a = self.lora_A[name].weight
         b = self.lora_B[name].weight
         h = F.linear(self.lora_dropout[name](x.to(a.dtype)), a)
+        base = result.reshape(-1, self.out_features).to(a.dtype)
+        if self.lora_bias[name]:  # lora_bias: scaling * (h @ B.T + b)
+            base = base + self.lora_B[name].bias * self.scaling[name]
         # one fused kernel for result + scaling * (h @ B.T): cheaper than matmul, scale, add
         out = torch.addmm(
-            result.reshape(-1, self.out_features).to(a.dtype),
+            base,
             h.reshape(-1, h.shape[-1]),
             b.T,
             alpha=self.scaling[name],
@@ -129,8 +133,9 @@ class LoraLinear(LoraLayer):
         dropped_dora = any(
             self.is_dora(n) and not isinstance(self.lora_dropout[n], nn.Identity) for n in used
         )
-        if self.training and dropped_dora:  # DoRA's base part then needs each row's own dropout
-            return super()._mixed_forward(x, result)
+        biased = any(self.lora_bias[n] for n in used)
+        if biased or (self.training and dropped_dora):  # DoRA's base part then needs each row's dropout
+            return super()._mixed_forward(x, result)  # (lora_bias: the per-adapter path adds each bias)
         (a_stack, b_stack, p, b_cat, factor), (idx, mask) = self._stacked(used)
         h = x.reshape(len(rows), -1, self.in_features).to(a_stack.dtype)
         if self.training and bool((p > 0).any()):

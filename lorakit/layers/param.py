@@ -97,7 +97,7 @@ class LoraParam(LoraLayer):
     def _delta(self, adapter: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
         return param_delta(lora_a, lora_b, self.scaling[adapter], self.num_experts, self.transposed)
 
-    def _add_to_base(self, delta: torch.Tensor) -> None:
+    def _add_to_base(self, delta: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         with torch.no_grad():
             self.param.add_(delta.to(self.param.dtype))
 

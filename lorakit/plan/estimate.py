@@ -18,15 +18,15 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
-from ..modeling import decoder_layers
+from ..modeling import classifier_heads, decoder_layers
 from ..quant import DEFAULT_BLOCKSIZE, nf4_bytes, quantized_weights
-from ..tasks import CAUSAL_LM, CLASSIFICATION
+from ..tasks import LABEL_TASKS, TASKS
 from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, optimizer_state_bytes, step_memory
 from .models import ATTENTION, build_meta_model, load_config
 from .trace import ActivationTrace, trace_activations
 
-# the tasks whose models plan builds (seq2seq and token classification are not estimated yet)
-PLAN_TASKS = (CAUSAL_LM, CLASSIFICATION)
+# the tasks whose models plan builds: every task `lorakit train` runs
+PLAN_TASKS = tuple(TASKS)
 
 METHODS = ("full", "lora", "qlora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +57,7 @@ class PlanSetup:
     target_parameters: tuple[str, ...] = ()  # parameters to adapt (MoE experts), PEFT's rule
     use_dora: bool = False  # DoRA: + one magnitude per output feature, and its forward's activations
     fsdp: int = 1  # processes the model is sharded over (`lorakit train --fsdp`); memory is per process
+    new_tokens: int = 0  # tokens added (`lorakit train --add-tokens`): embeddings resized, their rows trained
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", _DTYPE_ALIASES.get(self.dtype, self.dtype))
@@ -84,6 +85,8 @@ class PlanSetup:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"plan: {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.new_tokens, int) or isinstance(self.new_tokens, bool) or self.new_tokens < 0:
+            raise ConfigError(f"plan: new_tokens must be an integer >= 0, got {self.new_tokens!r}")
 
     def lora_config(self) -> LoraConfig:
         """The `LoraConfig` this setup applies."""
@@ -164,16 +167,31 @@ def _prepared(key: PlanSetup) -> tuple[nn.Module, tuple[str, ...]]:
     from ..inject import find_parameter_targets, find_targets, inject, resolve_all_linear
 
     model = copy.deepcopy(_base_model(key.model, key.dtype, key.attention, key.task))
+    rows = _add_token_rows(model, key.new_tokens)
     if key.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model, ()
     config = resolve_all_linear(model, key.lora_config())
+    # what `lorakit train` trains besides LoRA: a classifier's or tagger's new head in full, new rows
+    heads = classifier_heads(model) if key.task in LABEL_TASKS else []
+    config = dataclasses.replace(config, modules_to_save=heads or None, trainable_token_indices=rows or None)
     with torch.device("meta"):
         targets = find_targets(model, config)
         targets += [f"{m}.{p}" for m, p in find_parameter_targets(model, config, targets)]
         inject(model, config)
     return model, tuple(targets)
+
+
+def _add_token_rows(model: nn.Module, n: int) -> list[int]:
+    """Grow the embeddings (and an untied head) by `n` rows, as `lorakit train --add-tokens` does;
+    the new rows' ids."""
+    if not n:
+        return []
+    old = model.get_input_embeddings().weight.shape[0]
+    with torch.device("meta"):
+        model.resize_token_embeddings(old + n, mean_resizing=False)
+    return list(range(old, old + n))
 
 
 @lru_cache(maxsize=64)

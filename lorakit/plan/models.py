@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..tasks import auto_model_class
 
 
 def _seven_b(vocab: int, intermediate: int, kv_heads: int, context: int, **extra: Any) -> dict[str, Any]:
@@ -150,17 +151,12 @@ def build_meta_model(config, task: str = "causal-lm", attention: str = "sdpa") -
     keeps only the output and log-sum-exp for backward), "eager" through the plain softmax path
     (keeps the [batch, heads, seq, seq] probabilities). Raises `ConfigError` for an unknown value.
     """
-    import transformers
 
     if attention not in ATTENTION:
         raise ConfigError(f"attention must be one of {ATTENTION}, got {attention!r}")
     _register_fused_attention()
     impl = _PLAN_SDPA if attention == "sdpa" else "eager"
-    auto = (
-        transformers.AutoModelForSequenceClassification
-        if task == "classification"
-        else transformers.AutoModelForCausalLM
-    )
+    auto = auto_model_class(task)
     with torch.device("meta"):
         try:
             model = auto.from_config(config, attn_implementation=impl)

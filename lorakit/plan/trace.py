@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..modeling import decoder_layers, is_causal_lm
+from ..modeling import decoder_layers
+from ..tasks import CLASSIFICATION, model_task
 
 
 @dataclass
@@ -80,7 +81,9 @@ def trace_activations(model: nn.Module, batch: int, seq: int) -> ActivationTrace
     handles += [layer.register_forward_hook(leave) for layer in layers]
     device = torch.device("meta")
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    labels = ids if is_causal_lm(model) else torch.zeros(batch, dtype=torch.long, device=device)
+    # one label per sequence for a classifier, one per token for the others (seq2seq: the decoder's)
+    per_sequence = model_task(model) == CLASSIFICATION
+    labels = torch.zeros(batch, dtype=torch.long, device=device) if per_sequence else ids
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(input_ids=ids, labels=labels)

@@ -92,6 +92,7 @@ class TrainConfig:
     precompute_ref: bool = False  # DPO: reference log-probs once before training, stored in the output folder
     chat_template: bool = False  # prompt/completion text records: render them with the chat template
     add_tokens: str | None = None  # comma-separated new tokens: embeddings resized, only their rows trained
+    head_lr: float | None = None  # lr of a classifier's or tagger's new head (modules_to_save); None: lr
     strategy: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 shards; lorakit.train.sharding)
     selective_checkpointing: bool = False  # keep matmul outputs, recompute pointwise ops (train.run)
 
@@ -114,6 +115,11 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"
+            )
+        if self.head_lr and self.lora_plus_ratio:
+            raise ConfigError(
+                "head_lr (--head-lr) and lora_plus_ratio (--lora-plus-ratio) set their own optimizer groups; "
+                "use one of them"
             )
         if self.pack and self.task != CAUSAL_LM:
             raise ConfigError(
@@ -204,6 +210,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "orpo_lambda": (0, None, False, False),
     "kto_desirable_weight": (0, None, True, False),
     "kto_undesirable_weight": (0, None, True, False),
+    "head_lr": (0, None, True, False),
 }
 
 

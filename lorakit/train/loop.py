@@ -31,7 +31,7 @@ from . import distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .head_loss import head_loss_sum, plain_lm_head
-from .lora_plus import group_lr, lora_plus_groups
+from .lora_plus import group_lr, head_groups, lora_plus_groups
 from .preference import MetricSums, preference_loss_sum
 from .report import MetricsLog
 from .sharding import is_sharded
@@ -315,11 +315,12 @@ def train(
 def _start(model: nn.Module, params: list, cfg: TrainConfig, total: int) -> tuple[Any, Any, Progress]:
     """The optimizer, the schedule and the progress: fresh (every process starting from rank 0's
     values), or restored from the newest complete checkpoint with `cfg.resume`."""
-    groups = (
-        lora_plus_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
-        if cfg.lora_plus_ratio
-        else params
-    )
+    if cfg.lora_plus_ratio:
+        groups = lora_plus_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
+    elif cfg.head_lr:
+        groups = head_groups(model, cfg.lr, cfg.head_lr)
+    else:
+        groups = params
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     folder = Path(cfg.output) / "checkpoints"

@@ -62,6 +62,18 @@ def lora_plus_groups(
     return out
 
 
+def head_groups(model: nn.Module, lr: float, head_lr: float) -> list[dict[str, Any]]:
+    """Two AdamW groups for `--head-lr`: the `modules_to_save` copies (a classifier's or tagger's
+    new head, trained in full) at `head_lr`, everything else trainable at `lr`; empty ones left out.
+    The head's group records `lr_scale` so a resume with a new `--lr` keeps the ratio."""
+    head, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if ".modules_to_save." in f".{name}" else rest).append(p)
+    groups = [{"params": rest, "lr": lr}, {"params": head, "lr": head_lr, "lr_scale": head_lr / lr}]
+    return [g for g in groups if g["params"]]
+
+
 def group_lr(group: dict[str, Any], lr: float) -> float:
     """The peak lr of an optimizer group given the run's `lr` (1x for a plain, non-LoRA+ group)."""
     return group.get("lr_fixed") or lr * group.get("lr_scale", 1.0)

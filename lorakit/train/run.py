@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -61,6 +62,12 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict
     """(train examples, eval examples, label map for classification) encoded for `cfg.task`."""
     train_recs = D.read_dataset(cfg.data, seed=cfg.seed).records
     fmt = D.detect_format(train_recs)
+    if (
+        fmt == "chat"
+        or cfg.chat_template
+        or (fmt == "prompt-completion" and isinstance(train_recs[0]["prompt"], list))
+    ):
+        add_template_tokens(tokenizer)  # before encoding, so the rendered chats use them
     eval_recs = D.read_dataset(cfg.eval_data, seed=cfg.seed).records if cfg.eval_data else None
     label_map = D.build_label_map(train_recs) if fmt == "classification" else None
     if fmt == "token-tags":  # a rare tag may appear only in the eval data: the head gets a row for it
@@ -95,6 +102,27 @@ def add_tokens(tokenizer, tokens: str | None) -> list[int]:
     if names:
         tokenizer.add_tokens([t for t in names if t not in tokenizer.get_vocab()])
     return [tokenizer.convert_tokens_to_ids(t) for t in names]
+
+
+def add_template_tokens(tokenizer) -> list[str]:
+    """Add the `<|...|>` markers the chat template writes but the vocabulary lacks (a template put
+    in the model's tokenizer_config.json or chat_template.jinja for a base model: ChatML's
+    `<|im_start|>` on a tokenizer without it) as special tokens, and return them. `run_training`
+    then resizes the embeddings and trains only their rows, as `--add-tokens` does; other new
+    tokens a template needs (no `<|...|>` form) are named with `--add-tokens`."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return []
+    vocab = tokenizer.get_vocab()
+    missing = sorted(set(re.findall(r"<\|[^|<>\s'\"]+\|>", template)) - set(vocab))
+    if missing:
+        log.warning(
+            "the chat template uses %s, which the tokenizer lacks: adding them as new tokens (only their "
+            "embedding rows train, as with --add-tokens)",
+            ", ".join(missing),
+        )
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return missing
 
 
 def resize_for(model, tokenizer) -> None:
@@ -191,10 +219,12 @@ def run_training(cfg: TrainConfig) -> RunSummary:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     token_rows = add_tokens(tokenizer, cfg.add_tokens)  # before encoding, so the data uses them
+    before = len(tokenizer)
     if cfg.method == "sft":
-        train_ex, eval_ex, label_map = load_data(cfg, tokenizer)
+        train_ex, eval_ex, label_map = load_data(cfg, tokenizer)  # may add the template's markers
     else:  # preference pairs or KTO records (lorakit.train.preference)
         (train_ex, eval_ex), label_map = P.preference_data(cfg, tokenizer), None
+    token_rows += [i for i in range(before, len(tokenizer)) if i not in token_rows]
     # integer labels keep their values (1 and 2 need a 3-way head), so the head spans the largest id
     num_labels = max(label_map.values()) + 1 if label_map else None
     model, loaded_tokenizer = load_model(
