@@ -43,8 +43,16 @@ def task_accuracy(model, tok, n_test: int, batch_size: int = 16) -> float:
 
 
 def _like(ref, value: str):
-    """`value` converted to the type of the setting's YAML value or default (text when unknown)."""
-    return value if ref is None or isinstance(ref, str) else type(ref)(value)
+    """`value` converted to the type of the setting's YAML value or default (a number when that is
+    None and it parses as one, else text)."""
+    if ref is None:
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
+    return value if isinstance(ref, str) else type(ref)(value)
 
 
 def main() -> None:

@@ -34,10 +34,10 @@ ROWS: dict[str, list[str]] = {
     "rsLoRA": ["--use-rslora"],
     "DoRA": ["--dora"],
     "PiSSA": ["--init", "pissa"],
-    "OLoRA": ["--init", "olora"],
     "LoRA+ (ratio 16)": ["--lora-plus-ratio", "16"],
     "QLoRA nf4, plain init": ["--quantize", "nf4", "--lora-alpha", "16"],
     "QLoRA nf4, LoftQ": ["--quantize", "nf4", "--lora-alpha", "16", "--init", "loftq"],
+    "OLoRA": ["--init", "olora"],
 }
 
 
