@@ -113,11 +113,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see the module docstring)")
     ap.add_argument("--only", default=None, help="comma list of row names (default: all)")
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--table", action="store_true", help="only print the table of the rows already run")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "quality"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality_variants.json"))
     args = ap.parse_args()
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
+    if args.table:
+        print(markdown(result))
+        return
     setup = {
         "config": "sentiment (lorakit/configs/sentiment.yaml): SmolLM2-135M-Instruct, rotten_tomatoes_chat:train[:2400], "
         "lr 1e-3, r 16, alpha 32, all-linear, max_length 96, seed 0",
@@ -140,12 +144,22 @@ def main() -> None:
         print(name, json.dumps(rows[name]), flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'variant':<24}{'exact match':>12}{'eval loss':>11}{'seconds':>9}")
-    for name, row in rows.items():
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    """The table of `result` as Markdown (what benchmarks/README.md and docs/variants.md show)."""
+    lines = ["| variant | flags | exact match | eval loss | run s |", "| --- | --- | --- | --- | --- |"]
+    for name, row in result["rows"].items():
+        flags = " ".join(row["flags"]) or "(defaults)"
         if "error" in row:
-            print(f"{name:<24} error: {row['error'].splitlines()[-1] if row['error'] else '?'}")
+            tail = row["error"].strip().splitlines()[-1:] or ["?"]
+            lines.append(f"| {name} | `{flags}` | error: {tail[0]} | | |")
         else:
-            print(f"{name:<24}{row['exact_match']:>12.3f}{row['eval_loss']:>11.4f}{row['seconds']:>9.0f}")
+            lines.append(
+                f"| {name} | `{flags}` | {row['exact_match']:.3f} | {row['eval_loss']:.4f} | {row['seconds']:.0f} |"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
