@@ -45,9 +45,11 @@ def test_chat_pair_uses_the_chat_template(tok):
     assert tok.decode(ex["input_ids"][p + c :]).startswith("Go away<|im_end|>")
 
 
-def test_a_long_prompt_is_cut_from_the_left_and_counted(tok):
+def test_a_long_prompt_is_cut_from_the_left_and_counted(tok, caplog):
     long = {**PAIR, "prompt": "word " * 80 + "Is it positive?"}
-    enc = encode_preference([long, PAIR], tok, "preference", max_length=24)
+    with caplog.at_level("WARNING", logger="lorakit"):
+        enc = encode_preference([long, PAIR], tok, "preference", max_length=24)
+    assert "1 prompts cut from the left and 0 completions cut to fit max_length=24" in caplog.text
     ex = enc.examples[0]
     assert (enc.prompt_truncated, enc.completion_truncated) == (1, 0)
     assert ex["prompt_len"] + max(ex["chosen_len"], ex["rejected_len"]) == 24
@@ -64,10 +66,12 @@ def test_completions_longer_than_max_length_are_cut_after_the_prompt(tok):
     assert ex["rejected_len"] == 15 and ex["chosen_len"] <= 15
 
 
-def test_identical_pairs_are_skipped_and_counted_and_none_left_is_an_error(tok):
+def test_identical_pairs_are_skipped_and_counted_and_none_left_is_an_error(tok, caplog):
     same = {**PAIR, "rejected": PAIR["chosen"]}
-    enc = encode_preference([PAIR, same], tok, "preference", max_length=64)
+    with caplog.at_level("WARNING", logger="lorakit"):
+        enc = encode_preference([PAIR, same], tok, "preference", max_length=64)
     assert len(enc.examples) == 1 and enc.identical == 1
+    assert "1 of 2 pairs have identical chosen and rejected answers and were skipped" in caplog.text
     with pytest.raises(DataError, match="none of the 1 preference records is usable"):
         encode_preference([same], tok, "preference", max_length=64)
 
@@ -79,6 +83,11 @@ def test_identical_pairs_are_skipped_and_counted_and_none_left_is_an_error(tok):
             {"prompt": "x", "chosen": "y"},
             "preference",
             r"record 0: missing column 'rejected'.*columns present: \['chosen', 'prompt'\]",
+        ),
+        (
+            {"prompt": "x", "rejected": "z"},
+            "preference",
+            r"record 0: missing column 'chosen'.*columns present: \['prompt', 'rejected'\]",
         ),
         (
             {"prompt": "x", "chosen": "y", "rejected": ["z"]},

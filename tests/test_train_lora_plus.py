@@ -69,6 +69,9 @@ def test_variant_flags_reach_the_lora_config():
     cfg = TrainConfig(data="x", dora=True, init="pissa_niter_4").validate()
     config = lora_config(cfg, tiny_llama())
     assert config.use_dora and config.init_lora_weights == "pissa_niter_4"
+    assert not config.use_rslora
+    rs = lora_config(TrainConfig(data="x", r=16, lora_alpha=32.0, use_rslora=True).validate(), tiny_llama())
+    assert rs.use_rslora and rs.scaling_for("model.layers.0.self_attn.q_proj") == 32.0 / 4
     loftq = lora_config(TrainConfig(data="x", init="loftq", quantize="nf4").validate(), tiny_llama())
     assert loftq.loftq_config == {"loftq_bits": 4, "loftq_iter": 1}
 

@@ -76,6 +76,7 @@ _HELP = {
     "init": "A/B initialisation: pissa, pissa_niter_N (fast SVD), olora, loftq (with --quantize nf4) or "
     "gaussian (default: LoRA's, B = 0)",
     "lora_plus_ratio": "LoRA+: B's learning rate = R x --lr (the paper suggests 16; embedding adapters use 1e-6)",
+    "use_rslora": "rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r (stable at high ranks)",
     "method": "sft (supervised), or preference tuning on prompt/chosen/rejected data: dpo, orpo, simpo; "
     "kto on prompt/completion/label data (docs/preference.md)",
     "beta": "dpo/kto: how far from the reference (higher: closer); simpo: reward scale; ipo: tau",

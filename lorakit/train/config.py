@@ -78,6 +78,7 @@ class TrainConfig:
     dora: bool = False  # DoRA (use_dora) adapters
     init: str | None = None  # None: LoRA's default; pissa, pissa_niter_N, olora, loftq, gaussian
     lora_plus_ratio: float | None = None  # LoRA+: B's lr = ratio * A's lr (lorakit.train.lora_plus)
+    use_rslora: bool = False  # rsLoRA: scale alpha / sqrt(r) instead of alpha / r
     method: str = "sft"  # sft, or a preference objective: dpo, orpo, simpo, kto (lorakit.train.preference)
     beta: float = 0.1  # DPO/KTO: deviation from the reference; SimPO: reward scale
     loss_type: str = "sigmoid"  # DPO: sigmoid, ipo or hinge

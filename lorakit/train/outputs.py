@@ -44,6 +44,7 @@ FIXED = (
     "dora",
     "init",
     "lora_plus_ratio",
+    "use_rslora",
     "method",
     "ref_adapter",
 )

@@ -148,6 +148,7 @@ def lora_config(cfg: TrainConfig, model, token_rows: list[int] | None = None) ->
         modules_to_save=heads,
         task_type=PEFT_TASK_TYPES[cfg.task],
         use_dora=cfg.dora,
+        use_rslora=cfg.use_rslora,
         init_lora_weights=cfg.init or True,
         loftq_config={"loftq_bits": 4, "loftq_iter": 1} if cfg.init == "loftq" else {},
         trainable_token_indices=token_rows or None,
