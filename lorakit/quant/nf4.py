@@ -57,11 +57,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements quantize_nf4 processes per step (a multiple of every blocksize): bounds its fp32
 # temporaries for big layers. Not smaller: per-op overhead (thread sync) dominates tiny chunks.
 _CHUNK = 1 << 20
+# Bytes dequantize_nf4 decodes per step: its fp32 scratch (2 values a byte) stays in a core's L2.
+_DECODE_CHUNK = 1 << 15
 
 # Decision boundaries: bitsandbytes rounds with bucketize over the fp32 midpoints (ties go down).
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 # One byte -> its two code values (high nibble first), stored as one int64 so a single gather
-# decodes a byte; gathering 8-byte items is ~3x faster on CPU than two 4-byte lookups.
+# decodes a byte (both nibbles at once, no shift/mask temporaries); gathering 8-byte items is ~3x
+# faster on CPU than two 4-byte lookups.
 _PAIR_LUT = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], 1).contiguous()
 _PAIR_LUT64 = _PAIR_LUT.view(torch.int64).view(-1)
 
@@ -300,40 +303,63 @@ def quantize_nf4(
     return packed, state
 
 
-def _decode(flat: torch.Tensor) -> torch.Tensor:
-    """The fp32 code values of packed bytes (two per byte, high nibble first)."""
-    if flat.device.type == "cpu":
-        # numpy's fancy indexing with uint8 indices needs no index conversion: the fastest gather on CPU.
-        # On a copy: .numpy() pins its tensor's storage (no resize after), and FSDP2 frees a gathered
-        # 4-bit weight by resizing its storage to 0
-        pairs = torch.from_numpy(_PAIR_LUT64.numpy()[flat.clone().numpy()])
-    else:
-        pairs = _PAIR_LUT64.to(flat.device)[flat.long()]
-    return pairs.view(torch.float32)
+def _decode_chunk(codes: torch.Tensor, scratch: np.ndarray) -> torch.Tensor:
+    """The fp32 code values of packed bytes (two per byte, high nibble first), in `scratch`'s
+    memory on CPU (a fresh tensor on other devices)."""
+    if codes.device.type == "cpu":
+        # numpy's take with uint8 indices needs no index conversion, and writes into the reused
+        # scratch: the fastest gather on CPU, and no allocation per chunk
+        pairs = np.take(_PAIR_LUT64.numpy(), codes.numpy(), out=scratch[: codes.numel()])
+        return torch.from_numpy(pairs).view(torch.float32)
+    return _PAIR_LUT64.to(codes.device)[codes.long()].view(torch.float32)
 
 
-def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Undo `quantize_nf4`: a tensor of `state.shape` in `dtype` (default: the original dtype).
+def dequantize_nf4(
+    packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Undo `quantize_nf4`: a tensor of `state.shape` in `dtype` (default: the original dtype),
+    written into `out` when given (a contiguous tensor of that shape and dtype, e.g. a buffer reused
+    from layer to layer).
 
-    Values are computed in fp32 (code * scale) and then cast, as bitsandbytes does, so results are
-    identical to `bitsandbytes.functional.dequantize_4bit`.
+    Each value is code * scale in fp32 rounded once to `dtype`, as bitsandbytes computes it, so
+    results are identical to `bitsandbytes.functional.dequantize_4bit`. The bytes are decoded in
+    chunks that stay in cache and are written straight into the result, so no weight-sized fp32
+    copy is made for a bf16/fp16 result.
     """
     dtype = state.dtype if dtype is None else dtype
     n, bs = state.numel, state.blocksize
     flat = packed.reshape(-1)
     if flat.dtype != torch.uint8:
         raise QuantizationError(f"packed NF4 weight must be uint8, got {flat.dtype}")
-    scales = state.scales()
-    full = n - n % bs
-    nfull = full // bs
-    values = _decode(flat)[:n]
-    # code * scale in fp32, in place, then one cast: the same rounding as bitsandbytes' kernels.
-    # (torch.mul(..., out=<bf16 tensor>) measured slower than this on the build machine.)
-    values[:full].view(nfull, bs).mul_(scales[:nfull].unsqueeze(1))
-    if full < n:
-        values[full:].mul_(scales[nfull])
-    out = values.view(state.shape)
-    return out if dtype == torch.float32 else out.to(dtype)
+    if out is None:
+        out = torch.empty(state.shape, dtype=dtype, device=flat.device)
+    elif out.shape != state.shape or out.dtype != dtype or not out.is_contiguous():
+        raise QuantizationError(
+            f"dequantize_nf4 out= must be a contiguous {dtype} tensor of shape {tuple(state.shape)}, "
+            f"got {out.dtype} {tuple(out.shape)}"
+        )
+    scales = state.scales().unsqueeze(1)
+    values = out.view(-1)
+    # the codes are copied chunk by chunk (never .numpy() on `packed` itself: that pins its
+    # storage, and FSDP2 frees a gathered 4-bit weight by resizing its storage to 0)
+    codes = torch.empty(min(_DECODE_CHUNK, flat.numel()), dtype=torch.uint8, device=flat.device)
+    scratch = np.empty(codes.numel(), dtype=np.int64)
+    for first in range(0, n, 2 * _DECODE_CHUNK):  # `first`: a multiple of every block size
+        m = min(2 * _DECODE_CHUNK, n - first)  # values in this chunk
+        part = codes[: (m + 1) // 2]
+        part.copy_(flat[first // 2 : first // 2 + part.numel()])
+        decoded = _decode_chunk(part, scratch)[:m]
+        full, block = m - m % bs, first // bs
+        dst = values[first : first + m]
+        if full:
+            rows = scales[block : block + full // bs]
+            if dtype == torch.float32:
+                torch.mul(decoded[:full].view(-1, bs), rows, out=dst[:full].view(-1, bs))
+            else:  # fp32 product in the scratch (in cache), then one rounding into the result
+                dst[:full].view(-1, bs).copy_(decoded[:full].view(-1, bs).mul_(rows))
+        if full < m:  # the short last block
+            dst[full:].copy_(decoded[full:].mul_(scales[block + full // bs]))
+    return out
 
 
 def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
