@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import QuantizationError
 from .bnb_format import has_bnb_state, state_from_bnb_dict, state_to_bnb_dict
-from .nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize, dequantize_nf4, quantize_nf4
+from .nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4State, _empty, check_blocksize, dequantize_nf4, quantize_nf4
 
 log = logging.getLogger(__name__)
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,7 +48,7 @@ class _Workspace(threading.local):
             return dequantize_nf4(packed, state, dtype)
         buf = self.buffers.get(dtype)
         if buf is None or buf.numel() < state.numel:
-            buf = self.buffers[dtype] = torch.empty(state.numel, dtype=dtype)
+            buf = self.buffers[dtype] = _empty(torch.Size((state.numel,)), dtype, packed.device)
         return dequantize_nf4(packed, state, dtype, out=buf[: state.numel].view(state.shape))
 
 
