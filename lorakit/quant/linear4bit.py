@@ -1,10 +1,10 @@
 """`Linear4bit`: a frozen linear layer whose weight is stored in NF4 (QLoRA's base layer).
 
 It holds the packed codes as a frozen uint8 parameter (`weight`, bitsandbytes' `[(n + 1) // 2, 1]`
-layout; a parameter so that FSDP2 shards it) plus the quant state buffers. The forward dequantizes the weight into `compute_dtype`, runs one
-matmul and drops the full-precision copy; the backward (for the input gradient LoRA needs)
-dequantizes again instead of keeping it, so training holds at most one layer's full-precision
-weight at a time. The weight itself never gets a gradient.
+layout; a parameter so that FSDP2 shards it) plus the quant state buffers. The forward dequantizes the weight into `compute_dtype` (on CPU
+into one reused buffer, see `_Workspace`), runs one matmul and keeps no full-precision copy; the
+backward (for the input gradient LoRA needs) dequantizes again instead of keeping it, so training
+holds at most one layer's full-precision weight at a time. The weight itself never gets a gradient.
 
 Its `state_dict` is in the form transformers + bitsandbytes save 4-bit checkpoints
 (`weight`, `weight.absmax`, ..., `weight.quant_state.bitsandbytes__nf4`, see `bnb_format`), and
