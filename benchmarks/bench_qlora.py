@@ -67,6 +67,22 @@ def _median_ms(fns: dict, rounds: int) -> dict[str, float]:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (steadier on a loaded machine, 1 thread)
+
+
+def _stats_ms(fns: dict, rounds: int) -> dict[str, dict[str, float]]:
+    """min / median / max of each callable in ms, called interleaved (one of each per round)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = CLOCK()
+            fn()
+            times[k].append(1e3 * (CLOCK() - t))
+    return {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in times.items()}
+
+
 def _tensor_bytes(model) -> int:
     """Bytes of the model's parameters and buffers, a tied (shared) tensor counted once."""
     seen, total = set(), 0
@@ -141,17 +157,22 @@ def kernels(rounds: int) -> dict:
         )
     }
     for dtype in (torch.float32, torch.bfloat16):
-        ref_state.dtype = dtype
-        ms = _median_ms(
+        mine = torch.empty(w.shape, dtype=dtype)  # bitsandbytes has no CPU out= kernel
+
+        def bnb_dequant(d=dtype):
+            ref_state.dtype = d
+            return bnbF.dequantize_4bit(ref, ref_state)
+
+        assert torch.equal(dequantize_nf4(packed, state, dtype), bnb_dequant())
+        name = str(dtype).removeprefix("torch.")
+        out[f"dequantize_{name}_ms"] = _stats_ms(
             {
                 "lorakit": lambda d=dtype: dequantize_nf4(packed, state, d),
-                "bitsandbytes": lambda: bnbF.dequantize_4bit(ref, ref_state),
+                "bitsandbytes": bnb_dequant,
+                "lorakit out=": lambda d=dtype, o=mine: dequantize_nf4(packed, state, d, out=o),
             },
             rounds,
         )
-        name = str(dtype).removeprefix("torch.")
-        out[f"dequantize_{name}_ms"] = ms
-        out[f"dequantize_{name}_Gparams_per_s"] = {k: w.numel() / v / 1e6 for k, v in ms.items()}
     for compute in (torch.float32, torch.bfloat16):
         ours = Linear4bit.from_linear(lin, compute_dtype=compute)
         theirs = bnb.nn.Linear4bit(4096, 4096, bias=False, compute_dtype=compute, quant_type="nf4")
@@ -168,7 +189,7 @@ def kernels(rounds: int) -> dict:
                 "dense fp32 (no dequant)": lambda x=x: lin(x),
             }
             with torch.no_grad():
-                out[f"matmul_{str(compute).removeprefix('torch.')}_batch{batch}_ms"] = _median_ms(fns, rounds)
+                out[f"matmul_{str(compute).removeprefix('torch.')}_batch{batch}_ms"] = _stats_ms(fns, rounds)
     return out
 
 
@@ -322,13 +343,17 @@ def _in_subprocess(*args: str) -> dict:
 # report -----------------------------------------------------------------------------------------
 
 
+def _cell(v) -> str:
+    if isinstance(v, dict):  # min / median / max
+        return "/".join(f"{x:,.2f}" for x in v.values())
+    return f"{v:,.3f}" if isinstance(v, float) else f"{v:,}"
+
+
 def _print_table(title: str, rows: dict) -> None:
     print(f"\n## {title}")
     for key, value in rows.items():
         if isinstance(value, dict):
-            cells = ", ".join(
-                f"{k}: {v:,.3f}" if isinstance(v, float) else f"{k}: {v:,}" for k, v in value.items()
-            )
+            cells = ", ".join(f"{k}: {_cell(v)}" for k, v in value.items())
             print(f"  {key:<42} {cells}")
         else:
             print(f"  {key:<42} {value:,.4f}" if isinstance(value, float) else f"  {key:<42} {value:,}")
@@ -342,8 +367,14 @@ def main() -> None:
     parser.add_argument("--train-rounds", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=["storage", "kernels", "train_step", "merge", "load"])
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "qlora.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="kernels' clock")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         kind, impl = args.worker[0], args.worker[1]
         result = worker_train(impl) if kind == "train" else worker_load(impl)
@@ -366,7 +397,8 @@ def main() -> None:
         _print_table("storage", results["storage"])
     if "kernels" in args.only:
         results["kernels"] = kernels(args.rounds)
-        _print_table(f"kernels, 4096x4096, median of {args.rounds} (ms unless noted)", results["kernels"])
+        results["kernels_clock"] = args.clock
+        _print_table(f"kernels, 4096x4096, {args.rounds} rounds, {args.clock} ms", results["kernels"])
     if "train_step" in args.only:
         results["train_step_s"] = train_step_times(args.train_rounds)
         _print_table(

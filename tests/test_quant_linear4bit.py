@@ -43,6 +43,20 @@ def test_linear4bit_backward_keeps_no_full_precisionrandom_weight():
     torch.testing.assert_close(x.grad, torch.ones(4, 512) @ layer.dequantize())
 
 
+def test_layers_of_different_shapes_sharing_the_dequantize_buffer_stay_exact():
+    torch.manual_seed(0)
+    big, small = Linear4bit.from_linear(nn.Linear(96, 160)), Linear4bit.from_linear(nn.Linear(160, 40))
+    dense = nn.Sequential(big.to_linear(), small.to_linear())
+    x = torch.randn(3, 96, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = small(big(x)), dense(x_ref)  # the backward runs small then big: each re-fills the buffer
+    torch.testing.assert_close(y, y_ref)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert torch.equal(big.dequantize(), dense[0].weight)  # dequantize() is a fresh tensor, not the buffer
+
+
 def test_linear4bit_trainable_bias_gets_grad():
     layer = Linear4bit.from_linear(nn.Linear(64, 16))
     layer.bias.requires_grad_(True)

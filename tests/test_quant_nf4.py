@@ -52,6 +52,24 @@ def test_weight_larger_than_one_quantize_chunk_matches_bitsandbytes():
     assert torch.equal(state.nested_absmax, ref_state.state2.absmax)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_over_several_decode_chunks_into_out_matches_bitsandbytes(dtype):
+    w = random_weight((255, 301), torch.float32, seed=3)  # > one decode chunk, odd count, short tail
+    ref, ref_state = bnb_quantize(w)
+    packed, state = quantize_nf4(w)
+    ref_state.dtype = dtype
+    out = torch.full(w.shape, float("nan"), dtype=dtype)
+    assert dequantize_nf4(packed, state, dtype, out=out) is out
+    assert torch.equal(out, bnbF.dequantize_4bit(ref, ref_state))
+
+
+def test_dequantize_into_a_wrong_out_is_a_clear_error():
+    packed, state = quantize_nf4(random_weight((8, 64), torch.float32))
+    for out in (torch.empty(8, 64, dtype=torch.bfloat16), torch.empty(64, 8), torch.empty(64, 8).t()):
+        with pytest.raises(QuantizationError, match="out= must be a contiguous"):
+            dequantize_nf4(packed, state, torch.float32, out=out)
+
+
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 4096])
 def test_other_block_sizes_match_bitsandbytes(blocksize):
     w = random_weight((70, 90), torch.float32, seed=3)

@@ -1,10 +1,10 @@
 """`Linear4bit`: a frozen linear layer whose weight is stored in NF4 (QLoRA's base layer).
 
 It holds the packed codes as a frozen uint8 parameter (`weight`, bitsandbytes' `[(n + 1) // 2, 1]`
-layout; a parameter so that FSDP2 shards it) plus the quant state buffers. The forward dequantizes the weight into `compute_dtype`, runs one
-matmul and drops the full-precision copy; the backward (for the input gradient LoRA needs)
-dequantizes again instead of keeping it, so training holds at most one layer's full-precision
-weight at a time. The weight itself never gets a gradient.
+layout; a parameter so that FSDP2 shards it) plus the quant state buffers. The forward dequantizes the weight into `compute_dtype` (on CPU
+into one reused buffer, see `_Workspace`), runs one matmul and keeps no full-precision copy; the
+backward (for the input gradient LoRA needs) dequantizes again instead of keeping it, so training
+holds at most one layer's full-precision weight at a time. The weight itself never gets a gradient.
 
 Its `state_dict` is in the form transformers + bitsandbytes save 4-bit checkpoints
 (`weight`, `weight.absmax`, ..., `weight.quant_state.bitsandbytes__nf4`, see `bnb_format`), and
@@ -14,6 +14,7 @@ Its `state_dict` is in the form transformers + bitsandbytes save 4-bit checkpoin
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,37 @@ from torch import nn
 
 from ..errors import QuantizationError
 from .bnb_format import has_bnb_state, state_from_bnb_dict, state_to_bnb_dict
-from .nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4State, check_blocksize, dequantize_nf4, quantize_nf4
+from .nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4State, _empty, check_blocksize, dequantize_nf4, quantize_nf4
 
 log = logging.getLogger(__name__)
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _Workspace(threading.local):
+    """Where a CPU forward or backward dequantizes a weight that lives only for one matmul: one
+    buffer per dtype and thread (thread-local, so concurrent forwards never share one), grown to the
+    largest layer seen and reused from layer to layer.
+
+    A fresh weight-sized tensor per matmul costs more than the decoding itself on CPU: the
+    allocator hands large blocks back to the OS when they are freed, so every new one is
+    page-faulted in again. The cost is one layer's full-precision weight kept for the process's
+    life. On GPUs the caching allocator already reuses memory, so it is not used there.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def weight(self, packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
+        """The weight dequantized into `dtype`, in the reused buffer (valid until the next call)."""
+        if packed.device.type != "cpu":
+            return dequantize_nf4(packed, state, dtype)
+        buf = self.buffers.get(dtype)
+        if buf is None or buf.numel() < state.numel:
+            buf = self.buffers[dtype] = _empty(torch.Size((state.numel,)), dtype, packed.device)
+        return dequantize_nf4(packed, state, dtype, out=buf[: state.numel].view(state.shape))
+
+
+_WORKSPACE = _Workspace()
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -38,13 +66,13 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: Linear4bit) -> torch.Tensor:
         ctx.packed, ctx.state = layer.weight, layer.quant_state  # 4-bit tensors only
         ctx.has_bias = bias is not None
-        return F.linear(x, layer.dequantize(x.dtype), bias)
+        return F.linear(x, _WORKSPACE.weight(ctx.packed, ctx.state, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_x = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.matmul(dequantize_nf4(ctx.packed, ctx.state, grad.dtype))
+            grad_x = grad.matmul(_WORKSPACE.weight(ctx.packed, ctx.state, grad.dtype))
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, grad_b, None
@@ -218,7 +246,7 @@ class Linear4bit(nn.Module):
         if needs_grad:
             y = _DequantLinear.apply(x, bias, self)
         else:  # no autograd graph: plain dequantize + matmul, the weight is freed right after
-            y = F.linear(x, self.dequantize(self.compute_dtype), bias)
+            y = F.linear(x, _WORKSPACE.weight(self.weight, self.quant_state, self.compute_dtype), bias)
         return y.to(in_dtype)
 
     # checkpoint form (bitsandbytes') --------------------------------------------------------
