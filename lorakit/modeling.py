@@ -12,6 +12,8 @@ import sys
 
 from torch import nn
 
+from .tasks import LABEL_TASKS
+
 # the attribute names classification models give their new head (PEFT's SEQ_CLS_HEAD_NAMES)
 CLASSIFIER_HEADS = ("score", "classifier")
 # module names that are output heads by convention (QLoRA keeps them in full precision)
@@ -27,6 +29,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def classifier_heads(model: nn.Module) -> list[str]:
     """The classifier head attributes (`score`, `classifier`) that `model` has as modules."""
     return [h for h in CLASSIFIER_HEADS if isinstance(getattr(model, h, None), nn.Module)]
+
+
+def full_heads(model: nn.Module, task: str) -> list[str]:
+    """The heads `task` trains in full besides the adapters (`modules_to_save`): a classifier's or
+    tagger's new head; none for causal LM and seq2seq."""
+    return classifier_heads(model) if task in LABEL_TASKS else []
 
 
 def output_head_names(model: nn.Module) -> frozenset[str]:

@@ -15,7 +15,7 @@ This package may import pandas/pyarrow/datasets, always lazily inside functions.
 from ..tasks import IGNORE_INDEX
 from .builtin import BUILTIN, read_dataset
 from .collate import collate, pack, split
-from .encode import Encoded, encode
+from .encode import Encoded, encode, uses_chat_template
 from .formats import (
     FORMATS,
     build_label_map,
@@ -43,6 +43,7 @@ __all__ = [
     "collate",
     "detect_format",
     "encode",
+    "uses_chat_template",
     "instruction_prompt",
     "label_key",
     "pack",

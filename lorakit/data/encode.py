@@ -95,7 +95,7 @@ def encode(
         # the prompt lists the label names: take them from label_map so train and eval prompts agree
         names = list(label_map) if label_map is not None else None
         records, fmt = classification_as_instruction(records, labels=names), "instruction"
-    conversational = fmt == "prompt-completion" and isinstance(records[0]["prompt"], list)
+    conversational = _conversational(records, fmt)
     eos = tokenizer.eos_token_id
     if eos is None and fmt != "chat" and not (conversational or chat_template):
         raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before encoding")
@@ -104,7 +104,7 @@ def encode(
         pairs = ((ids, list(ids)) for ids in texts)  # separate lists: a caller may edit labels in place
     elif fmt == "chat":
         pairs = _encode_chats(tokenizer, [(chat_messages(r, i), 0) for i, r in enumerate(records)])
-    elif fmt != "instruction" and (conversational or chat_template):
+    elif uses_chat_template(records, fmt, chat_template):
         pairs = _encode_chats(tokenizer, _prompt_chats(records, fmt, conversational))
     else:
         sources, targets = zip(*(prompt_and_answer(r, fmt) for r in records))
@@ -127,6 +127,20 @@ def encode(
             "raise max_length or shorten the prompts"
         )
     return out
+
+
+def uses_chat_template(records: Sequence[dict], fmt: str, chat_template: bool = False) -> bool:
+    """Whether `encode` renders these causal-LM records with the tokenizer's chat template: chat
+    records always; prompt-completion and input-target records with `chat_template`, or when their
+    prompts are message lists (TRL's conversational form); never completion or instruction text."""
+    if fmt == "chat":
+        return True
+    return fmt in ("prompt-completion", "input-target") and (chat_template or _conversational(records, fmt))
+
+
+def _conversational(records: Sequence[dict], fmt: str) -> bool:
+    """TRL's conversational prompt-completion form: the prompts are message lists."""
+    return fmt == "prompt-completion" and isinstance(records[0]["prompt"], list)
 
 
 def _prompt_chats(records: Sequence[dict], fmt: str, conversational: bool) -> list[tuple[list[dict], int]]:

@@ -18,9 +18,9 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..hf import DEFAULT_MODEL
-from ..modeling import classifier_heads, decoder_layers
+from ..modeling import decoder_layers, full_heads
 from ..quant import DEFAULT_BLOCKSIZE, nf4_bytes, quantized_weights
-from ..tasks import LABEL_TASKS, TASKS
+from ..tasks import TASKS
 from .memory import CPU_RUNTIME_BYTES, OPTIMIZERS, StepMemory, optimizer_state_bytes, step_memory
 from .models import ATTENTION, build_meta_model, load_config
 from .trace import ActivationTrace, trace_activations
@@ -174,7 +174,7 @@ def _prepared(key: PlanSetup) -> tuple[nn.Module, tuple[str, ...]]:
         return model, ()
     config = resolve_all_linear(model, key.lora_config())
     # what `lorakit train` trains besides LoRA: a classifier's or tagger's new head in full, new rows
-    heads = classifier_heads(model) if key.task in LABEL_TASKS else []
+    heads = full_heads(model, key.task)
     config = dataclasses.replace(config, modules_to_save=heads or None, trainable_token_indices=rows or None)
     with torch.device("meta"):
         targets = find_targets(model, config)

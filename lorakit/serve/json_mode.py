@@ -154,24 +154,31 @@ class JsonRow:
     def choose(self, logits: torch.Tensor, sampling: Sampling, generator, first: int) -> int:
         """The row's next token: `first` (its ordinary choice from `logits` [vocab], after
         penalties) when valid, else the choice again without the tokens that do not fit."""
-        token = first
+        token, state = first, self.valid(first)
+        if state is None:  # only then is the row's distribution needed
+            token, state = self._choose_again(logits.clone(), sampling, generator, first)
+        self.state = state
+        return token
+
+    def _choose_again(self, logits: torch.Tensor, sampling: Sampling, generator, token: int) -> tuple:
+        """(token, state): the row's choice from `logits` without `token` and without every other
+        token found not to fit."""
         probs = None if sampling.temperature == 0 else sample_probs(logits, sampling)
-        logits = logits.clone()
         for _ in range(logits.shape[-1]):
-            state = self.valid(token)
-            if state is not None:
-                self.state = state
-                return token
             logits[token] = float("-inf")
             if probs is not None:
                 probs[token] = 0.0
                 if bool(probs.sum() > 0):
                     token = int(torch.multinomial(probs, 1, generator=generator))
-                    continue
-                probs = None  # no valid token within top-p: the most likely valid one
-            token = int(logits.argmax())
-            if logits[token] == float("-inf"):
-                break
+                else:
+                    probs = None  # no valid token within top-p: the most likely valid one
+            if probs is None:
+                token = int(logits.argmax())
+                if logits[token] == float("-inf"):
+                    break
+            state = self.valid(token)
+            if state is not None:
+                return token, state
         raise RuntimeError("JSON mode: no token of the vocabulary continues the reply as JSON")
 
     @property

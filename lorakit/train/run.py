@@ -26,7 +26,7 @@ from ..config import LoraConfig
 from ..errors import ConfigError, storage_errors
 from ..inject import inject, trainable_parameters
 from ..io import save_adapter
-from ..modeling import classifier_heads
+from ..modeling import full_heads
 from ..tasks import CAUSAL_LM, LABEL_TASKS, PEFT_TASK_TYPES
 from . import distributed as dist
 from . import preference as P
@@ -62,11 +62,7 @@ def load_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict
     """(train examples, eval examples, label map for classification) encoded for `cfg.task`."""
     train_recs = D.read_dataset(cfg.data, seed=cfg.seed).records
     fmt = D.detect_format(train_recs)
-    if (
-        fmt == "chat"
-        or cfg.chat_template
-        or (fmt == "prompt-completion" and isinstance(train_recs[0]["prompt"], list))
-    ):
+    if cfg.task == CAUSAL_LM and D.uses_chat_template(train_recs, fmt, cfg.chat_template):
         add_template_tokens(tokenizer)  # before encoding, so the rendered chats use them
     eval_recs = D.read_dataset(cfg.eval_data, seed=cfg.seed).records if cfg.eval_data else None
     label_map = D.build_label_map(train_recs) if fmt == "classification" else None
@@ -136,16 +132,13 @@ def resize_for(model, tokenizer) -> None:
 def lora_config(cfg: TrainConfig, model, token_rows: list[int] | None = None) -> LoraConfig:
     """The LoraConfig of `cfg`; a classifier's (or tagger's) new head is trained in full
     (modules_to_save)."""
-    heads = None
-    if cfg.task in LABEL_TASKS:
-        heads = classifier_heads(model) or None
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.targets(),
         layers_to_transform=cfg.layer_list(),
-        modules_to_save=heads,
+        modules_to_save=full_heads(model, cfg.task) or None,
         task_type=PEFT_TASK_TYPES[cfg.task],
         use_dora=cfg.dora,
         use_rslora=cfg.use_rslora,
@@ -225,7 +218,7 @@ def run_training(cfg: TrainConfig) -> RunSummary:
         train_ex, eval_ex, label_map = load_data(cfg, tokenizer)  # may add the template's markers
     else:  # preference pairs or KTO records (lorakit.train.preference)
         (train_ex, eval_ex), label_map = P.preference_data(cfg, tokenizer), None
-    token_rows += [i for i in range(before, len(tokenizer)) if i not in token_rows]
+    token_rows += range(before, len(tokenizer))  # the chat template's markers, if any were added
     # integer labels keep their values (1 and 2 need a 3-way head), so the head spans the largest id
     num_labels = max(label_map.values()) + 1 if label_map else None
     model, loaded_tokenizer = load_model(
