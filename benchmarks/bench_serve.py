@@ -12,7 +12,7 @@ cancelled and counted as unfinished). `--backends llama.cpp` adds llama.cpp on t
 routing changed against a plain one (`routing_steps`).
 
     PYTHONPATH=. python benchmarks/bench_serve.py [--rates 0.3 1.0] [--requests 6] [--budget-s 240]
-        [--backends continuous static llama.cpp] [--routing-rounds 5]
+        [--max-tokens 8 16] [--backends continuous static llama.cpp] [--routing-rounds 5]
 
 Writes benchmarks/results/serve.json. The client runs in the server's process (one asyncio loop,
 the server in a thread): on a machine with few cores it competes for them, alike for every
@@ -67,8 +67,11 @@ class Server:
         self.thread.join(timeout=60)
 
 
-def workload(seed: int, rate: float, n: int, adapters: list[str]) -> list[dict]:
-    """`n` requests: Poisson arrival times at `rate` per second, prompt, max_tokens, adapter."""
+def workload(
+    seed: int, rate: float, n: int, adapters: list[str], max_tokens: tuple[int, int] = (8, 16)
+) -> list[dict]:
+    """`n` requests: Poisson arrival times at `rate` per second, prompt, max_tokens (uniform in
+    the closed range `max_tokens`), adapter."""
     rng = random.Random(seed)
     t, out = 0.0, []
     for _ in range(n):
@@ -77,7 +80,7 @@ def workload(seed: int, rate: float, n: int, adapters: list[str]) -> list[dict]:
             {
                 "at": t,
                 "prompt": " ".join(rng.sample(PROMPTS, rng.randint(1, 3))),
-                "max_tokens": rng.randint(8, 16),
+                "max_tokens": rng.randint(*max_tokens),
                 "model": rng.choice(adapters),
             }
         )
@@ -201,6 +204,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=6, help="requests per configuration")
     parser.add_argument("--budget-s", type=float, default=240.0, help="seconds per configuration")
     parser.add_argument("--spreads", type=int, nargs="+", default=[1, 8], help="adapters the requests use")
+    parser.add_argument(
+        "--max-tokens", type=int, nargs=2, default=[8, 16], metavar=("LO", "HI"), help="output length range"
+    )
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -248,7 +254,7 @@ def main() -> None:
             )
     for rate in [] if args.routing_only else args.rates:
         for spread in args.spreads:
-            reqs = workload(args.seed, rate, args.requests, names[:spread])
+            reqs = workload(args.seed, rate, args.requests, names[:spread], tuple(args.max_tokens))
             for batching in backends:
                 if batching == "llama.cpp":
                     records, wall, end = llama.run(reqs, args.budget_s)

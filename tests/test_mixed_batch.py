@@ -186,6 +186,9 @@ def test_stacks_survive_routing_changes_and_follow_weight_changes(seq):
     lorakit.unmerge(model)  # the base is back (to rounding) but a's A is now zero: the stacks must see both
     _check_rows(model, ["a", "d", "b"], seq, 6)
 
+    stacks = [t for t in layer._stacks[3] if t is not None]
+    assert sum(t.nbytes for t in stacks) == layer.stack_nbytes()  # ranks 2-8 and DoRA: what is built
+
     lorakit.delete_adapter(model, "c")
     assert layer._stacks is None
     _check_rows(model, ["a", "b", None], seq, 7)

@@ -11,6 +11,7 @@ import lorakit
 import lorakit.hf
 from lorakit.errors import AdapterFileError, AdapterStateError, ConfigError, http_status
 from lorakit.generate import Row, Sampling, eos_ids, generate_tokens, prompt_ids
+from lorakit.layers import LoraLinear
 from lorakit.serve import AdapterCache
 from lorakit.serve.cache import AdapterLoadError
 
@@ -141,10 +142,14 @@ def test_byte_limit_pinned_adapters_and_deferred_unload(setup):
     model, _ = lorakit.hf.load_model(folder)
     probe = AdapterCache(model, paths)
     probe.ensure(["a1"])
-    size = probe.loaded_bytes()
-    assert size == sum(p.nbytes for p in lorakit.io.adapter_state_dict(model, probe.key("a1")).values())
-    probe.unload("a1")
-    cache = AdapterCache(model, paths, capacity=8, max_bytes=2 * size + size // 2)  # room for two
+    size = probe.loaded_bytes()  # its parameters and the layers' stacks of them (zero slot + a1)
+    params = sum(p.nbytes for p in lorakit.io.adapter_state_dict(model, probe.key("a1")).values())
+    assert size == params + sum(m.stack_nbytes() for m in model.modules() if isinstance(m, LoraLinear))
+    assert size > 2 * params
+    probe.ensure(["a1", "a2"])
+    two = probe.loaded_bytes()
+    probe.unload("a1"), probe.unload("a2")
+    cache = AdapterCache(model, paths, capacity=8, max_bytes=two + (two - size) // 2)  # room for two
     k1, _ = cache.load("a1"), cache.load("a2")
     k3 = cache.load("a3", pinned={k1})  # a1 is in use: a2 (the other one) goes
     assert cache.loaded_names() == ["a1", "a3"] and cache.loaded_bytes() <= cache.max_bytes

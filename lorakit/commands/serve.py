@@ -59,7 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-queue-per-adapter", type=int, default=None, help="waiting requests per adapter before 429"
     )
-    parser.add_argument("--max-loaded-bytes", type=int, default=None, help="memory limit of loaded adapters")
+    parser.add_argument(
+        "--max-loaded-bytes",
+        type=int,
+        default=None,
+        help="memory limit of loaded adapters: their parameters and the copy mixed batches stack (about 2x the files)",
+    )
     parser.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown"
     )

@@ -130,26 +130,29 @@ class LoraLinear(LoraLayer):
         """
         rows = self.row_adapters
         used = [n for n in dict.fromkeys(rows) if n in self.r]
-        dropped_dora = any(
-            self.is_dora(n) and not isinstance(self.lora_dropout[n], nn.Identity) for n in used
-        )
+        # this runs at every forward of every wrapped layer: plain dict lookups, not nn.Module's
+        # attribute access (about 1 us each)
+        dropout, dora = self.lora_dropout._modules, self.lora_magnitude_vector
+        dropped_dora = self.training and any(n in dora and type(dropout[n]) is not nn.Identity for n in used)
         biased = any(self.lora_bias[n] for n in used)
-        if biased or (self.training and dropped_dora):  # DoRA's base part then needs each row's dropout
+        if biased or dropped_dora:  # DoRA's base part then needs each row's dropout
             return super()._mixed_forward(x, result)  # (lora_bias: the per-adapter path adds each bias)
-        (a_stack, b_stack, p, b_cat, factor), (idx, mask) = self._stacked(used)
+        (a_stack, b_cat, p, factor), (idx, mask) = self._stacked(used)
         h = x.reshape(len(rows), -1, self.in_features).to(a_stack.dtype)
         if self.training and bool((p > 0).any()):
             keep = (torch.rand_like(h) >= p[idx, None, None]).to(h.dtype)
             h = h * keep / (1 - p[idx, None, None])
-        if h.shape[1] == 1 and mask is not None:  # decode step: dense over all slots, masked per row
-            h = F.linear(h[:, 0], a_stack.reshape(-1, self.in_features)) * mask
-            out = torch.addmm(result.reshape(len(rows), self.out_features).to(a_stack.dtype), h, b_cat.T)
+        if h.shape[1] == 1 and mask is not None:  # decode step: dense over the adapters' slots
+            r = a_stack.shape[1]  # (not slot 0, the zeros of rows with no adapter), masked per row
+            h = F.linear(h[:, 0], a_stack[1:].reshape(-1, self.in_features)) * mask
+            out = torch.addmm(
+                result.reshape(len(rows), self.out_features).to(a_stack.dtype), h, b_cat[:, r:].T
+            )
         else:
+            b_stack = b_cat.view(self.out_features, len(a_stack), -1).permute(1, 2, 0)  # [k+1, r, out]
             h = torch.bmm(h, a_stack[idx].transpose(1, 2))
             out = torch.baddbmm(
-                result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype),
-                h,
-                b_stack[idx].transpose(1, 2),
+                result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype), h, b_stack[idx]
             )
         if factor is not None:  # DoRA rows: f * (result - bias + lora) + bias (f = 1 for the others)
             f = factor[idx].view(len(rows), *[1] * (out.dim() - 2), -1)
@@ -184,11 +187,13 @@ class LoraLinear(LoraLayer):
 
     def _stack_key(self, names: list[str]) -> tuple[tuple, list[torch.Tensor]]:
         """What the stacks are built from: (names, scalings, dropouts) and the tensors."""
-        meta = tuple((n, self.scaling[n], getattr(self.lora_dropout[n], "p", 0.0)) for n in names)
-        tensors = []  # checked at every forward: kept to plain lookups
+        # checked at every forward: plain dict lookups (see `_mixed_forward`)
+        a, b, dropout = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules
+        meta = tuple((n, self.scaling[n], dropout[n].__dict__.get("p", 0.0)) for n in names)
+        tensors = []
         dora = self.lora_magnitude_vector
         for n in names:
-            tensors += (self.lora_A[n].weight, self.lora_B[n].weight)
+            tensors += (a[n]._parameters["weight"], b[n]._parameters["weight"])
             if n in dora:
                 tensors.append(dora[n])
         if len(dora):
@@ -196,30 +201,45 @@ class LoraLinear(LoraLayer):
         return meta, tensors
 
     def _build_stacks(self, names: list[str]) -> tuple[torch.Tensor | None, ...]:
-        """Stacked A [k+1, r, in], scaled B [k+1, out, r] and dropout p (slot 0 is "none"), for
-        decode steps B side by side [out, (k+1)*r], and the DoRA factors [k+1, out] (ones for plain
-        slots; None when none of `names` is DoRA)."""
+        """Stacked A [k+1, r, in], the scaled Bs side by side [out, (k+1)*r] (one copy serves both
+        the decode step's dense matmul and, viewed per slot, the per-row gather), dropout p (slot 0
+        is "none"; ranks zero-padded to the largest) and the DoRA factors [k+1, out] (ones for
+        plain slots; None when none of `names` is DoRA). `stack_nbytes` counts what this holds."""
         a0 = self.lora_A[names[0]].weight
         r = max(self.r[n] for n in names)
         a_stack = torch.stack(
             [a0.new_zeros(r, self.in_features)]
             + [F.pad(self.lora_A[n].weight, (0, 0, 0, r - self.r[n])) for n in names]
         )
-        b_stack = torch.stack(
+        b_cat = torch.cat(
             [a0.new_zeros(self.out_features, r)]
-            + [F.pad(self.lora_B[n].weight, (0, r - self.r[n])) * self.scaling[n] for n in names]
+            + [F.pad(self.lora_B[n].weight, (0, r - self.r[n])) * self.scaling[n] for n in names],
+            dim=1,
         )
         p = torch.tensor([0.0] + [getattr(self.lora_dropout[n], "p", 0.0) for n in names], device=a0.device)
-        b_cat = b_stack.permute(1, 0, 2).reshape(self.out_features, -1)
         factor = None
         if any(self.is_dora(n) for n in names):
             one = a0.new_ones(self.out_features)
             factor = torch.stack([one] + [self._dora_factor(n) if self.is_dora(n) else one for n in names])
-        return a_stack, b_stack, p.to(a0.dtype), b_cat, factor
+        return a_stack, b_cat, p.to(a0.dtype), factor
+
+    def stack_nbytes(self, names: list[str] | None = None) -> int:
+        """Bytes of the stacks mixed-adapter batches build of `names` (default: every adapter of
+        the layer, what inference keeps): a copy of each adapter's A and scaled B, ranks padded to
+        the largest, one zero slot, and the DoRA factors. Built or not: what a memory limit must
+        count."""
+        names = list(self.r) if names is None else [n for n in names if n in self.r]
+        if not names:
+            return 0
+        size = self.lora_A[names[0]].weight.element_size()
+        slots, r = len(names) + 1, max(self.r[n] for n in names)
+        dora = any(self.is_dora(n) for n in names)
+        return size * slots * (r * (self.in_features + self.out_features) + 1 + dora * self.out_features)
 
     def _slot_rows(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each row's slot in the stack of `names` (0: no adapter) and, when a dense decode step
-        is worth it (at most twice as many slots as rows), each row's mask over the slots' ranks."""
+        is worth it (at most twice as many slots as rows), each row's mask over the ranks of
+        slots 1..k."""
         rows = self.row_adapters
         device = self.lora_A[names[0]].weight.device
         slot = {n: i + 1 for i, n in enumerate(names)}
@@ -227,5 +247,6 @@ class LoraLinear(LoraLayer):
         if len(names) + 1 > 2 * len(rows):
             return idx, None
         r = max(self.r[n] for n in names)
-        mask = F.one_hot(idx, len(names) + 1).to(self.lora_A[names[0]].weight.dtype).repeat_interleave(r, 1)
+        one_hot = F.one_hot(idx, len(names) + 1)[:, 1:]  # slot 0 is left out of the dense step
+        mask = one_hot.to(self.lora_A[names[0]].weight.dtype).repeat_interleave(r, 1)
         return idx, mask

@@ -9,8 +9,10 @@ A served name is public (any `NAME_RE` name, dots included, e.g. `llama-3.1-math
 the adapter is loaded under a key made of letters, digits and `_` only, because adapter names
 are module keys, which cannot hold a '.'.
 
-Besides the count (`capacity`), `max_bytes` bounds the memory the loaded adapters take (their
-parameters, measured once loaded). Adapters in use by running rows are `pinned`: never evicted;
+Besides the count (`capacity`), `max_bytes` bounds the memory the loaded adapters take: their
+parameters, measured once loaded, plus the copy of them that mixed-adapter batches keep stacked in
+every linear layer (`LoraLinear.stack_nbytes`: about as much again, more when ranks differ, since
+the stack pads every rank to the largest). Adapters in use by running rows are `pinned`: never evicted;
 removing one forgets its name at once (new requests get a 404) and takes it off the model once
 its last row has left (`drain`).
 
@@ -30,6 +32,7 @@ from ..adapters import delete_adapter, list_adapters
 from ..config import CONFIG_NAME, LoraConfig
 from ..errors import AdapterFileError, AdapterStateError, ConfigError, LorakitError
 from ..io import adapter_folder, adapter_state_dict, first_non_finite, load_adapter, read_adapter_tensors
+from ..layers import LoraLinear
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +151,12 @@ class AdapterCache:
             delete_adapter(self.model, key)
 
     def loaded_bytes(self) -> int:
-        """Bytes of the loaded adapters' parameters."""
-        return sum(self.sizes.values())
+        """Bytes of the loaded adapters' parameters and of the layers' stacks of them."""
+        return sum(self.sizes.values()) + self._stack_bytes()
+
+    def _stack_bytes(self, keys: list[str] | None = None) -> int:
+        """Bytes of the stacks of adapters `keys` (default: all on the model) in every layer."""
+        return sum(m.stack_nbytes(keys) for m in self.model.modules() if isinstance(m, LoraLinear))
 
     def load(self, name: str, pinned: set[str] | frozenset = frozenset()) -> str:
         """Load known adapter `name` (if it is not loaded), evicting least recently used adapters
@@ -179,11 +186,12 @@ class AdapterCache:
         while self.max_bytes and self.loaded_bytes() > self.max_bytes and free:
             self.unload(free.pop(0))
         if self.max_bytes and self.loaded_bytes() > self.max_bytes:
-            size = self.sizes[name]
+            size = self.sizes[name] + self._stack_bytes([self._keys[name]])  # what it takes alone
             self.unload(name)
             if size > self.max_bytes:
                 raise AdapterStateError(
-                    f"adapter {name!r} takes {size} bytes, more than --max-loaded-bytes {self.max_bytes}"
+                    f"adapter {name!r} takes {size} bytes (its parameters and their stacked copy), "
+                    f"more than --max-loaded-bytes {self.max_bytes}"
                 )
             raise NoRoom(f"adapter {name!r} ({size} bytes) does not fit beside the adapters in use")
         return self._keys[name]
