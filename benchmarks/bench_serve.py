@@ -130,8 +130,9 @@ def pct(values: list[float], q: float) -> float | None:
 def summarize(records: list[dict], wall: float, sent: int, end: float) -> dict:
     """Tokens/s over the run (a cut-off request counts its streamed pieces); TTFT percentiles over
     the requests sent (one that got no token before the cut at `end` counts `end - sent`, a lower
-    bound); TPOT percentiles over the finished requests."""
+    bound); TPOT and latency (sent to last token) percentiles over the finished requests."""
     done = [r for r in records if r["done"]]
+    latency = [r["stamps"][-1] - r["sent"] for r in done if r["stamps"]]
     ttft = [(r["stamps"][0] if r["stamps"] else end) - r["sent"] for r in records]
     tpot = [(r["stamps"][-1] - r["stamps"][0]) / (r["tokens"] - 1) for r in done if r["tokens"] > 1]
     tokens = sum(r["tokens"] if r["done"] else len(r["stamps"]) for r in records)
@@ -145,7 +146,37 @@ def summarize(records: list[dict], wall: float, sent: int, end: float) -> dict:
         "ttft_p99_s": pct(ttft, 0.99),
         "tpot_p50_s": pct(tpot, 0.5),
         "tpot_p99_s": pct(tpot, 0.99),
+        "latency_p50_s": pct(latency, 0.5),
+        "latency_p99_s": pct(latency, 0.99),
     }
+
+
+def at_same_p99(rows: list[dict], metric: str = "ttft_p99_s") -> list[dict]:
+    """Throughput at the same p99 latency: for each p99 `metric` seen in the run (a latency
+    target), each batching's best tokens/s over the arrival rates whose p99 stays within it, per
+    adapter spread (None: no rate of that batching got there)."""
+    out = []
+    for spread in sorted({r["adapters"] for r in rows}):
+        mine = [r for r in rows if r["adapters"] == spread and r.get(metric) is not None]
+        for target in sorted({r[metric] for r in mine}):
+            best = {
+                b: max(
+                    (r["tokens_per_s"] for r in mine if r["batching"] == b and r[metric] <= target),
+                    default=None,
+                )
+                for b in ("continuous", "static")
+            }
+            c, s = best["continuous"], best["static"]
+            out.append(
+                {
+                    "adapters": spread,
+                    metric: target,
+                    "continuous": c,
+                    "static": s,
+                    "ratio": c / s if c and s else None,
+                }
+            )
+    return out
 
 
 @torch.no_grad()
@@ -272,6 +303,8 @@ def main() -> None:
                 row.update(summarize(records, wall, len(reqs), end))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    out["at_same_p99"] = {m: at_same_p99(rows, m) for m in ("ttft_p99_s", "latency_p99_s")}
+    print(json.dumps(out["at_same_p99"]), flush=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
 
 

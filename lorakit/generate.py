@@ -20,7 +20,7 @@ import torch
 from jinja2 import TemplateError
 from torch import nn
 
-from ._state import check_name
+from ._state import check_name, wrappers
 from .adapters import active_adapters, disable_adapters, list_adapters, set_adapter
 from .errors import ConfigError
 from .mixed import adapter_rows
@@ -292,16 +292,21 @@ def _check_rows(model: nn.Module, rows: list[Row]) -> None:
 
 @contextlib.contextmanager
 def adapters_for_rows(model: nn.Module, names: list[str | None]) -> Iterator[None]:
-    """Inside the block row `i` uses adapter `names[i]` (None: the base). Rows that all use one
-    adapter take the plain path (that adapter active, or adapters disabled), which works for every
-    layer type; only a truly mixed batch goes through `lorakit.mixed.adapter_rows`. The model's
-    active adapters are restored afterwards. Raises `AdapterStateError` for an unknown name."""
+    """Inside the block row `i` uses adapter `names[i]` (None: the base), through
+    `lorakit.mixed.adapter_rows`; every layer serves rows that all use one adapter by its plain
+    path. Rows that all use none disable the adapters. On a model with a merged adapter (which
+    routing refuses) rows that all use one adapter make it the active one instead, restored
+    afterwards. Raises `AdapterStateError` for an unknown name.
+
+    Routing, not `set_adapter`, because activating an adapter sets the trainable flag of every
+    adapter's parameters in every layer: measured 0.2 s per switch on SmolLM2-135M with 8 adapters,
+    paid twice per prefill in the server."""
     distinct = set(names)
-    if len(distinct) > 1:
-        with adapter_rows(model, names):
-            yield
-    elif None in distinct:
+    if distinct == {None}:
         with disable_adapters(model):
+            yield
+    elif len(distinct) > 1 or not _has_merged(model):
+        with adapter_rows(model, names):
             yield
     else:
         previous = active_adapters(model)
@@ -310,6 +315,10 @@ def adapters_for_rows(model: nn.Module, names: list[str | None]) -> Iterator[Non
             yield
         finally:
             set_adapter(model, previous)
+
+
+def _has_merged(model: nn.Module) -> bool:
+    return any(getattr(m, "merged_adapters", None) for m in wrappers(model))
 
 
 def _seed(seed: int | None) -> int:

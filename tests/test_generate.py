@@ -289,3 +289,26 @@ def test_penalties_follow_the_openai_formula():
     for bad in ({"presence_penalty": 2.5}, {"frequency_penalty": float("nan")}, {"presence_penalty": True}):
         with pytest.raises(ConfigError, match="penalty"):
             Sampling(**bad)
+
+
+@torch.no_grad()
+def test_rows_on_one_adapter_are_routed_without_touching_the_active_set(setup):
+    # the server switches adapters at every prefill: routing leaves the active adapters and every
+    # trainable flag as they were, and gives what activating the adapter gives
+    from lorakit.generate import adapters_for_rows
+
+    _, _, model, tok = setup
+    lorakit.set_adapter(model, "a1")
+    flags = [p.requires_grad for p in model.parameters()]
+    ids = torch.tensor([prompt_ids(tok, "Hi")] * 2)
+    with adapters_for_rows(model, ["a2", "a2"]):
+        routed = model(ids).logits
+        assert lorakit.active_adapters(model) == ["a1"]
+        assert [p.requires_grad for p in model.parameters()] == flags
+    lorakit.set_adapter(model, "a2")
+    torch.testing.assert_close(routed, model(ids).logits, atol=0, rtol=0)
+    lorakit.merge(model)  # routing refuses merged adapters: the one adapter is made active instead
+    with adapters_for_rows(model, ["a2", "a2"]):
+        torch.testing.assert_close(model(ids).logits, routed, atol=2e-4, rtol=1e-4)  # merge rounding
+    lorakit.unmerge(model)
+    assert lorakit.active_adapters(model) == ["a2"]

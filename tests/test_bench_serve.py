@@ -1,0 +1,48 @@
+"""The serving benchmark's own arithmetic: its workload and the throughput-at-the-same-p99 table."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_serve  # noqa: E402
+
+
+def row(batching, rate, tokens_per_s, p99, adapters=8):
+    return {
+        "batching": batching,
+        "rate": rate,
+        "adapters": adapters,
+        "tokens_per_s": tokens_per_s,
+        "ttft_p99_s": p99,
+    }
+
+
+def test_at_same_p99_takes_each_batchings_best_rate_within_each_latency():
+    rows = [
+        row("static", 0.5, 4.0, 3.0),
+        row("static", 1.0, 7.0, 6.0),
+        row("static", 2.0, 6.5, 9.0),  # saturated: less throughput at a higher rate
+        row("static", 2.0, 99.0, 1.0, adapters=1),  # other adapters: a table of its own
+        row("continuous", 1.0, 8.0, 2.0),
+        row("continuous", 2.0, 10.0, 6.5),
+    ]
+    table = [
+        (t["adapters"], t["ttft_p99_s"], t["continuous"], t["static"], t["ratio"])
+        for t in bench_serve.at_same_p99(rows)
+    ]
+    assert table == [
+        (1, 1.0, None, 99.0, None),
+        (8, 2.0, 8.0, None, None),
+        (8, 3.0, 8.0, 4.0, 2.0),
+        (8, 6.0, 8.0, 7.0, 8.0 / 7.0),
+        (8, 6.5, 10.0, 7.0, 10.0 / 7.0),
+        (8, 9.0, 10.0, 7.0, 10.0 / 7.0),
+    ]
+
+
+def test_workload_is_fixed_by_the_seed_and_keeps_the_output_range():
+    a = bench_serve.workload(3, 2.0, 50, ["x", "y"], (8, 64))
+    assert a == bench_serve.workload(3, 2.0, 50, ["x", "y"], (8, 64))
+    assert all(8 <= r["max_tokens"] <= 64 for r in a) and {r["model"] for r in a} == {"x", "y"}
+    assert all(b["at"] > a_["at"] for a_, b in zip(a, a[1:]))
