@@ -96,3 +96,18 @@ def test_plain_lm_head_refuses_heads_it_cannot_reproduce():
     config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"])
     wrapped = lorakit.inject(tiny_llama(), config)  # a LoRA-wrapped head
     assert head_loss.plain_lm_head(wrapped) is None
+
+
+def test_training_forwards_build_no_kv_cache():
+    # Llama builds a DynamicCache by default even in training: it would keep every layer's keys
+    # and values beside autograd's saved tensors, and make torch.compile recompile per layer
+    model = lora4(tiny_llama()).train()
+    seen = []
+    for module in (model.base_model, model):
+        module.register_forward_pre_hook(
+            lambda m, args, kw: seen.append(kw.get("use_cache")), with_kwargs=True
+        )
+    batch = pad_right(lm_examples(3))
+    loss_sum(model, batch).backward()  # the chunked-loss path: the backbone alone
+    forward_loss(model, batch)  # the logits path (evaluation)
+    assert seen and all(v is False for v in seen)

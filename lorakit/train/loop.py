@@ -114,6 +114,16 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+def no_cache(inputs: dict, model: nn.Module) -> dict:
+    """`inputs` plus `use_cache=False` for a transformers model that would otherwise build a KV
+    cache in a training forward (Llama and most causal LMs do by default): the cache keeps every
+    layer's keys and values alive beside what autograd saves, and its per-layer state makes
+    `torch.compile` recompile each decoder layer."""
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        return {**inputs, "use_cache": False}
+    return inputs
+
+
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed loss of a micro-batch (causal LM: next-token cross-entropy over labelled positions;
     classification: cross-entropy of the class logits; seq2seq: cross-entropy of the decoder's
@@ -130,7 +140,8 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     first = first_labelled(labels)
     if first is None:
         return torch.zeros((), device=labels.device, requires_grad=True)
-    hidden = model.base_model(**{k: v for k, v in batch.items() if k != "labels"})[0]
+    inputs = no_cache({k: v for k, v in batch.items() if k != "labels"}, model)
+    hidden = model.base_model(**inputs)[0]
     target = F.pad(labels[:, first:], (0, 1), value=IGNORE_INDEX)
     return head_loss_sum(hidden[:, first - 1 :], head.weight, target)
 
@@ -152,7 +163,7 @@ def forward_loss(
             inputs["decoder_input_ids"] = decoder_inputs(model, labels)
         logits = model(**inputs).logits
         return aligned_loss_sum(logits, labels), logits, 0
-    logits, first = answer_logits(model, inputs, labels)
+    logits, first = answer_logits(model, no_cache(inputs, model), labels)
     if logits is None:
         return torch.zeros((), device=labels.device, requires_grad=True), None, 0
     return lm_loss_sum(logits, labels, first), logits, first
