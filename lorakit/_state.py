@@ -102,11 +102,30 @@ def active(model: nn.Module) -> list[str]:
     return list(getattr(model, _ACTIVE, []))
 
 
+def named_wrappers(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSave]]:
+    """(name, wrapper) for every LoRA wrapper and `modules_to_save` wrapper of `model`, in
+    `named_modules` order. The walk enters a LoRA layer only through its base layer, not its
+    adapters' parts (A, B, dropout: with 8 adapters on SmolLM2-135M, 6,000 of the model's 6,500
+    modules, and never a wrapper); the server finds the wrappers at every change of its batch."""
+    seen: set[int] = set()
+    todo: list[tuple[str, nn.Module]] = [("", model)]
+    while todo:
+        name, module = todo.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            yield name, module
+        children = {"base_layer": module.base_layer} if isinstance(module, LoraLayer) else module._modules
+        todo.extend(
+            reversed([(f"{name}.{n}" if name else n, m) for n, m in children.items() if m is not None])
+        )
+
+
 def wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
     """Every LoRA wrapper and `modules_to_save` wrapper of `model`."""
-    for module in model.modules():
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            yield module
+    for _, module in named_wrappers(model):
+        yield module
 
 
 def set_active(model: nn.Module, adapters: list[str]) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import _state
 from .errors import AdapterStateError
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer
 
 
 @contextmanager
@@ -38,7 +38,7 @@ def adapter_rows(model: nn.Module, names_per_row: Sequence[str | None]) -> Itera
     unknown = sorted({n for n in rows if n is not None and n not in known})
     if unknown:
         raise AdapterStateError(f"adapter_rows: unknown adapter(s) {unknown}; the model has {known}")
-    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    wrappers = list(_state.named_wrappers(model))
     for name, module in wrappers:
         if isinstance(module, LoraLayer) and module.merged_adapters:
             raise AdapterStateError(

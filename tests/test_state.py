@@ -3,12 +3,15 @@
 from pathlib import Path
 
 import pytest
+import torch
+import transformers as T
 from fixtures import tiny_llama
 
 import lorakit
 from lorakit import LoraConfig, _state
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.inject import lora_layers
+from lorakit.layers import LoraLayer, ModulesToSave
 
 
 def _model():
@@ -38,6 +41,34 @@ def test_set_active_is_the_one_writer_of_the_layer_copies():
     assert all(m.active_adapters == [] for _, m in lora_layers(model))
     with pytest.raises(AdapterStateError, match="unknown adapter"):
         _state.set_active(model, ["b"])
+
+
+def _mixtral():
+    shape = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2)
+    torch.manual_seed(0)
+    return T.MixtralForCausalLM(
+        T.MixtralConfig(**shape, num_attention_heads=2, num_key_value_heads=1, num_local_experts=4)
+    )
+
+
+@pytest.mark.parametrize(
+    "build, configs",
+    [
+        (tiny_llama, [dict(target_modules="all-linear", modules_to_save=["lm_head"]), dict(use_dora=True)]),
+        (tiny_llama, [dict(target_modules=["q_proj"], trainable_token_indices=[1, 5])]),
+        # two parameters of one module: the second LoraParam wraps the first
+        (_mixtral, [dict(target_modules=["q_proj"], target_parameters=["gate_up_proj", "down_proj"])]),
+    ],
+)
+def test_named_wrappers_finds_what_named_modules_finds(build, configs):
+    """The walk that skips adapters' parts finds every wrapper, nested LoraParams and the
+    wrappers of modules_to_save / trainable tokens included, in named_modules' order."""
+    model = build()
+    for i, kw in enumerate(configs):
+        lorakit.inject(model, LoraConfig(r=2, **({"target_modules": ["v_proj"]} | kw)), f"a{i}")
+    expected = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    assert len(expected) > 2
+    assert list(_state.named_wrappers(model)) == expected
 
 
 def test_clear_forgets_everything():
