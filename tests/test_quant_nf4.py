@@ -54,7 +54,9 @@ def test_weight_larger_than_one_quantize_chunk_matches_bitsandbytes():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dequantize_over_several_decode_chunks_into_out_matches_bitsandbytes(dtype):
-    w = random_weight((255, 301), torch.float32, seed=3)  # > one decode chunk, odd count, short tail
+    # three decode chunks (2 * 2**17 values each), the last of odd length, a short tail block: fp32
+    # decodes the whole chunks in the result itself and the odd one through the scratch
+    w = random_weight((1031, 509), torch.float32, seed=3)
     ref, ref_state = bnb_quantize(w)
     packed, state = quantize_nf4(w)
     ref_state.dtype = dtype

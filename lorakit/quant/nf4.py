@@ -309,8 +309,10 @@ def _decode_chunk(codes: torch.Tensor, scratch: np.ndarray) -> torch.Tensor:
     memory on CPU (a fresh tensor on other devices)."""
     if codes.device.type == "cpu":
         # numpy's take with uint8 indices needs no index conversion, and writes into the reused
-        # scratch: the fastest gather on CPU, and no allocation per chunk
-        pairs = np.take(_PAIR_LUT64.numpy(), codes.numpy(), out=scratch[: codes.numel()])
+        # scratch: the fastest gather on CPU, and no allocation per chunk. mode="clip" (a byte is
+        # always a valid index of the 256 pairs): with the default "raise", take buffers `out`
+        # and runs ~10x slower (measured 1.79 ms vs 0.17 ms for 128K bytes)
+        pairs = np.take(_PAIR_LUT64.numpy(), codes.numpy(), out=scratch[: codes.numel()], mode="clip")
         return torch.from_numpy(pairs).view(torch.float32)
     return _PAIR_LUT64.to(codes.device)[codes.long()].view(torch.float32)
 
@@ -377,10 +379,15 @@ def dequantize_nf4(
     values = out.view(-1)
     codes = torch.empty(min(_DECODE_CHUNK, flat.numel()), dtype=torch.uint8, device=flat.device)
     scratch = np.empty(codes.numel(), dtype=np.int64)
+    in_place = dtype == torch.float32 and flat.device.type == "cpu"
     for first in range(0, n, 2 * _DECODE_CHUNK):  # `first`: a multiple of every block size
         m = min(2 * _DECODE_CHUNK, n - first)  # values in this chunk
         part = codes[: (m + 1) // 2]
         part.copy_(flat[first // 2 : first // 2 + part.numel()])
+        if in_place and m % 2 == 0:  # fp32: decode into the result itself, scale it there in cache
+            _decode_chunk(part, values[first : first + m].view(torch.int64).numpy())
+            _scale_(values[first : first + m], scales, first // bs, bs)
+            continue
         decoded = _decode_chunk(part, scratch)[:m]
         # fp32 products in the cache-sized scratch, then one rounding into the result
         values[first : first + m].copy_(_scale_(decoded, scales, first // bs, bs))
