@@ -3,7 +3,7 @@
 Sections (each printed as a table; everything also goes to the JSON file):
   storage     bits per parameter of the stored 4-bit base and bytes of the model's tensors, NF4 vs
               fp32 / bf16, for a SmolLM2-135M-shaped random model and one 4096x4096 linear
-  kernels     quantize time, dequantize throughput and 4-bit matmul latency, 4096x4096, lorakit vs
+  kernels     quantize time, dequantize throughput and 4-bit matmul latency, 4096x4096 (--shape), lorakit vs
               bitsandbytes (same bytes; variants timed interleaved, median of --rounds)
   train_step  one QLoRA step (forward + backward + AdamW, r=16 on all linear layers, batch 2 x 64)
               on SmolLM2-135M, lorakit vs PEFT + bitsandbytes: time with both models in one process
@@ -132,7 +132,7 @@ def storage() -> dict:
 # kernels ----------------------------------------------------------------------------------------
 
 
-def kernels(rounds: int) -> dict:
+def kernels(rounds: int, shape: tuple[int, int] = (4096, 4096)) -> dict:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
@@ -140,7 +140,8 @@ def kernels(rounds: int) -> dict:
     from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(4096, 4096, bias=False)
+    out_features, in_features = shape
+    lin = torch.nn.Linear(in_features, out_features, bias=False)
     w = lin.weight.detach()
     packed, state = quantize_nf4(w)
     ref, ref_state = bnbF.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
@@ -175,14 +176,16 @@ def kernels(rounds: int) -> dict:
         )
     for compute in (torch.float32, torch.bfloat16):
         ours = Linear4bit.from_linear(lin, compute_dtype=compute)
-        theirs = bnb.nn.Linear4bit(4096, 4096, bias=False, compute_dtype=compute, quant_type="nf4")
+        theirs = bnb.nn.Linear4bit(
+            in_features, out_features, bias=False, compute_dtype=compute, quant_type="nf4"
+        )
         sd = ours.state_dict()
         stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
         theirs.weight = bnb.nn.Params4bit.from_prequantized(
             sd["weight"], stats, requires_grad=False, device="cpu"
         )
         for batch in (1, 64):
-            x = torch.randn(batch, 4096)
+            x = torch.randn(batch, in_features)
             fns = {
                 "lorakit": lambda x=x, m=ours: m(x),
                 "bitsandbytes": lambda x=x, m=theirs: m(x),
@@ -368,6 +371,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["storage", "kernels", "train_step", "merge", "load"])
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "qlora.json")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--shape", type=int, nargs=2, default=[4096, 4096], metavar=("OUT", "IN"), help="the kernels' weight"
+    )
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="kernels' clock")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -396,9 +402,11 @@ def main() -> None:
         results["storage"] = storage()
         _print_table("storage", results["storage"])
     if "kernels" in args.only:
-        results["kernels"] = kernels(args.rounds)
+        results["kernels"] = kernels(args.rounds, tuple(args.shape))
         results["kernels_clock"] = args.clock
-        _print_table(f"kernels, 4096x4096, {args.rounds} rounds, {args.clock} ms", results["kernels"])
+        results["kernels_shape"] = args.shape
+        size = "x".join(map(str, args.shape))
+        _print_table(f"kernels, {size}, {args.rounds} rounds, {args.clock} ms", results["kernels"])
     if "train_step" in args.only:
         results["train_step_s"] = train_step_times(args.train_rounds)
         _print_table(

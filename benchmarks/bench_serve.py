@@ -9,7 +9,8 @@ and the time per output token after the first (TPOT). A run is bounded in count 
 configuration) and time (`--budget-s` per configuration: requests not finished by then are
 cancelled and counted as unfinished). `--backends llama.cpp` adds llama.cpp on the same stream
 (`bench_serve_llama.py`); `--routing-rounds` times a decode step right after the rows' adapter
-routing changed against a plain one (`routing_steps`).
+routing changed against a plain one (`routing_steps`); `--spread-rounds` times a decode step of
+1-8 rows on the base model, all on one adapter, and each on its own (`spread_steps`).
 
     PYTHONPATH=. python benchmarks/bench_serve.py [--rates 0.3 1.0] [--requests 6] [--budget-s 240]
         [--max-tokens 8 16] [--backends continuous static llama.cpp] [--routing-rounds 5]
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -35,6 +37,7 @@ import httpx
 import torch
 
 import lorakit.hf
+from lorakit.generate import adapters_for_rows
 from lorakit.layers import LoraLinear
 from lorakit.mixed import adapter_rows
 from lorakit.serve import AdapterCache, Engine, create_app
@@ -229,6 +232,48 @@ def routing_steps(model, names: list[str], rounds: int, prompt_len: int = 48) ->
     return {"rows": len(names), "prompt_len": prompt_len, "seconds": times, "ratio_to_plain": ratios}
 
 
+def spread_steps(model, keys: list[str], rounds: int, prompt_len: int = 48) -> dict:
+    """Median seconds of one decode step for 1, 2, 4 and 8 rows: the base model (no adapter), every
+    row on one adapter, and each row on its own adapter (a mixed batch); `rounds` rounds of 5
+    steps each, the three kinds interleaved."""
+    model.eval()
+    ids = torch.randint(
+        0,
+        min(1000, model.config.vocab_size),
+        (len(keys), prompt_len),
+        generator=torch.Generator().manual_seed(1),
+    )
+
+    def step_s(row_keys: list[str | None]) -> float:
+        with torch.no_grad(), adapters_for_rows(model, row_keys):
+            out = model(input_ids=ids[: len(row_keys)], use_cache=True)
+            times = []
+            for _ in range(6):  # the first step is not timed
+                t = time.perf_counter()
+                out = model(
+                    input_ids=out.logits[:, -1:].argmax(-1),
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+                times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])
+
+    kinds = {
+        "base": lambda n: [None] * n,
+        "one adapter": lambda n: keys[:1] * n,
+        "own adapter": lambda n: keys[:n],
+    }
+    out: dict = {}
+    for rows in [n for n in (1, 2, 4, 8) if n <= len(keys)]:
+        seconds = {k: [] for k in kinds}
+        for _ in range(rounds):
+            for kind, row_keys in kinds.items():
+                seconds[kind].append(step_s(row_keys(rows)))
+        out[str(rows)] = {k: statistics.median(v) for k, v in seconds.items()}
+        out[str(rows)]["own / one"] = out[str(rows)]["own adapter"] / out[str(rows)]["one adapter"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 1.0], help="requests per second")
@@ -255,6 +300,9 @@ def main() -> None:
         "--gguf-dir", help="where the GGUF files are written once and reused (default: a temp dir)"
     )
     parser.add_argument("--routing-only", action="store_true", help="only the decode-step timing")
+    parser.add_argument(
+        "--spread-rounds", type=int, default=0, help="decode steps of 1-8 rows on 1 vs own adapters (0: skip)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -268,6 +316,9 @@ def main() -> None:
     if args.routing_rounds:
         out["routing"] = routing_steps(model, [cache.key(n) for n in names], args.routing_rounds)
         print(json.dumps(out["routing"]["ratio_to_plain"]), flush=True)
+    if args.spread_rounds:
+        out["spread_steps"] = spread_steps(model, [cache.key(n) for n in names], args.spread_rounds)
+        print(json.dumps(out["spread_steps"]), flush=True)
     rows = out["rows"] = []
     backends = list(args.backends)
     llama = None

@@ -46,3 +46,19 @@ def test_workload_is_fixed_by_the_seed_and_keeps_the_output_range():
     assert a == bench_serve.workload(3, 2.0, 50, ["x", "y"], (8, 64))
     assert all(8 <= r["max_tokens"] <= 64 for r in a) and {r["model"] for r in a} == {"x", "y"}
     assert all(b["at"] > a_["at"] for a_, b in zip(a, a[1:]))
+
+
+def test_spread_steps_times_each_kind_for_each_row_count():
+    import lorakit
+    from fixtures import tiny_llama
+
+    model = tiny_llama()
+    for name in ("a", "b"):
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), name
+        )
+    out = bench_serve.spread_steps(model, ["a", "b"], rounds=1, prompt_len=4)
+    assert list(out) == ["1", "2"]
+    for kinds in out.values():
+        assert all(kinds[k] > 0 for k in ("base", "one adapter", "own adapter"))
+        assert kinds["own / one"] == kinds["own adapter"] / kinds["one adapter"]

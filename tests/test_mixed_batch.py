@@ -41,12 +41,17 @@ def alone(model, name, ids):
 @pytest.mark.slow
 @torch.no_grad()
 @pytest.mark.parametrize("seq", [7, 1])
-def test_each_row_equals_running_it_alone(seq):
+@pytest.mark.parametrize("rows", [ROWS, ROWS * 3], ids=["runs", "stacked"])
+def test_each_row_equals_running_it_alone(seq, rows):
+    # 4 runs of rows on one adapter: each run its own matmuls; 10 runs (more than max_runs): the
+    # stacked paths (seq 7: per-row gather, seq 1: the dense decode step)
     model = with_adapters(tiny_llama(), SPECS)
-    ids = torch.randint(0, 128, (len(ROWS), seq), generator=torch.Generator().manual_seed(0))
-    with adapter_rows(model, ROWS):
+    layer = model.model.layers[0].self_attn.q_proj
+    ids = torch.randint(0, 128, (len(rows), seq), generator=torch.Generator().manual_seed(0))
+    with adapter_rows(model, rows):
         mixed = model(ids).logits
-    for i, name in enumerate(ROWS):
+        assert (layer._routing[2] is None) == (rows is not ROWS)
+    for i, name in enumerate(rows):
         torch.testing.assert_close(mixed[i], alone(model, name, ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
     # adapters differ, so rows really used different weights
     assert not torch.allclose(mixed[0], alone(model, "b", ids[:1])[0], atol=1e-3)
