@@ -49,8 +49,9 @@ def test_workload_is_fixed_by_the_seed_and_keeps_the_output_range():
 
 
 def test_spread_steps_times_each_kind_for_each_row_count():
-    import lorakit
     from fixtures import tiny_llama
+
+    import lorakit
 
     model = tiny_llama()
     for name in ("a", "b"):
