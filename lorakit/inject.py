@@ -468,7 +468,7 @@ def _mark_bias(model: nn.Module, bias: str) -> None:
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """(name, wrapper) for every LoRA-wrapped module of `model`."""
-    for name, module in model.named_modules():
+    for name, module in _state.named_wrappers(model):
         if isinstance(module, LoraLayer):
             yield name, module
 

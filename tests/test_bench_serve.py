@@ -6,6 +6,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_serve  # noqa: E402
+from fixtures import tiny_llama  # noqa: E402
+
+import lorakit  # noqa: E402
 
 
 def row(batching, rate, tokens_per_s, p99, adapters=8):
@@ -49,10 +52,6 @@ def test_workload_is_fixed_by_the_seed_and_keeps_the_output_range():
 
 
 def test_spread_steps_times_each_kind_for_each_row_count():
-    from fixtures import tiny_llama
-
-    import lorakit
-
     model = tiny_llama()
     for name in ("a", "b"):
         lorakit.inject(

@@ -150,7 +150,7 @@ class LoraLinear(LoraLayer):
         if self.training and bool((p > 0).any()):
             keep = (torch.rand_like(h) >= p[idx, None, None]).to(h.dtype)
             h = h * keep / (1 - p[idx, None, None])
-        if runs is not None and not torch.is_grad_enabled():  # few runs of rows: their own matmuls
+        if runs is not None:  # inference, few runs of rows: their own matmuls
             r = a_stack.shape[1]
             out = result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype, copy=True)
             for first, end, slot in runs:
@@ -253,23 +253,30 @@ class LoraLinear(LoraLayer):
     def _slot_rows(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
         """Each row's slot in the stack of `names` (0: no adapter); when a dense decode step is
         worth it (at most twice as many slots as rows), each row's mask over the ranks of slots
-        1..k; and the runs of consecutive rows on one slot, (first, end, slot), when there are at
-        most `max_runs` of them."""
+        1..k; and at inference the runs of consecutive rows on one slot, (first, end, slot), when
+        there are at most `max_runs` of them (None otherwise)."""
         rows = self.row_adapters
         device = self.lora_A[names[0]].weight.device
         slot = {n: i + 1 for i, n in enumerate(names)}
         slots = [slot.get(n, 0) for n in rows]
         idx = torch.tensor(slots, device=device)
-        runs = []  # (first row, end row, slot) of each run of rows on one adapter
-        for i, s in enumerate(slots):
-            if runs and runs[-1][2] == s and runs[-1][1] == i:
-                runs[-1] = (runs[-1][0], i + 1, s)
-            elif s:
-                runs.append((i, i + 1, s))
-        runs = runs if len(runs) <= self.max_runs else None
+        runs = None if torch.is_grad_enabled() else _runs(slots)
+        if runs is not None and len(runs) > self.max_runs:
+            runs = None
         if len(names) + 1 > 2 * len(rows):
             return idx, None, runs
         r = max(self.r[n] for n in names)
         one_hot = F.one_hot(idx, len(names) + 1)[:, 1:]  # slot 0 is left out of the dense step
         mask = one_hot.to(self.lora_A[names[0]].weight.dtype).repeat_interleave(r, 1)
         return idx, mask, runs
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, end row, slot) of each run of consecutive rows on one nonzero slot."""
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(slots):
+        if runs and runs[-1][2] == s and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1, s)
+        elif s:
+            runs.append((i, i + 1, s))
+    return runs
