@@ -143,3 +143,77 @@ def test_evaluator_choice_from_the_loss_pass_equals_scoring_the_prompts(chat_mod
     assert "eval_choice_accuracy" in full
     assert full["eval_choice_accuracy"] == alone["eval_choice_accuracy"]
     assert full["eval_exact_match"] == alone["eval_exact_match"]
+
+
+class _EndAt:
+    """The tiny model's tokenizer with `ends` as its EOS tokens, special tokens that decoding drops."""
+
+    def __init__(self, tok, ends: set[int]) -> None:
+        self.tok, self.ends = tok, ends
+        self.eos_token_id, self.pad_token_id = min(ends), tok.pad_token_id
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode([i for i in ids if not (skip_special_tokens and i in self.ends)])
+
+
+def test_answers_the_loss_pass_spells_are_scored_without_generating_them(chat_model, monkeypatch):
+    """An answer whose teacher-forced argmaxes spell it, EOS included, is what greedy decoding
+    generates: scored without decoding it, with the same metrics as decoding every example."""
+    from functools import partial
+
+    from lorakit.data import collate
+    from lorakit.train.eval import _loss_pass
+
+    model, tok = chat_model
+    greedy = [(e, e["input_ids"][-2], e["input_ids"][-1]) for e in _greedy_examples(model, tok, n=30, new=2)]
+    ends = {second for _, first, second in greedy[:5] if first != second}  # these play EOS
+    monkeypatch.setattr(model.generation_config, "eos_token_id", sorted(ends))
+    examples, spelled_ones = [], set()
+    for e, first, second in greedy:
+        if first in ends:
+            continue
+        if second in ends:  # greedy: the answer, then EOS
+            spelled_ones.add(len(examples))
+        else:  # the reference closes with EOS where greedy goes on: not spelled
+            e = {"input_ids": e["input_ids"][:-1] + [min(ends)], "labels": e["labels"][:-1] + [min(ends)]}
+        examples.append(e)
+    assert 3 <= len(spelled_ones) <= len(examples) - 3, (len(spelled_ones), len(examples))
+    _, _, spelled = _loss_pass(
+        model, examples, partial(collate, pad_token_id=tok.pad_token_id), 4, None, spell=True
+    )
+    assert spelled == spelled_ones
+
+    rows = []
+    hook = model.register_forward_hook(
+        lambda m, args, kw, out: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        decoded = generation_accuracy(model, _EndAt(tok, ends), examples, batch_size=4)
+        rows_decoded, rows[:] = sum(rows), []
+        skipped = generation_accuracy(model, _EndAt(tok, ends), examples, batch_size=4, spelled=spelled)
+        rows_skipped = sum(rows)
+    finally:
+        hook.remove()
+    assert skipped == decoded
+    assert decoded["eval_exact_match"] == len(spelled_ones) / len(examples)
+    assert rows_skipped < rows_decoded
+
+
+def test_the_base_evaluation_generates_with_the_base_model(chat_model):
+    """Inside `disable_adapters` (the evaluation at step 0) generation is the base model's too, not
+    the rows routed to the active adapter by name."""
+    import copy
+
+    from fixtures import random_lora
+
+    import lorakit
+
+    model, tok = chat_model
+    examples = _greedy_examples(model, tok, n=8)  # the base model's own greedy answers
+    tuned = random_lora(copy.deepcopy(model))
+    with torch.no_grad():
+        for p in lorakit.io.adapter_state_dict(tuned).values():
+            p.mul_(30)  # an adapter that changes the answers
+    assert generation_accuracy(tuned, tok, examples, extra_tokens=0)["eval_exact_match"] < 0.5
+    with lorakit.disable_adapters(tuned):
+        assert generation_accuracy(tuned, tok, examples, extra_tokens=0)["eval_exact_match"] == 1.0

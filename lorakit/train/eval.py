@@ -39,15 +39,18 @@ def _loss_pass(
     device,
     candidates: torch.Tensor | None = None,
     tag_names: dict[int, str] | None = None,
-) -> tuple[dict[str, float], dict[int, int]]:
-    """`loss_metrics`, and with `candidates` (token ids) the index of the candidate each causal-LM
-    example's logits score highest at its first answer position (read from the same forward).
-    Token classification (`token_labels` examples) adds token accuracy and, with `tag_names`
-    (id -> tag), the entity scores of `entity_scores`."""
+    spell: bool = False,
+) -> tuple[dict[str, float], dict[int, int], set[int]]:
+    """(`loss_metrics`, picks, spelled). With `candidates` (token ids), picks maps each causal-LM
+    example to the index of the candidate its logits score highest at its first answer position;
+    with `spell`, spelled holds the examples whose answer is, token for token, the argmax of the
+    logits at its positions (what greedy decoding of the prompt would generate). Both are read
+    from the loss's own forward. Token classification (`token_labels` examples) adds token
+    accuracy and, with `tag_names` (id -> tag), the entity scores of `entity_scores`."""
     device = device or torch.device("cpu")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total, count = 0.0, 0
-    preds, golds, picks = [], [], {}
+    preds, golds, picks, spelled = [], [], {}, set()
     tagged = bool(examples) and "token_labels" in examples[0]
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -67,23 +70,26 @@ def _loss_pass(
             predicted = logits.argmax(-1)
             preds += [predicted[row][keep[row]].tolist() for row in range(len(idx))]
             golds += [labels[row][keep[row]].tolist() for row in range(len(idx))]
-        elif candidates is not None:
+        elif candidates is not None or spell:
+            best = logits.argmax(-1).cpu() if spell else None
             for row, i in enumerate(idx):
-                at = (
-                    len(split_answer(examples[i])[0]) - first
-                )  # the logit predicting the answer's first token
-                picks[i] = int(logits[row, at].float().cpu()[candidates].argmax())
+                prompt, answer = split_answer(examples[i])
+                at = len(prompt) - first  # the logit predicting the answer's first token
+                if candidates is not None:
+                    picks[i] = int(logits[row, at].float().cpu()[candidates].argmax())
+                if spell and best[row, at : at + len(answer)].tolist() == answer:
+                    spelled.add(i)
     loss = total / max(count, 1)
     if tagged:
-        return {"eval_loss": loss, **tagging_metrics(preds, golds, tag_names)}, picks
+        return {"eval_loss": loss, **tagging_metrics(preds, golds, tag_names)}, picks, spelled
     if golds:
         metrics = {
             "eval_loss": loss,
             "eval_accuracy": _accuracy(preds, golds),
             "eval_macro_f1": macro_f1(preds, golds),
         }
-        return metrics, picks
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}, picks
+        return metrics, picks, spelled
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}, picks, spelled
 
 
 def _accuracy(preds: list, golds: list) -> float:
@@ -131,6 +137,7 @@ def generation_accuracy(
     device=None,
     extra_tokens: int = 8,
     first_picks: dict[int, int] | None = None,
+    spelled: set[int] | None = None,
 ) -> dict[str, float]:
     """Score greedy answers generated from each prompt with lorakit's decoder
     (`lorakit.generate.generate_tokens`, the one `lorakit generate` and the server use; left-padded
@@ -146,6 +153,13 @@ def generation_accuracy(
       preference between the labels, whatever it would go on to say. `first_picks` (example index
       -> index in `answer_choices`) gives those choices when a loss pass already computed them;
       otherwise one forward over the prompts does.
+
+    `spelled` (example indices, from the loss pass) are the examples whose reference answer the
+    model's teacher-forced argmaxes already spell. When such an answer ends in its only EOS token,
+    greedy decoding would generate exactly its tokens and stop (the same contexts, so the same
+    argmaxes, up to float rounding between the two forwards), so it is scored as that text
+    without being generated. Only the other examples are decoded: a trained model spells most
+    answers, so its evaluation skips most of the generation.
     """
     from ..generate import eos_ids
 
@@ -159,26 +173,37 @@ def generation_accuracy(
     sampling = Sampling(max_tokens=max(len(a) for _, a in pairs) + extra_tokens)  # greedy
     eos, adapter = eos_ids(model, tokenizer), _active(model)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
-    exact = label = choice = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        rows = [Row(pairs[i][0], adapter, sampling) for i in idx]
+
+    def batches(indices: list[int]):
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            yield idx, [Row(pairs[i][0], adapter, sampling) for i in idx]
+
+    if names and first_picks is None:
+        first_picks = {}
+        for idx, rows in batches(order):
+            first_picks.update(zip(idx, _first_token_picks(model, rows, pad, first_ids)))
+
+    # what greedy decoding yields for a spelled answer: its tokens before the closing EOS
+    def closes_once(answer: list[int]) -> bool:
+        return bool(answer) and answer[-1] in eos and not eos.intersection(answer[:-1])
+
+    generated = {i: pairs[i][1][:-1] for i in spelled or () if closes_once(pairs[i][1])}
+    for idx, rows in batches([i for i in order if i not in generated]):
         answers: list[list[int]] = [[] for _ in idx]
         for row, token, _ in generate_tokens(model, rows, eos, pad):
             if token is not None:
                 answers[row].append(token)
-        if names and first_picks is None:
-            picks = _first_token_picks(model, rows, pad, first_ids)
-        for row, i in enumerate(idx):
-            if names:
-                choice += names[first_picks[i] if first_picks is not None else picks[row]] == refs[i]
-            text = normalize(tokenizer.decode(answers[row], skip_special_tokens=True))
-            exact += text == refs[i]
-            found = choices.search(text)
-            label += found is not None and found.group(1) == refs[i]
+        generated.update(zip(idx, answers))
+    exact = label = 0
+    for i, answer in generated.items():
+        text = normalize(tokenizer.decode(answer, skip_special_tokens=True))
+        exact += text == refs[i]
+        found = choices.search(text)
+        label += found is not None and found.group(1) == refs[i]
     result = {"eval_exact_match": exact / len(pairs), "eval_label_match": label / len(pairs)}
     if names:
-        result["eval_choice_accuracy"] = choice / len(pairs)
+        result["eval_choice_accuracy"] = sum(names[first_picks[i]] == refs[i] for i in order) / len(pairs)
     return result
 
 
@@ -196,11 +221,16 @@ def answer_choices(examples: list[dict[str, Any]], tokenizer) -> tuple[list[str]
 
 
 def _active(model: nn.Module) -> str | None:
-    """The adapter generation runs with: the one active adapter (None: the base model, or no adapter)."""
+    """The adapter generation runs with: the one active adapter; None (the base model) when there
+    is no adapter, several, or the adapters are disabled (the base evaluation at step 0: rows
+    routed to the adapter by name would add it)."""
+    from .._state import wrappers
     from ..adapters import active_adapters, list_adapters
 
     active = active_adapters(model) if list_adapters(model) else []
-    return active[0] if len(active) == 1 else None
+    if len(active) != 1 or any(w.disabled for w in wrappers(model)):
+        return None
+    return active[0]
 
 
 def _first_token_picks(model: nn.Module, rows: list[Row], pad: int, candidates: torch.Tensor) -> list[int]:
@@ -268,8 +298,15 @@ def make_evaluator(
 
     def evaluate(model: nn.Module, step: int) -> dict[str, float]:
         def run() -> dict[str, float]:
-            result, picks = _loss_pass(
-                model, examples, collate, batch_size, device, candidates if names else None, tag_names
+            result, picks, spelled = _loss_pass(
+                model,
+                examples,
+                collate,
+                batch_size,
+                device,
+                candidates if names else None,
+                tag_names,
+                generate,
             )
             if seq2seq:
                 result.update(seq2seq_exact_match(model, tokenizer, examples, batch_size=2 * batch_size))
@@ -282,6 +319,7 @@ def make_evaluator(
                         batch_size=2 * batch_size,
                         device=device,
                         first_picks=picks,
+                        spelled=spelled,
                     )
                 )
             return result
