@@ -165,3 +165,29 @@ def test_byte_limit_pinned_adapters_and_deferred_unload(setup):
     with pytest.raises(AdapterStateError, match="more than --max-loaded-bytes"):
         tiny.load("a1")
     assert tiny.loaded_names() == []
+
+
+def test_stacks_are_built_when_the_adapters_change(setup):
+    """Loading, removing and draining rebuild the layers' inference stacks at once, so the next
+    mixed-adapter batch finds them current and builds nothing."""
+    d, folder, paths = setup
+    model, tok = lorakit.hf.load_model(folder)
+    cache = AdapterCache(model, paths, capacity=3)
+    keys = [cache.load(n) for n in ("a1", "a2", "a3")]
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+    def stacked_names():
+        assert all(m._stacks is not None for m in layers)
+        return {tuple(n for n, _, _ in m._stacks[0]) for m in layers}
+
+    assert stacked_names() == {tuple(keys)}
+    built = [m._stacks for m in layers]
+    rows = [Row(prompt_ids(tok, "hi", True), k, Sampling(max_tokens=2)) for k in keys]
+    list(generate_tokens(model, rows, eos_ids(model, tok), tok.pad_token_id))
+    assert all(m._stacks is b for m, b in zip(layers, built))  # used as built, not rebuilt
+    cache.remove("a3")
+    assert stacked_names() == {tuple(keys[:2])}
+    cache.remove("a2", pinned={keys[1]})  # in use: stays on the model until drained
+    assert stacked_names() == {tuple(keys[:2])}
+    cache.drain(set())
+    assert stacked_names() == {(keys[0],)}

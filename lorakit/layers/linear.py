@@ -176,14 +176,25 @@ class LoraLinear(LoraLayer):
 
     def _stacked(self, used: list[str]) -> tuple[tuple, tuple]:
         """The stacks (`_build_stacks`) and the rows' slots (`_slot_rows`). Training builds them
-        from the adapters in use at every forward (autograd needs the live weights). Inference
-        keeps one stack of every adapter of the layer until an adapter is added or deleted, or
-        any stacked tensor (A, B, DoRA magnitude, base weight for DoRA) is replaced or changed in
-        place (optimizer steps, `copy_`, merges bump the tensor's version); the slots follow the
-        routing (`route_rows`)."""
+        from the adapters in use at every forward (autograd needs the live weights); inference
+        uses `inference_stacks`, and the slots follow the routing (`route_rows`)."""
         if torch.is_grad_enabled():
             return self._build_stacks(used), self._slot_rows(used)
+        stacks = self.inference_stacks()
+        if self._routing is None:
+            self._routing = self._slot_rows(list(self.r))
+        return stacks, self._routing
+
+    @torch.no_grad()
+    def inference_stacks(self) -> tuple | None:
+        """The stacks of every adapter of the layer that inference keeps (None without adapters),
+        built when missing or stale: until an adapter is added or deleted, or any stacked tensor
+        (A, B, DoRA magnitude, base weight for DoRA) is replaced or changed in place (optimizer
+        steps, `copy_`, merges bump the tensor's version). The server calls it when its adapters
+        change, so the first mixed batch after a load does not pay for the build."""
         names = list(self.r)
+        if not names:
+            return None
         meta, tensors = self._stack_key(names)
         versions = tuple(t._version for t in tensors)
         hit = self._stacks
@@ -195,9 +206,7 @@ class LoraLinear(LoraLayer):
         ):  # the entry holds its tensors, so a freed one's id or memory cannot come back as a match
             self._stacks = hit = (meta, tensors, versions, self._build_stacks(names))
             self._routing = None
-        if self._routing is None:
-            self._routing = self._slot_rows(names)
-        return hit[3], self._routing
+        return hit[3]
 
     def _stack_key(self, names: list[str]) -> tuple[tuple, list[torch.Tensor]]:
         """What the stacks are built from: (names, scalings, dropouts) and the tensors."""

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .._state import wrappers
 from ..adapters import delete_adapter, list_adapters
 from ..config import CONFIG_NAME, LoraConfig
 from ..errors import AdapterFileError, AdapterStateError, ConfigError, LorakitError
@@ -135,6 +136,7 @@ class AdapterCache:
             self.draining.add(self._keys.pop(name))
         else:
             self.unload(name)
+            self._restack()
         del self.known[name]
 
     def unload(self, name: str) -> None:
@@ -146,9 +148,12 @@ class AdapterCache:
 
     def drain(self, pinned: set[str] | frozenset) -> None:
         """Take removed adapters that no row uses any more (not `pinned`) off the model."""
-        for key in sorted(self.draining - set(pinned)):
+        gone = sorted(self.draining - set(pinned))
+        for key in gone:
             self.draining.discard(key)
             delete_adapter(self.model, key)
+        if gone:
+            self._restack()
 
     def loaded_bytes(self) -> int:
         """Bytes of the loaded adapters' parameters and of the layers' stacks of them."""
@@ -156,7 +161,7 @@ class AdapterCache:
 
     def _stack_bytes(self, keys: list[str] | None = None) -> int:
         """Bytes of the stacks of adapters `keys` (default: all on the model) in every layer."""
-        return sum(m.stack_nbytes(keys) for m in self.model.modules() if isinstance(m, LoraLinear))
+        return sum(m.stack_nbytes(keys) for m in wrappers(self.model) if isinstance(m, LoraLinear))
 
     def load(self, name: str, pinned: set[str] | frozenset = frozenset()) -> str:
         """Load known adapter `name` (if it is not loaded), evicting least recently used adapters
@@ -177,6 +182,14 @@ class AdapterCache:
         if name in self.loaded:
             self.loaded.move_to_end(name)
             return self._keys[name]
+        before = list_adapters(self.model)
+        try:
+            return self._evict_and_load(name, pinned)
+        finally:
+            if list_adapters(self.model) != before:
+                self._restack()
+
+    def _evict_and_load(self, name: str, pinned: set[str] | frozenset) -> str:
         free = [n for n in self.loaded if self._keys[n] not in pinned]
         if len(self.loaded) - len(free) >= self.capacity:
             raise NoRoom(f"adapter {name!r}: all {self.capacity} cache slots hold adapters in use")
@@ -195,6 +208,14 @@ class AdapterCache:
                 )
             raise NoRoom(f"adapter {name!r} ({size} bytes) does not fit beside the adapters in use")
         return self._keys[name]
+
+    def _restack(self) -> None:
+        """Build every layer's stacks of the adapters now on the model (`inference_stacks`), so
+        the first mixed-adapter batch after a change does not stall on the build (0.1-0.3 s for
+        8 adapters on SmolLM2-135M, 2 CPU cores)."""
+        for module in wrappers(self.model):
+            if isinstance(module, LoraLinear):
+                module.inference_stacks()
 
     def ensure(self, names: list[str]) -> None:
         """Load `names` (at most `capacity`), evicting the least recently used others.
