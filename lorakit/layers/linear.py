@@ -101,13 +101,10 @@ class LoraLinear(LoraLayer):
         base = result.reshape(-1, self.out_features).to(a.dtype)
         if self.lora_bias[name]:  # lora_bias: scaling * (h @ B.T + b)
             base = base + self.lora_B[name].bias * self.scaling[name]
-        # one fused kernel for result + scaling * (h @ B.T): cheaper than matmul, scale, add
-        out = torch.addmm(
-            base,
-            h.reshape(-1, h.shape[-1]),
-            b.T,
-            alpha=self.scaling[name],
-        )
+        # one fused kernel for result + scaling * (h @ B.T): cheaper than matmul, scale, add; at
+        # inference into the base output itself (no fresh output-sized tensor, the same bits)
+        add = torch.addmm if torch.is_grad_enabled() else torch.Tensor.addmm_
+        out = add(base, h.reshape(-1, h.shape[-1]), b.T, alpha=self.scaling[name])
         return out.view(result.shape).to(result.dtype)
 
     def route_rows(self, rows: list[str | None] | None) -> None:
