@@ -9,6 +9,7 @@ AdamW steps.
     python benchmarks/bench_speed.py memory [--seq 128]     # row 2, one child process per method
     python benchmarks/bench_speed.py longest [--budget-gib 3]  # row 3, batch 1, children
     python benchmarks/bench_speed.py compiled [--rounds 3]  # decoder layers torch.compile'd (inductor)
+    python benchmarks/bench_speed.py profile [--rounds 3]   # where each variant's time goes, by op
 
 `time`: each round calls every variant once (plain forward, lorakit / PEFT unmerged forward,
 lorakit / PEFT train step); the ratios are per round (min / median / max over rounds). `memory`:
@@ -17,8 +18,10 @@ bytes, sampled every millisecond, one arena) and the bytes autograd saves for th
 `longest`: the longest batch-1 sequence whose training step stays under the RSS budget (peak RSS
 measured at three lengths, a line fitted through them, then runs from the predicted length in
 steps of 64 tokens to the longest that stays under).
+`profile`: torch.profiler's self CPU time per operator for each variant of `time` (ms per call,
+averaged over the rounds), and the step's difference lorakit - PEFT per operator.
 Load averages are printed with every result: the machine is shared. Results go to
-benchmarks/results/speed_<mode>.json.
+benchmarks/results/speed_<mode>.json (or `--json PATH`).
 """
 
 from __future__ import annotations
@@ -77,22 +80,28 @@ def build(method: str, recompute: str = "none"):
     return model
 
 
-def train_step(method: str, model, ids: torch.Tensor):
-    """One optimizer step's work as a function: forward, loss, backward, AdamW."""
+def train_step(method: str, model, ids: torch.Tensor, trim_heap: bool = False):
+    """One optimizer step's work as a function: forward, loss, backward, AdamW. `trim_heap`
+    (lorakit only): what `lorakit train --trim-heap` does around its steps."""
+    from lorakit._heap import HeapTrimmer, heap_trimming
+    from lorakit.modeling import decoder_layers
     from lorakit.train import loss_sum
 
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=1e-4)
     batch = {"input_ids": ids, "labels": ids}
     count = ids.shape[0] * (ids.shape[1] - 1)
+    trimmer = HeapTrimmer(enabled=trim_heap and method == "lorakit")
 
     def run():
         if method == "lorakit":
-            (loss_sum(model, batch) / count).backward()
+            with heap_trimming(decoder_layers(model), trimmer):
+                (loss_sum(model, batch) / count).backward()
         else:
             model(**batch).loss.backward()
         optim.step()
         optim.zero_grad(set_to_none=True)
+        trimmer()
 
     return run
 
@@ -221,7 +230,7 @@ def child(args) -> dict:
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     heap_model = malloc.now()
     malloc.reset()
-    step = train_step(args.child, model, ids)
+    step = train_step(args.child, model, ids, args.trim_heap)
     t = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -232,6 +241,7 @@ def child(args) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "recompute": args.recompute,
+        "trim_heap": args.trim_heap,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "model_rss_mib": rss_model,
         "alloc_peak_mib": peak / 2**20,
@@ -243,9 +253,11 @@ def child(args) -> dict:
     return out
 
 
-def run_child(method: str, seq: int, batch: int, recompute: str, saved: bool = False, steps: int = 2) -> dict:
+def run_child(
+    method: str, seq: int, batch: int, recompute: str, saved: bool = False, steps: int = 2, trim: bool = False
+) -> dict:
     cmd = [sys.executable, __file__, "child", "--child", method, "--seq", str(seq), "--batch", str(batch)]
-    cmd += ["--recompute", recompute, "--steps", str(steps)] + ["--saved"] * saved
+    cmd += ["--recompute", recompute, "--steps", str(steps)] + ["--saved"] * saved + ["--trim-heap"] * trim
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode:
@@ -258,7 +270,9 @@ def run_child(method: str, seq: int, batch: int, recompute: str, saved: bool = F
 
 def mode_memory(args) -> dict:
     saved = args.recompute == "none"  # the hooks do not see inside a checkpointed layer
-    rows = {m: run_child(m, args.seq, args.batch, args.recompute, saved=saved) for m in METHODS}
+    rows = {
+        m: run_child(m, args.seq, args.batch, args.recompute, saved, trim=args.trim_heap) for m in METHODS
+    }
     a, b = rows["lorakit"], rows["peft"]
     ratios = {
         "peak RSS lorakit / peft": a["peak_rss_mib"] / b["peak_rss_mib"],
@@ -277,17 +291,21 @@ def mode_longest(args) -> dict:
     budget = args.budget_gib * 1024
     out = {}
     for method in METHODS:
-        pts = [run_child(method, s, 1, args.recompute, steps=1) for s in args.probe]
+
+        def run(seq: int, method: str = method) -> dict:
+            return run_child(method, seq, 1, args.recompute, steps=1, trim=args.trim_heap)
+
+        pts = [run(s) for s in args.probe]
         xs, ys = [p["seq"] for p in pts], [p["peak_rss_mib"] for p in pts]
         mx, my = statistics.mean(xs), statistics.mean(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
         guess = int((budget - (my - slope * mx)) / slope) // 64 * 64
-        check = run_child(method, guess, 1, args.recompute, steps=1)
+        check = run(guess)
         while check["peak_rss_mib"] > budget and guess > 64:
             guess -= 64
-            check = run_child(method, guess, 1, args.recompute, steps=1)
+            check = run(guess)
         while check["peak_rss_mib"] <= budget:  # the fit may guess short: try 64 more while it fits
-            longer = run_child(method, guess + 64, 1, args.recompute, steps=1)
+            longer = run(guess + 64)
             if longer["peak_rss_mib"] > budget:
                 break
             guess, check = guess + 64, longer
@@ -322,9 +340,43 @@ def mode_compiled(args) -> dict:
     }
 
 
+def mode_profile(args) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    base, ours, theirs = build("base"), build("lorakit"), build("peft")
+    variants = {
+        "forward: plain model": forward(base, ids),
+        "forward: lorakit unmerged": forward(ours.eval(), ids),
+        "step: lorakit": train_step("lorakit", ours.train(), ids),
+        "step: peft": train_step("peft", theirs.train(), ids),
+    }
+    out = {}
+    for name, fn in variants.items():
+        fn()  # warm-up
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.rounds):
+                fn()
+        wall = (time.perf_counter() - t) / args.rounds
+        ops = {e.key: e.self_cpu_time_total / 1e3 / args.rounds for e in prof.key_averages()}
+        total = sum(ops.values())
+        top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[: args.top])
+        out[name] = {"wall_ms": wall * 1e3, "self_cpu_ms_total": total, "ops_ms": top, "all_ops_ms": ops}
+        print(f"{name}: {wall * 1e3:.0f} ms per call (profiled), self CPU {total:.0f} ms", flush=True)
+        for op, ms in top.items():
+            print(f"    {op:40s} {ms:8.1f} ms  {ms / total:6.1%}")
+    a, b = out["step: lorakit"]["all_ops_ms"], out["step: peft"]["all_ops_ms"]
+    diff = {op: a.get(op, 0.0) - b.get(op, 0.0) for op in {*a, *b}}
+    out["step lorakit - peft, ms"] = dict(sorted(diff.items(), key=lambda kv: kv[1])[: args.top])
+    for v in out.values():
+        v.pop("all_ops_ms", None)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("time", "memory", "longest", "compiled", "child"))
+    p.add_argument("mode", choices=("time", "memory", "longest", "compiled", "profile", "child"))
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -337,6 +389,11 @@ def main() -> None:
     p.add_argument("--budget-gib", type=float, default=3.0)
     p.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--probe", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument(
+        "--trim-heap", action="store_true", help="memory/longest: lorakit steps as --trim-heap runs them"
+    )
+    p.add_argument("--top", type=int, default=15, help="profile: operators listed per variant")
+    p.add_argument("--json", type=Path, help="where the result goes (default: results/speed_<mode>.json)")
     p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--saved", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -362,13 +419,17 @@ def main() -> None:
         "load_before": start,
     }
     result.update(
-        {"time": mode_time, "memory": mode_memory, "longest": mode_longest, "compiled": mode_compiled}[
-            args.mode
-        ](args)
+        {
+            "time": mode_time,
+            "memory": mode_memory,
+            "longest": mode_longest,
+            "compiled": mode_compiled,
+            "profile": mode_profile,
+        }[args.mode](args)
     )
     result["load_after"] = load()
     print(json.dumps(result, indent=2))
-    path = (
+    path = args.json or (
         ROOT
         / "benchmarks"
         / "results"
