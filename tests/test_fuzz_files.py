@@ -107,7 +107,8 @@ def _model():
 def test_any_config_object_is_accepted_or_refused_with_a_lorakit_error(data):
     config = _clean(lambda: LoraConfig.from_dict(data, source="fuzz"), "config")
     if config is not None:  # a valid config round-trips, and injects or says why not
-        assert LoraConfig.from_dict(json.loads(config.to_json())).to_dict() == config.to_dict()
+        # compared as JSON text: an unknown key's NaN round-trips but is never == itself
+        assert LoraConfig.from_dict(json.loads(config.to_json())).to_json() == config.to_json()
         _clean(lambda: lorakit.inject(_model(), config), "inject")
 
 

@@ -1,6 +1,7 @@
 """Mixed-adapter batches: each row equals running it alone, matches PEFT's `adapter_names=`, works
 with a KV cache (generate) and with backward (a row's gradient reaches only its own adapter)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -55,6 +56,22 @@ def test_each_row_equals_running_it_alone(seq, rows):
         torch.testing.assert_close(mixed[i], alone(model, name, ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
     # adapters differ, so rows really used different weights
     assert not torch.allclose(mixed[0], alone(model, "b", ids[:1])[0], atol=1e-3)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows", [None, ROWS, ROWS * 3], ids=["one adapter", "runs", "stacked"])
+def test_inference_under_bf16_autocast_is_close_to_fp32(rows):
+    # at inference the adapter is added in place; autocast casts only out-of-place ops, so the
+    # bf16 activations met fp32 B weights ("mat1 and mat2 must have the same dtype")
+    model = with_adapters(tiny_llama(), SPECS)
+    lorakit.set_adapter(model, "a")
+    ids = torch.randint(0, 128, (len(rows or ROWS), 6), generator=torch.Generator().manual_seed(0))
+    with adapter_rows(model, rows) if rows else contextlib.nullcontext():
+        want = model(ids).logits
+        with torch.autocast("cpu", torch.bfloat16):
+            got = model(ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.15, rtol=0.05)
 
 
 @pytest.mark.slow

@@ -27,6 +27,11 @@ def linear_delta(
     return delta.T if fan_in_fan_out else delta
 
 
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for the device (a device without autocast, such as meta: no)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 class LoraLinear(LoraLayer):
     """Wraps a linear base layer; see the module docstring for the math."""
 
@@ -102,8 +107,12 @@ class LoraLinear(LoraLayer):
         if self.lora_bias[name]:  # lora_bias: scaling * (h @ B.T + b)
             base = base + self.lora_B[name].bias * self.scaling[name]
         # one fused kernel for result + scaling * (h @ B.T): cheaper than matmul, scale, add; at
-        # inference into the base output itself (no fresh output-sized tensor, the same bits)
-        add = torch.addmm if torch.is_grad_enabled() else torch.Tensor.addmm_
+        # inference into the base output itself (no fresh output-sized tensor, the same bits).
+        # Not under autograd: the in-place write into the reshaped view makes the backward copy
+        # the gradient (CopySlices), and selective checkpointing refuses a mutated matmul output.
+        # Not under autocast: only the out-of-place op casts its operands (h is bf16, B is not)
+        in_place = not torch.is_grad_enabled() and not _autocast(base.device.type)
+        add = torch.Tensor.addmm_ if in_place else torch.addmm
         out = add(base, h.reshape(-1, h.shape[-1]), b.T, alpha=self.scaling[name])
         return out.view(result.shape).to(result.dtype)
 
@@ -151,7 +160,7 @@ class LoraLinear(LoraLayer):
             r = a_stack.shape[1]
             out = result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype, copy=True)
             for first, end, slot in runs:
-                part = F.linear(h[first:end].reshape(-1, self.in_features), a_stack[slot])
+                part = F.linear(h[first:end].reshape(-1, self.in_features), a_stack[slot]).to(out.dtype)
                 out[first:end].view(-1, self.out_features).addmm_(part, b_cat[:, slot * r : (slot + 1) * r].T)
         elif h.shape[1] == 1 and mask is not None:  # decode step: dense over the adapters' slots
             r = a_stack.shape[1]  # (not slot 0, the zeros of rows with no adapter), masked per row

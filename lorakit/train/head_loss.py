@@ -98,13 +98,18 @@ def _chunks(h, weight, target, grad_h: bool, grad_w: bool):
         for start in range(0, h.shape[0], rows):
             hc, tc = hd[start : start + rows], target[start : start + rows]
             logits = (hc @ w.T).float()  # fp32 as the unfused loss upcasts them (no copy in fp32)
-            lse = torch.logsumexp(logits, -1)
             keep = tc != IGNORE_INDEX
             picked = logits.gather(1, tc.clamp(min=0)[:, None])[:, 0]
+            # logsumexp in place: torch.logsumexp allocates (and page-faults) a second
+            # [rows, vocab] buffer for its shifted logits, 15% of this loop's time
+            peak = logits.amax(-1, keepdim=True)
+            g = logits.sub_(peak).exp_()
+            norm = g.sum(-1, keepdim=True)
+            lse = (peak + norm.log())[:, 0]
             total += torch.where(keep, lse - picked, 0).sum()
             if not (grad_h or grad_w):
                 continue
-            g = logits.sub_(lse[:, None]).exp_()  # d sum(CE) / d logits = softmax - onehot, in place
+            g.div_(norm)  # d sum(CE) / d logits = softmax - onehot, in place
             g[keep, tc[keep]] -= 1
             g[~keep] = 0
             g = g.to(dtype)
