@@ -291,9 +291,9 @@ def _check_rows(model: nn.Module, rows: list[Row]) -> None:
 
 
 @contextlib.contextmanager
-def adapters_for_rows(model: nn.Module, names: list[str | None]) -> Iterator[None]:
-    """Inside the block row `i` uses adapter `names[i]` (None: the base), through
-    `lorakit.mixed.adapter_rows`; every layer serves rows that all use one adapter by its plain
+def adapters_for_rows(model: nn.Module, names: list[str | None], tokens: bool = False) -> Iterator[None]:
+    """Inside the block row `i` (with `tokens`: token `i` of one sequence) uses adapter `names[i]`
+    (None: the base), through `lorakit.mixed.adapter_rows`; every layer serves rows that all use one adapter by its plain
     path. Rows that all use none disable the adapters. On a model with a merged adapter (which
     routing refuses) rows that all use one adapter make it the active one instead, restored
     afterwards. Raises `AdapterStateError` for an unknown name.
@@ -306,7 +306,7 @@ def adapters_for_rows(model: nn.Module, names: list[str | None]) -> Iterator[Non
         with disable_adapters(model):
             yield
     elif len(distinct) > 1 or not _has_merged(model):
-        with adapter_rows(model, names):
+        with adapter_rows(model, names, tokens):
             yield
     else:
         previous = active_adapters(model)

@@ -11,6 +11,12 @@ adapter takes the plain path. Row `i` gets exactly what it would get alone with
 `set_adapter(model, name_i)`. The assignment holds for every forward inside the block, so it works
 for generation with a KV cache (rows keep their place) and for training: gradients of row `i`
 reach only adapter `name_i` (make the adapters trainable first with `set_adapter(model, [all])`).
+
+With `tokens=True` the names are per token of one packed sequence (`input_ids` of shape
+`[1, N]`, N names): several requests' tokens side by side in one forward, as the server's
+continuous batching runs them (`lorakit.serve.packed`). Every layer family whose adapter acts on
+each token alone takes it; convolutions and `modules_to_save` copies serve only a sequence whose
+tokens all use one adapter.
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ from .layers import LoraLayer
 
 
 @contextmanager
-def adapter_rows(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Inside the block, batch row `i` of every forward uses adapter `names_per_row[i]` (None: base).
+def adapter_rows(
+    model: nn.Module, names_per_row: Sequence[str | None], tokens: bool = False
+) -> Iterator[nn.Module]:
+    """Inside the block, batch row `i` of every forward uses adapter `names_per_row[i]` (None: base);
+    with `tokens`, token `i` of a batch of one sequence does.
 
     Raises `AdapterStateError` for an unknown adapter name or when an adapter is merged (a merged
-    adapter is in every row's weights). A forward whose batch size differs from
-    `len(names_per_row)` raises `ShapeMismatchError`.
+    adapter is in every row's weights). A forward whose batch size (with `tokens`: sequence
+    length) differs from `len(names_per_row)` raises `ShapeMismatchError`.
     """
     rows = list(names_per_row)
     known = _state.names(model)
@@ -46,9 +55,18 @@ def adapter_rows(model: nn.Module, names_per_row: Sequence[str | None]) -> Itera
                 "call lorakit.unmerge(model) before running mixed-adapter batches"
             )
     for _, module in wrappers:
-        module.route_rows(rows)
+        module.route_rows(rows, tokens)
     try:
         yield model
     finally:
         for _, module in wrappers:
             module.route_rows(None)
+
+
+def per_token_blocker(model: nn.Module) -> str | None:
+    """The first wrapper of `model` that cannot be routed per token (`adapter_rows(...,
+    tokens=True)` with several adapters), as "name (kind)"; None when every one can."""
+    for name, module in _state.named_wrappers(model):
+        if not getattr(module, "per_token", False):
+            return f"{name} ({type(module).__name__})"
+    return None

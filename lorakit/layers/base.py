@@ -11,7 +11,10 @@ Mixed-adapter batches (`lorakit.mixed`): `route_rows` says which adapter each ba
 batch whose rows all use one adapter (on this layer) takes the plain path; otherwise the forward
 calls the family's `_mixed_forward`. The default here runs each adapter in use on its own rows (a
 loop over adapters, never over rows), which is exact for any family whose adapter acts row by row
-(embedding, conv); `LoraLinear` overrides it with batched gathers (BGMV).
+(embedding, conv); `LoraLinear` overrides it with batched gathers (BGMV). Routed per token
+(`tokens=True`: one packed sequence `[1, N, ...]`, a name per token, as the server's continuous
+batching runs it), the forward views the input as N rows of one token each, which is exact for
+families whose adapter acts on each token alone (`per_token`; not convolutions).
 
 A merged adapter is frozen (`requires_grad=False`) and a copy of the weights that were merged is
 kept (rank-sized, small), so `unmerge` subtracts exactly what was added even if someone changed the
@@ -53,6 +56,7 @@ class LoraLayer(DoraParts, nn.Module):
     supports_dora = False  # families that implement the DoRA layout hooks set it
     supports_lora_bias = False  # families whose B can carry a bias (PEFT: linear and conv layers)
     _drops_input = True  # dropout applies to the input (not to an embedding's token ids)
+    per_token = True  # the adapter acts on each token alone, so it can be routed per token
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -67,6 +71,7 @@ class LoraLayer(DoraParts, nn.Module):
         self._merged_weights: dict[str, list[torch.Tensor]] = {}  # what each merge added
         self.disabled = False
         self._rows: list[str | None] | None = None
+        self._tokens = False  # `_rows` names the tokens of one packed sequence, not batch rows
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         self._dora_cache: dict[str, tuple] = {}  # name -> (weights' version key, norm)
         self._merged_factors: dict[str, torch.Tensor] = {}  # DoRA: the factor each merge applied
@@ -207,14 +212,24 @@ class LoraLayer(DoraParts, nn.Module):
         """The adapter (or None) of each batch row while `lorakit.mixed.adapter_rows` is active."""
         return self._rows
 
-    def route_rows(self, rows: list[str | None] | None) -> None:
-        """Route batch row `i` of every forward to adapter `rows[i]` (None: no adapter); `None`
-        goes back to the active adapters."""
+    def route_rows(self, rows: list[str | None] | None, tokens: bool = False) -> None:
+        """Route batch row `i` of every forward to adapter `rows[i]` (None: no adapter), or with
+        `tokens` token `i` of a batch of one sequence; `None` goes back to the active adapters."""
         self._rows = None if rows is None else list(rows)
+        self._tokens = tokens and rows is not None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         names = self._batch_adapters(x)
+        if names is None and self._tokens:  # [1, N, ...] seen as N rows of one token
+            if not self.per_token:
+                raise ConfigError(
+                    f"{type(self).__name__} mixes tokens, so its adapters cannot be chosen per token; "
+                    "give each adapter its own batch"
+                )
+            n = len(self._rows)
+            rows_in, rows_out = x.reshape(n, 1, *x.shape[2:]), result.reshape(n, 1, *result.shape[2:])
+            return self._mixed_forward(rows_in, rows_out).reshape(result.shape)
         if names is None:
             return self._mixed_forward(x, result)
         for name in names:
@@ -226,7 +241,7 @@ class LoraLayer(DoraParts, nn.Module):
         rows = self._rows
         if rows is None:
             return self._lora_active()
-        check_rows(rows, x)
+        check_rows(rows, x, self._tokens)
         mine = {n if n in self.r else None for n in rows}
         if len(mine) == 1:  # uniform batch: the plain path
             (name,) = mine
@@ -388,9 +403,15 @@ class LoraLayer(DoraParts, nn.Module):
         return f"adapters={ {a: self.r[a] for a in self.r} }, active={self.active_adapters}"
 
 
-def check_rows(rows: list[str | None], x: torch.Tensor) -> None:
-    """Raise `ShapeMismatchError` unless batch `x` has one row per entry of `rows`."""
-    if x.shape[0] != len(rows):
+def check_rows(rows: list[str | None], x: torch.Tensor, tokens: bool = False) -> None:
+    """Raise `ShapeMismatchError` unless batch `x` has one row per entry of `rows` (with `tokens`:
+    unless `x` is one sequence of one token per entry)."""
+    if tokens and (x.dim() < 2 or x.shape[0] != 1 or x.shape[1] != len(rows)):
+        raise ShapeMismatchError(
+            f"adapter_rows names {len(rows)} tokens but a layer got an input of shape {tuple(x.shape)}; "
+            "routing per token takes one sequence [1, tokens, ...] with one name per token"
+        )
+    if not tokens and x.shape[0] != len(rows):
         raise ShapeMismatchError(
             f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
             "give one adapter name (or None) per batch row"

@@ -32,6 +32,7 @@ class LoraConv(LoraLayer):
 
     adapter_containers = ("lora_A", "lora_B")
     supports_lora_bias = True
+    per_token = False  # a kernel spans neighbouring positions
 
     @property
     def supports_dora(self) -> bool:

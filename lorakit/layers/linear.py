@@ -116,8 +116,8 @@ class LoraLinear(LoraLayer):
         out = add(base, h.reshape(-1, h.shape[-1]), b.T, alpha=self.scaling[name])
         return out.view(result.shape).to(result.dtype)
 
-    def route_rows(self, rows: list[str | None] | None) -> None:
-        super().route_rows(rows)
+    def route_rows(self, rows: list[str | None] | None, tokens: bool = False) -> None:
+        super().route_rows(rows, tokens)
         self._routing = None  # each row's slot follows the rows; the stacks do not
 
     def delete_adapter(self, adapter: str) -> None:

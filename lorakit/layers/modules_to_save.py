@@ -27,6 +27,7 @@ class ModulesToSave(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self._rows: list[str | None] | None = None  # per row: the copy to use (None: the original)
+        self._tokens = False  # `_rows` names tokens (see `route_rows`)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -51,10 +52,12 @@ class ModulesToSave(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(name == self.active_adapter)
 
-    def route_rows(self, rows: list[str | None] | None) -> None:
+    def route_rows(self, rows: list[str | None] | None, tokens: bool = False) -> None:
         """Serve batch row `i` with adapter `rows[i]`'s copy (the original if it has none);
-        `None` goes back to the active adapter."""
+        `None` goes back to the active adapter; with `tokens`, token `i` of a batch of one
+        sequence (only for modules that act on each token alone, `per_token`)."""
         self._rows = None if rows is None else [n if n in self.modules_to_save else None for n in rows]
+        self._tokens = tokens
 
     def current(self) -> nn.Module:
         """The module the forward runs now (for a routed batch, that of its first row)."""
@@ -68,12 +71,34 @@ class ModulesToSave(nn.Module):
         original."""
         return self.current() if merge else self.original_module
 
+    @property
+    def per_token(self) -> bool:
+        """Whether the module acts on each token alone (a linear layer, an embedding, a norm over
+        the last dimension), so its copies can be chosen per token."""
+        m = self.original_module
+        return isinstance(m, nn.Linear | nn.Embedding | nn.LayerNorm | nn.RMSNorm) or type(
+            m
+        ).__name__.endswith(("RMSNorm", "LayerNorm"))
+
     def forward(self, *args, **kwargs):
         rows = self._rows
         if rows is None or self.disabled or len(set(rows)) <= 1:
             return self.current()(*args, **kwargs)
         x, rest = args[0], args[1:]
-        check_rows(rows, x)
+        check_rows(rows, x, self._tokens)
+        if not self._tokens:
+            return self._rows_forward(x, rest, kwargs)
+        if not self.per_token:
+            raise ConfigError(
+                f"modules_to_save copies of a {type(self.original_module).__name__} cannot be chosen per "
+                "token (it may mix tokens); give each adapter its own batch"
+            )
+        out = self._rows_forward(x.reshape(len(rows), 1, *x.shape[2:]), rest, kwargs)
+        return out.reshape(1, len(rows), *out.shape[2:])
+
+    def _rows_forward(self, x: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
+        """Each copy in use on its own rows of `x`."""
+        rows = self._rows
         out = None
         for name in dict.fromkeys(rows):
             idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)

@@ -48,6 +48,7 @@ class LoraParam(LoraLayer):
     """Wraps the module holding parameter `parameter_name` (or another `LoraParam` around it)."""
 
     adapter_containers = ("lora_A", "lora_B")
+    per_token = False  # one adapted parameter per forward: no mixed batches at all
 
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         super().__init__(base_layer)

@@ -1,20 +1,24 @@
-"""Continuous batching: the engine thread schedules per decoding step.
+"""Continuous batching: the engine thread schedules per step, every request's work in one forward.
 
 Each turn of the loop (1) admits waiting requests, round-robin by adapter, while the caps on rows
 (`max_batch`) and on tokens in flight (`max_batch_tokens`: each row's prompt plus `max_tokens`,
-what its KV cache can grow to) allow; (2) prefills one chunk of the group of prompts being
-prefilled (at most `prefill_chunk` tokens per forward, so a long prompt does not stall the
-others' next token); a group whose prompts are done samples their first tokens and joins the
-running rows (`lorakit.serve.batch.Batch`); (3) runs one decode step for every running row, each
-with its own adapter (a mixed-adapter forward), sampling settings and penalties; finished rows
-leave at once.
+what its keys and values can grow to) allow; (2) runs one packed forward (`lorakit.serve.packed`)
+over one token of every decoding row and up to `prefill_chunk` tokens of the prompts being
+prefilled, each row with its own adapter, keys and values; (3) samples the next token of every row
+whose last token it computed (decoding rows, and prompts it completed: their first token), each
+with its own sampling settings and penalties. A row that ends leaves at once, and its keys and
+values with it: nothing is re-packed or padded when rows join or leave.
 
 Adapters a request needs that are not loaded yet are read and checked on a loader thread; only the
 short attach to the model runs between two steps (`Engine.between_steps`), so loading never stalls
-the rows of other adapters for the file read. Adapters used by a row are pinned in the cache.
+the rows of other adapters for the file read. Adapters used by a row are pinned in the cache. When
+an adapter holds a layer that cannot be routed per token (`lorakit.mixed.per_token_blocker`), or
+wraps the output head (the packed forward keeps only some positions' logits), the adapters take
+turns: each step serves one adapter's rows.
 
-A prefill group that fails is split and each prompt prefilled alone, so only the request at fault
-gets the error; a failing decode step fails its rows (they have streamed text already).
+A step that fails after feeding new prompts runs again without them, and each of those prompts is
+then prefilled alone, so only the request at fault gets the error; a failing step of rows already
+decoding fails them (they have streamed text).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AdapterStateError, LorakitError
-from ..generate import _seed, adapters_for_rows, cache_argument, choose_tokens
-from .batch import Batch, check_cache
+from ..generate import _seed, adapters_for_rows, choose_tokens
+from ..layers import LoraLayer, ModulesToSave
+from ..mixed import per_token_blocker
+from . import packed
 from .cache import AdapterLoadError, NoRoom
 from .engine import Failed, Request, TokenLogprob, _Output, failure
 from .json_mode import JsonRow
@@ -39,92 +45,72 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Seq:
-    """A request in flight: its output, its adapter's model key once loaded, its sampler."""
+    """A request in flight: its output, its adapter's model key once loaded, its sampler, its keys
+    and values and how many of its tokens they hold (`done`: its prompt's prefilled part, then
+    every token fed back). It decodes once it has a first token (`history`)."""
 
     request: Request
     out: _Output
     ready: bool = False  # its adapter is on the model (`key`), or it uses the base model
     key: str | None = None
-    alone: bool = False  # prefill it alone (its group failed)
+    alone: bool = False  # prefill it alone (a step with it failed)
     history: list[int] = field(default_factory=list)
     generator: torch.Generator = field(default_factory=torch.Generator)
     json: JsonRow | None = None  # JSON mode: what keeps the reply a JSON object
+    kv: packed.Kv | None = None
+    done: int = 0
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.row.prompt_ids
 
     @property
     def budget(self) -> int:
-        row = self.request.row
-        return len(row.prompt_ids) + row.sampling.max_tokens
-
-
-class _Prefill:
-    """A group of prompts, left-padded to one length, prefilled `done` columns so far."""
-
-    def __init__(self, seqs: list[_Seq], pad: int, device: torch.device) -> None:
-        self.seqs, self.done, self.cache = seqs, 0, None
-        prompts = [s.request.row.prompt_ids for s in seqs]
-        self.length = max(map(len, prompts))
-        self.ids = torch.full((len(seqs), self.length), pad, dtype=torch.long, device=device)
-        self.mask = torch.zeros_like(self.ids)
-        for i, p in enumerate(prompts):
-            self.ids[i, self.length - len(p) :] = torch.tensor(p, dtype=torch.long)
-            self.mask[i, self.length - len(p) :] = 1
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.next_positions = torch.tensor([len(p) for p in prompts], device=device)
+        return len(self.prompt) + self.request.row.sampling.max_tokens
 
 
 class Continuous:
-    """The per-step scheduler of `engine` (see the module docstring); runs on the engine thread."""
+    """The per-step scheduler of `engine` (see the module docstring); runs on the engine thread.
+    Switches the model's attention to the packed one (`packed.use_packed`), which raises
+    `ConfigError` for a model it cannot run."""
 
     def __init__(self, engine) -> None:
         self.e = engine
-        self.ready: list[_Seq] = []  # admitted, waiting for their adapter or their prefill
-        self.prefill: _Prefill | None = None
-        self.running: list[_Seq] = []
-        self.batch: Batch | None = None
+        self.seqs: list[_Seq] = []  # admitted and not finished, in admission order
         self.loads: dict[str, str] = {}  # adapter name -> "loading" or "noroom"
         self.load_errors: dict[str, Failed] = {}
         self.left = False  # a row left since the last look at "noroom" loads
         self.loader = concurrent.futures.ThreadPoolExecutor(1, "lorakit-loader")
-        self.cache_kw = cache_argument(engine.model)
         self.device = next(engine.model.parameters()).device
         self.routed: tuple | None = None
         self.route_stack = contextlib.ExitStack()
-        self.guard = threading.Lock()  # the lists above, for `rows` and `pinned` from other threads
+        self.guard = threading.Lock()  # `seqs`, for `rows` and `pinned` from other threads
         self.texts: dict[int, str] = {}  # token -> its text alone (JSON mode)
-        self.probe()
-
-    def probe(self) -> None:
-        """Raise `ConfigError` now, not at the first request, if the model's cache cannot be re-packed."""
-        with torch.no_grad():
-            out = self.e.model(input_ids=torch.tensor([[self.e.pad]], device=self.device), use_cache=True)
-        check_cache(getattr(out, self.cache_kw))
-
-    def seqs(self) -> list[_Seq]:
-        """The rows admitted: waiting for their prefill, being prefilled, running (or ended and
-        not yet dropped from the batch: their adapters stay pinned until then)."""
-        with self.guard:
-            return [*self.ready, *(self.prefill.seqs if self.prefill else []), *self.running]
+        self.mixable = True  # whether the model's adapters can be routed per token
+        packed.use_packed(engine.model)
 
     def rows(self) -> int:
         """Requests admitted and not finished."""
-        return sum(not s.out.finished for s in self.seqs())
+        with self.guard:
+            return len(self.seqs)
 
     def pinned(self) -> set[str]:
-        return {s.key for s in self.seqs() if s.key}
+        with self.guard:
+            return {s.key for s in self.seqs if s.key}
 
     def run(self, stop: threading.Event) -> None:
         """The loop, until `stop` is set."""
         with torch.no_grad():
             while not stop.is_set():
                 self.admit()
-                if not self.seqs() and not self.e._tasks:
+                if not self.seqs and not self.e._tasks:
                     self.e.waiting.wait(0.05)
                     continue
                 with self.e.lock:
                     if self.e._tasks:
-                        self.compact()  # rows that ended release their adapters
                         self.unroute()  # the model's adapters may change: no routing in place
                         self.e.run_tasks()
+                        self.adapters_changed()
                     worked = self.step()
                 if not worked:  # only loads to wait for
                     self.e.waiting.wait(0.01, idle=True)
@@ -134,14 +120,13 @@ class Continuous:
 
     def cancel_all(self, event: Failed) -> None:
         """Fail every request admitted and not finished (shutdown)."""
-        for s in self.seqs():
-            if not s.out.finished:
-                s.out.fail(event)
         with self.guard:
-            self.ready, self.prefill, self.running, self.batch = [], None, [], None
+            seqs, self.seqs = self.seqs, []
+        for s in seqs:
+            s.out.fail(event)
 
     def admit(self) -> None:
-        tokens = sum(s.budget for s in self.seqs() if not s.out.finished)
+        tokens = sum(s.budget for s in self.seqs)
 
         def fits(request: Request) -> bool:
             budget = len(request.row.prompt_ids) + request.row.sampling.max_tokens
@@ -161,25 +146,34 @@ class Continuous:
                 seq.json = JsonRow(self.text_of, self.e.eos)
             tokens += seq.budget
             with self.guard:
-                self.ready.append(seq)
+                self.seqs.append(seq)
 
     def step(self) -> bool:
         """One turn under the model lock; whether a forward ran."""
         self.resolve()
-        with self.guard:
-            if self.prefill is None:
-                self.prefill = self.next_group()
-        worked = False
-        if self.prefill is not None:
-            self.prefill_chunk()
-            worked = True
-        if self.running:
-            self.decode()
-            worked = True
+        for s in list(self.seqs):
+            if s.request.cancelled.is_set():
+                self.finish(s, "cancelled")
+        work = self.plan()
+        if work:
+            self.run_step(work)
         if self.e.cache.draining - self.pinned():  # removed adapters no row uses any more
             self.unroute()
             self.e.cache.drain(self.pinned())
-        return worked
+            self.adapters_changed()
+        return bool(work)
+
+    def adapters_changed(self) -> None:
+        """Whether steps can mix adapters per token, after the model's adapters changed."""
+        model = self.e.model
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        blocker = per_token_blocker(model)
+        mixable = blocker is None and not isinstance(head, LoraLayer | ModulesToSave)
+        if mixable != self.mixable:
+            log.info(
+                "steps %s mix adapters (%s)", "now" if mixable else "no longer", blocker or "output head"
+            )
+        self.mixable = mixable
 
     # adapters -------------------------------------------------------------------------------
 
@@ -188,7 +182,7 @@ class Continuous:
         if self.left:
             self.loads = {n: s for n, s in self.loads.items() if s != "noroom"}
             self.left = False
-        for seq in [s for s in self.ready if not s.ready]:
+        for seq in [s for s in self.seqs if not s.ready]:
             name = seq.request.row.adapter
             if name in self.load_errors:
                 self.finish(seq, fail=self.load_errors[name])
@@ -228,143 +222,104 @@ class Continuous:
         self.load_errors[name] = failure(error, name)
         self.loads.pop(name, None)
 
+    # forwards -------------------------------------------------------------------------------
+
+    def plan(self) -> list[tuple[_Seq, list[int]]]:
+        """This step's work: one token for every decoding row, then chunks of the prompts waiting
+        to be prefilled, in admission order, up to `prefill_chunk` prompt tokens in all. A prompt
+        whose step failed runs alone. Without per-token routing (`mixable`), one adapter's rows
+        per step, the adapters taking turns."""
+        alone = [s for s in self.seqs if s.alone and s.ready and not s.history]
+        if alone:
+            s = alone[0]
+            return [(s, s.prompt[s.done : s.done + self.e.prefill_chunk])]
+        work = [(s, s.history[-1:]) for s in self.seqs if s.history]
+        budget = self.e.prefill_chunk
+        for s in self.seqs:
+            if budget and s.ready and not s.history:
+                chunk = s.prompt[s.done : s.done + budget]
+                work.append((s, chunk))
+                budget -= len(chunk)
+        if work and not self.mixable:
+            keys = list(dict.fromkeys(s.key for s, _ in work))
+            key = keys[self.e.batches % len(keys)]
+            work = [w for w in work if w[0].key == key]
+        work.sort(key=lambda w: (w[0].key is not None, w[0].key or ""))  # an adapter's tokens adjacent
+        return work
+
+    def run_step(self, work: list[tuple[_Seq, list[int]]]) -> None:
+        """One packed forward over `work` (see `lorakit.serve.packed`); the rows whose last token
+        it computed (decoding rows, and prompts it completed) each get their next token."""
+        ids: list[int] = []
+        positions: list[int] = []
+        keys: list[str | None] = []
+        parts, sampled, last = [], [], []
+        for s, tokens in work:
+            if s.kv is None:
+                s.kv = packed.Kv(len(s.prompt) + s.request.row.sampling.max_tokens)
+            parts.append(packed.Part(s.kv, len(ids), len(tokens), s.done))
+            ids += tokens
+            positions += range(s.done, s.done + len(tokens))
+            keys += [s.key] * len(tokens)
+            if s.history or s.done + len(tokens) == len(s.prompt):
+                sampled.append(s)
+                last.append(len(ids) - 1)
+        self.e.batches += 1
+        self.e.max_rows_seen = max(self.e.max_rows_seen, len(work))
+        try:
+            self.route(keys)
+            out = self.e.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                position_ids=torch.tensor([positions], device=self.device),
+                use_cache=False,
+                logits_to_keep=torch.tensor(last, dtype=torch.long, device=self.device),
+                **{packed.PACK: packed.Pack(tuple(parts))},
+            )
+        except Exception as e:  # noqa: BLE001 - only the requests at fault may fail
+            self.step_failed(work, e)
+            return
+        for s, tokens in work:
+            s.done += len(tokens)
+        if sampled:
+            self.emit(sampled, out.logits[0])
+
+    def step_failed(self, work: list[tuple[_Seq, list[int]]], error: Exception) -> None:
+        """A step that fed new prompts is run again without them and each prompt then runs alone,
+        so only the request at fault gets the error; rows already decoding (they have streamed
+        text) fail with it."""
+        if not isinstance(error, LorakitError):
+            log.exception("step failed", exc_info=error)
+        prompts = [s for s, _ in work if not s.history]
+        if prompts and len(work) > 1:
+            for s in prompts:
+                s.alone = True
+            return
+        for s, _ in work:
+            self.finish(s, fail=failure(error))
+
     def route(self, keys: list[str | None]) -> None:
-        """Route the model's rows to adapter `keys` (kept while the rows stay the same)."""
-        if tuple(keys) != self.routed:
+        """Route the packed sequence's tokens to adapter `keys` (kept while they stay the same):
+        one adapter for all of them routes the sequence as one row."""
+        names = tuple(keys)
+        if names != self.routed:
             self.unroute()
-            self.route_stack.enter_context(adapters_for_rows(self.e.model, keys))
-            self.routed = tuple(keys)
+            uniform = len(set(names)) == 1
+            self.route_stack.enter_context(
+                adapters_for_rows(self.e.model, names[:1] if uniform else list(names), tokens=not uniform)
+            )
+            self.routed = names
 
     def unroute(self) -> None:
         self.route_stack.close()
         self.routed = None
 
-    # forwards -------------------------------------------------------------------------------
-
-    def next_group(self) -> _Prefill | None:
-        """The next prompts to prefill together: ready ones in admission order, while the group
-        padded to its longest prompt stays within one chunk (a long prompt goes alone)."""
-        group: list[_Seq] = []
-        longest = 0
-        for seq in [s for s in self.ready if s.ready]:
-            n = max(longest, len(seq.request.row.prompt_ids))
-            if group and (seq.alone or group[0].alone or (len(group) + 1) * n > self.e.prefill_chunk):
-                break
-            group.append(seq)
-            longest = n
-        if not group:
-            return None
-        self.ready = [s for s in self.ready if s not in group]
-        self.e.batches += 1
-        return _Prefill(group, self.e.pad, self.device)
-
-    def forward(self, keys, ids, mask, positions, cache):
-        self.route(keys)
-        self.e.max_rows_seen = max(self.e.max_rows_seen, ids.shape[0])
-        out = self.e.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **({} if cache is None else {self.cache_kw: cache}),
-        )
-        return out.logits[:, -1], getattr(out, self.cache_kw)
-
-    def prefill_chunk(self) -> None:
-        p = self.prefill
-        end = min(p.length, p.done + max(1, self.e.prefill_chunk // len(p.seqs)))
-        try:
-            logits, p.cache = self.forward(
-                [s.key for s in p.seqs],
-                p.ids[:, p.done : end],
-                p.mask[:, :end],
-                p.positions[:, p.done : end],
-                p.cache,
-            )
-        except Exception as e:  # noqa: BLE001 - find the request at fault: prefill each alone
-            if not isinstance(e, LorakitError):
-                log.exception("prefill failed")
-            with self.guard:
-                self.prefill = None
-                if len(p.seqs) > 1:
-                    for s in p.seqs:
-                        s.alone = True
-                    self.ready = p.seqs + self.ready
-                    return
-            self.finish(p.seqs[0], fail=failure(e))
-            return
-        p.done = end
-        if end < p.length:
-            return
-        batch = Batch(p.cache, p.mask, p.next_positions)
-        keep = self.emit(p.seqs, logits)
-        with self.guard:
-            self.prefill = None
-            if not keep:
-                return
-            if len(keep) < len(p.seqs):
-                batch.select(keep)
-            joined = [p.seqs[i] for i in keep]
-        self.compact()  # the routing changes anyway: drop the rows that have ended
-        with self.guard:
-            if self.batch is None:
-                self.batch, self.running = batch, joined
-            else:
-                self.batch.extend(batch)
-                self.running = self.running + joined
-
-    def decode(self) -> None:
-        """One token for every running row. A row that ends stays in the batch, fed but ignored,
-        until a group joins or dead rows outnumber live ones: re-packing the batch copies every
-        layer's KV cache (a routing change itself only re-indexes the layers' adapter stacks)."""
-        for s in self.running:
-            if not s.out.finished and s.request.cancelled.is_set():
-                self.finish(s, "cancelled")
-        live = [i for i, s in enumerate(self.running) if not s.out.finished]
-        if 2 * len(live) < len(self.running):
-            self.compact()
-            live = list(range(len(self.running)))
-        seqs, batch = self.running, self.batch
-        if not seqs:
-            return
-        ids = torch.tensor([s.history[-1] for s in seqs], device=self.device)[:, None]
-        positions = batch.positions[:, None]
-        batch.grow()
-        try:
-            logits, batch.cache = self.forward([s.key for s in seqs], ids, batch.mask, positions, batch.cache)
-        except Exception as e:  # noqa: BLE001 - these rows have streamed text: they fail
-            log.exception("decode step failed")
-            for s in seqs:
-                if not s.out.finished:
-                    self.finish(s, fail=failure(e))
-            with self.guard:
-                self.running, self.batch = [], None
-            return
-        self.emit([seqs[i] for i in live], logits[live])
-        if all(s.out.finished for s in seqs):
-            self.compact()
-
-    def compact(self) -> None:
-        """Drop the rows that have ended from the running batch."""
-        live = [i for i, s in enumerate(self.running) if not s.out.finished]
-        if len(live) == len(self.running):
-            return
-        with self.guard:
-            if live:
-                self.batch.select(live)
-                self.running = [self.running[i] for i in live]
-            else:
-                self.running, self.batch = [], None
-
-    def emit(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """Sample each row's next token and hand it on; the rows that go on."""
+    def emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Sample each row's next token and hand it on; rows that end leave."""
         logits = logits.float()
         top = max((s.request.logprobs for s in seqs if s.request.logprobs is not None), default=None)
         logp = torch.log_softmax(logits, -1) if top is not None else None
         samplings = [s.request.row.sampling for s in seqs]
         tokens = choose_tokens(logits, samplings, [s.generator for s in seqs], [s.history for s in seqs])
-        keep = []
         for j, (seq, token) in enumerate(zip(seqs, tokens)):
             if seq.json is not None and not seq.request.cancelled.is_set():
                 try:  # JSON mode: the first choice that keeps the reply a JSON object
@@ -386,10 +341,7 @@ class Continuous:
                     reason = "length"
             if reason:
                 self.finish(seq, reason)
-            else:
-                keep.append(j)
         self.e.metrics.step(len(seqs))
-        return keep
 
     def text_of(self, token: int) -> str:
         """`token`'s text decoded alone (cached)."""
@@ -410,12 +362,13 @@ class Continuous:
         return TokenLogprob(token, float(logp[row, token]), tuple(top))
 
     def finish(self, seq: _Seq, reason: str = "", fail: Failed | None = None) -> None:
-        """End `seq`: done as `reason`, or failed with `fail`; it leaves the lists it is in."""
+        """End `seq`: done as `reason`, or failed with `fail`; it leaves, with its keys and values."""
         if fail is not None:
             seq.out.fail(fail)
         else:
             self.e.cancelled += seq.out.finish(reason) == "cancelled"
         self.left = True
+        seq.kv = None
         with self.guard:
-            if seq in self.ready:
-                self.ready.remove(seq)
+            if seq in self.seqs:
+                self.seqs.remove(seq)
