@@ -360,3 +360,57 @@ def test_conv_and_gpt2_models_in_mixed_batches_equal_each_row_alone(kind):
             lorakit.set_adapter(model, name)
             ref = run(model, x[i : i + 1])
         torch.testing.assert_close(mixed[i : i + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_tokens_of_one_sequence_routed_like_rows_of_one_token():
+    """`tokens=True`: token i of a [1, N, ...] input gets adapter i, exactly as row i of the same
+    tokens laid out as [N, 1, ...]; linear (plain, DoRA), embedding and per-token modules_to_save."""
+    model = with_adapters(tiny_llama(), SPECS)
+    lorakit.inject(
+        model, lorakit.LoraConfig(r=2, target_modules=["embed_tokens", "o_proj"], use_dora=False), "e"
+    )
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), "d")
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["norm"]), "m")
+    g = torch.Generator().manual_seed(7)
+    for name in ("e", "d", "m"):
+        for p in lorakit.io.adapter_state_dict(model, name).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    names = ["a", "a", "e", None, "d", "m", "c", "c"]
+    wrappers = dict(lorakit._state.named_wrappers(model))
+    assert lorakit.mixed.per_token_blocker(model) is None
+    for path in (
+        "model.embed_tokens",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.norm",
+    ):
+        layer = wrappers[path]
+        dim = getattr(layer, "in_features", model.config.hidden_size)
+        x = (
+            torch.randint(0, 128, (1, 8), generator=g)
+            if "embed" in path
+            else torch.randn(1, 8, dim, generator=g)
+        )
+        layer.route_rows(names, tokens=True)
+        packed = layer(x)
+        layer.route_rows(names)
+        rows = layer(x.reshape(8, 1, *x.shape[2:]))
+        layer.route_rows(None)
+        torch.testing.assert_close(packed, rows.reshape(packed.shape), atol=1e-6, rtol=1e-6)
+    with adapter_rows(model, names, tokens=True), pytest.raises(ShapeMismatchError, match="per token"):
+        model(torch.zeros(2, 4, dtype=torch.long))  # two sequences: not a packed one
+
+
+@torch.no_grad()
+def test_layers_that_mix_tokens_refuse_per_token_routing():
+    model = _ConvNet()
+    for name in ("a", "b"):
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=2, target_modules=["conv1"], init_lora_weights=False), name
+        )
+    assert lorakit.mixed.per_token_blocker(model) == "conv1 (LoraConv)"
+    with adapter_rows(model, ["a", "b", "a"], tokens=True), pytest.raises(ConfigError, match="per token"):
+        model.conv1(torch.randn(1, 3, 3))
+    with adapter_rows(model, ["a", "a", "a"], tokens=True):  # one adapter for all: fine
+        model.conv1(torch.randn(1, 3, 3))

@@ -170,3 +170,74 @@ def test_random_load_many_rows(setup, one_thread):
         if "".join(e.piece for e in ev[:-1]) != alone_text(setup, row)
     ]
     assert not wrong
+
+
+def drain(loop, job) -> list:
+    """The events the engine queued for `job` (its loop is driven by hand here)."""
+    loop.run_until_complete(asyncio.sleep(0))
+    events = []
+    while not job.events.empty():
+        events.append(job.events.get_nowait())
+    return events
+
+
+def test_a_prompt_rides_along_with_the_decoding_rows(setup):
+    """Steps driven by hand: a prompt that arrives while another request decodes is prefilled in
+    the same forward as that request's next token, chunk by chunk, and both answer as alone."""
+    tok = setup["tok"]
+    engine = engine_for(setup, max_batch=4, prefill_chunk=8)
+    sched, loop = engine._loop, asyncio.new_event_loop()
+    lengths = []
+    engine.model.register_forward_pre_hook(
+        lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    short, long = prompt_ids(tok, "Hi", chat=False), prompt_ids(tok, PROMPTS[1], chat=False)
+    assert len(short) <= 8 < len(long) - 8
+    a, b = Job(Row(short, "a1", Sampling(12)), loop), Job(Row(long, "a2", Sampling(3)), loop)
+
+    for name in ("a1", "a2"):  # loaded up front: no loader thread in this test
+        engine.cache.load(name)
+
+    def step():
+        sched.admit()
+        with engine.lock:
+            sched.step()
+
+    engine.submit(a)
+    step()  # a's whole prompt, then its first token
+    assert lengths == [len(short)] and sched.seqs[0].history
+    engine.submit(b)
+    while sched.rows():
+        step()
+    # a's decode token beside b's first and second chunks, then beside the rest, then decode tokens
+    assert lengths[1:4] == [1 + 8, 1 + 8, 1 + len(long) - 16]
+    assert set(lengths[4:]) == {1, 2}
+    for job in (a, b):
+        events = drain(loop, job)
+        assert isinstance(events[-1], Done)
+        assert "".join(e.piece for e in events[:-1]) == alone_text(setup, job.row)
+
+
+def test_adapter_on_the_output_head_served_one_adapter_per_step(setup, tmp_path, one_thread):
+    """An adapter that wraps the output head cannot be routed per token (the packed forward keeps
+    some positions' logits only): the adapters take turns, each step one adapter's rows, and every
+    request still answers as alone."""
+    model, tok = lorakit.hf.load_model(setup["folder"])
+    lorakit.inject(
+        model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    )
+    lorakit.save_adapter(model, tmp_path / "head")
+    ref = setup["ref"]
+    lorakit.load_adapter(ref, tmp_path / "head", "head")
+    engine = Engine(
+        *(m := lorakit.hf.load_model(setup["folder"])),
+        AdapterCache(m[0], {**setup["paths"], "head": tmp_path / "head"}),
+        max_batch=4,
+    )
+    ids = prompt_ids(tok, "Count: one two", chat=False)
+    rows = [Row(ids, "a1", Sampling(6)), Row(ids, "head", Sampling(6)), Row(ids, "a2", Sampling(6))]
+    events = serve(engine, rows, gap_s=0)
+    assert not engine._loop.mixable
+    assert engine.max_rows_seen == 1
+    for row, ev in zip(rows, events):
+        assert "".join(e.piece for e in ev[:-1]) == alone_text(setup, row)

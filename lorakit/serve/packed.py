@@ -130,6 +130,12 @@ def _register(original: str) -> str:
             return plain(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
+        extra = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
+        if extra:  # attention beyond softmax(q k) v: refused, never approximated
+            raise ConfigError(
+                f"continuous batching cannot pack this model's attention (it uses {extra}); "
+                "start the server with --batching static"
+            )
         window = kwargs.get("sliding_window") or None
         return pack.attend(module.layer_idx, query, key, value, scaling, window), None
 

@@ -1,0 +1,120 @@
+"""lorakit.serve.packed: several sequences' new tokens in one forward give what each gives alone
+(prompt chunks after earlier chunks, decode tokens, different adapters per token, GQA, sliding
+windows); forwards without a pack are the model's own; models whose attention it cannot pack are
+refused by name."""
+
+import pytest
+import torch
+from fixtures import tiny_family, tiny_llama
+
+import lorakit
+from lorakit.errors import ConfigError
+from lorakit.mixed import adapter_rows
+from lorakit.serve import packed
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def with_adapters(model, names=("a", "b")):
+    for i, name in enumerate(names):
+        lorakit.inject(model, lorakit.LoraConfig(r=4 + 2 * i, lora_alpha=8, target_modules=TARGETS), name)
+        g = torch.Generator().manual_seed(50 + i)
+        with torch.no_grad():
+            for p in lorakit.io.adapter_state_dict(model, name).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def alone(model, ids, adapter):
+    """Last-position logits of `ids` run alone with `adapter` (None: the base)."""
+    with adapter_rows(model, [adapter]):
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+
+
+def packed_step(model, seqs):
+    """One packed forward; `seqs`: (kv, past, new tokens, adapter). Logits at each part's last token."""
+    ids, positions, names, parts = [], [], [], []
+    for kv, past, tokens, adapter in seqs:
+        parts.append(packed.Part(kv, len(ids), len(tokens), past))
+        ids += tokens
+        positions += range(past, past + len(tokens))
+        names += [adapter] * len(tokens)
+    keep = torch.tensor([p.start + p.length - 1 for p in parts])
+    with adapter_rows(model, names, tokens=True):
+        out = model(
+            input_ids=torch.tensor([ids]),
+            position_ids=torch.tensor([positions]),
+            use_cache=False,
+            logits_to_keep=keep,
+            **{packed.PACK: packed.Pack(tuple(parts))},
+        )
+    return out.logits[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family,window", [("llama", None), ("mistral", 5)])
+def test_packed_steps_equal_each_sequence_alone(family, window):
+    model = with_adapters(tiny_family(family, **({"sliding_window": window} if window else {})))
+    packed.use_packed(model)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (11, 4, 7)]
+    adapters = ["a", None, "b"]
+    kvs = [packed.Kv(len(p) + 4) for p in prompts]
+    # step 1: the first prompt's first chunk (6 tokens), the second prompt whole
+    got = packed_step(model, [(kvs[0], 0, prompts[0][:6], "a"), (kvs[1], 0, prompts[1], None)])
+    torch.testing.assert_close(got[1], alone(model, prompts[1], None), atol=1e-5, rtol=1e-5)
+    # step 2: the first prompt's rest (past 6: chunk attends to the earlier chunk), a decode token
+    # for the second, the third prompt whole
+    seqs = [prompts[0], prompts[1] + [9], prompts[2]]
+    got = packed_step(
+        model,
+        [(kvs[0], 6, prompts[0][6:], "a"), (kvs[1], 4, [9], None), (kvs[2], 0, prompts[2], "b")],
+    )
+    for i in range(3):
+        torch.testing.assert_close(got[i], alone(model, seqs[i], adapters[i]), atol=1e-5, rtol=1e-5)
+    # step 3: a decode token for each, longer than the window now
+    got = packed_step(model, [(kvs[i], len(seqs[i]), [3 + i], adapters[i]) for i in range(3)])
+    for i in range(3):
+        want = alone(model, seqs[i] + [3 + i], adapters[i])
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[0], alone(model, seqs[0] + [3], "b"), atol=1e-3)  # adapters differ
+
+
+def test_mask_is_causal_after_the_past_and_inside_the_window():
+    assert packed._mask(0, 5, None) is None and packed._mask(7, 1, None) is None  # SDPA's own
+    m = packed._mask(3, 2, None)
+    assert m.tolist() == [[True] * 4 + [False], [True] * 5]
+    w = packed._mask(3, 2, 2)  # query at position 3 sees 2..3, at 4 sees 3..4
+    assert w.tolist() == [[False, False, True, True, False], [False, False, False, True, True]]
+
+
+@torch.no_grad()
+def test_unpacked_forwards_unchanged_padding_included():
+    model = tiny_llama()
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    before = model(input_ids=ids, attention_mask=mask).logits
+    packed.use_packed(model)
+    assert model.config._attn_implementation == "lorakit_packed_sdpa"
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, atol=0, rtol=0)
+    packed.use_packed(model)  # a second engine on the same model: still the one wrapper
+    assert model.config._attn_implementation == "lorakit_packed_sdpa"
+
+
+def test_attention_it_cannot_pack_is_refused():
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attn_implementation="eager",
+    )
+    model = transformers.Gemma2ForCausalLM(config).eval()  # attention logit soft-capping
+    with pytest.raises(ConfigError, match="--batching static"):
+        packed.use_packed(model)
