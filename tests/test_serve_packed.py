@@ -31,11 +31,11 @@ def alone(model, ids, adapter):
         return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
 
 
-def packed_step(model, seqs):
-    """One packed forward; `seqs`: (kv, past, new tokens, adapter). Logits at each part's last token."""
+def packed_step(model, kv, seqs):
+    """One packed forward; `seqs`: (slot, past, new tokens, adapter). Logits at each part's last token."""
     ids, positions, names, parts = [], [], [], []
-    for kv, past, tokens, adapter in seqs:
-        parts.append(packed.Part(kv, len(ids), len(tokens), past))
+    for slot, past, tokens, adapter in seqs:
+        parts.append(packed.Part(slot, len(ids), len(tokens), past))
         ids += tokens
         positions += range(past, past + len(tokens))
         names += [adapter] * len(tokens)
@@ -46,7 +46,7 @@ def packed_step(model, seqs):
             position_ids=torch.tensor([positions]),
             use_cache=False,
             logits_to_keep=keep,
-            **{packed.PACK: packed.Pack(tuple(parts))},
+            **{packed.PACK: packed.Pack(kv, parts)},
         )
     return out.logits[0]
 
@@ -59,21 +59,23 @@ def test_packed_steps_equal_each_sequence_alone(family, window):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (11, 4, 7)]
     adapters = ["a", None, "b"]
-    kvs = [packed.Kv(len(p) + 4) for p in prompts]
+    kv = packed.KvSlots(4)
+    slots = [kv.take() for _ in prompts]
     # step 1: the first prompt's first chunk (6 tokens), the second prompt whole
-    got = packed_step(model, [(kvs[0], 0, prompts[0][:6], "a"), (kvs[1], 0, prompts[1], None)])
+    got = packed_step(model, kv, [(slots[0], 0, prompts[0][:6], "a"), (slots[1], 0, prompts[1], None)])
     torch.testing.assert_close(got[1], alone(model, prompts[1], None), atol=1e-5, rtol=1e-5)
     # step 2: the first prompt's rest (past 6: chunk attends to the earlier chunk), a decode token
     # for the second, the third prompt whole
     seqs = [prompts[0], prompts[1] + [9], prompts[2]]
     got = packed_step(
         model,
-        [(kvs[0], 6, prompts[0][6:], "a"), (kvs[1], 4, [9], None), (kvs[2], 0, prompts[2], "b")],
+        kv,
+        [(slots[0], 6, prompts[0][6:], "a"), (slots[1], 4, [9], None), (slots[2], 0, prompts[2], "b")],
     )
     for i in range(3):
         torch.testing.assert_close(got[i], alone(model, seqs[i], adapters[i]), atol=1e-5, rtol=1e-5)
     # step 3: a decode token for each, longer than the window now
-    got = packed_step(model, [(kvs[i], len(seqs[i]), [3 + i], adapters[i]) for i in range(3)])
+    got = packed_step(model, kv, [(slots[i], len(seqs[i]), [3 + i], adapters[i]) for i in range(3)])
     for i in range(3):
         want = alone(model, seqs[i] + [3 + i], adapters[i])
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
@@ -81,7 +83,7 @@ def test_packed_steps_equal_each_sequence_alone(family, window):
 
 
 def test_mask_is_causal_after_the_past_and_inside_the_window():
-    assert packed._mask(0, 5, None) is None and packed._mask(7, 1, None) is None  # SDPA's own
+    assert packed._mask(0, 5, None) is None  # SDPA's own
     m = packed._mask(3, 2, None)
     assert m.tolist() == [[True] * 4 + [False], [True] * 5]
     w = packed._mask(3, 2, 2)  # query at position 3 sees 2..3, at 4 sees 3..4
@@ -118,3 +120,20 @@ def test_attention_it_cannot_pack_is_refused():
     model = transformers.Gemma2ForCausalLM(config).eval()  # attention logit soft-capping
     with pytest.raises(ConfigError, match="--batching static"):
         packed.use_packed(model)
+
+
+def test_slots_lowest_first_grow_keeping_keys_and_free_when_empty():
+    kv = packed.KvSlots(3)
+    assert [kv.take(), kv.take()] == [0, 1]
+    kv.reserve(10)
+    keys, values = kv.buffers(0, torch.zeros(1, 2, 1, 4))
+    assert keys.shape == (3, 2, 64, 4)  # at least 64 tokens
+    keys[1, :, 63] = 7.0
+    kv.reserve(65)  # doubles, keeping what was written
+    grown, _ = kv.buffers(0, torch.zeros(1, 2, 1, 4))
+    assert grown.shape == (3, 2, 128, 4) and bool((grown[1, :, 63] == 7).all())
+    kv.give(0)
+    assert kv.take() == 0  # the lowest free slot: busy slots stay at the front
+    kv.give(0)
+    kv.give(1)
+    assert kv.capacity == 0 and not kv.layers  # all free: the memory goes too

@@ -12,10 +12,12 @@ Attention is the one place where tokens of different requests must not meet. `us
 switches the model to a transformers attention function (registered through `AttentionInterface`,
 the library's extension point) that wraps the model's own: called with a `Pack` (a keyword argument
 the model hands down to every layer's attention), it writes each request's new keys and values into
-that request's own buffers (`Kv`, sized for its prompt and `max_tokens` when it is admitted) and
-runs SDPA for the request's queries over its own keys only: causal inside its chunk, within the
-layer's sliding window if it has one. Called without a `Pack` (static batching, `lorakit
-generate`), it is the model's own implementation, unchanged.
+that request's slot (`KvSlots`: one slot per request, no padding between requests, nothing moved
+when requests join or leave) and runs SDPA for each request's queries over its own keys only:
+causal inside a prompt's chunk, within the layer's sliding window if it has one. The decode tokens
+(one per request) share one batched SDPA over the busy slots, each slot masked to its own length.
+Called without a `Pack` (static batching, `lorakit generate`), it is the model's own implementation,
+unchanged.
 
 `use_packed` checks the model once: a packed step of two prompts, then a packed decode step, must
 give the logits the plain model gives each sequence alone; a model whose attention does more than
@@ -25,6 +27,7 @@ SDPA over its keys (logit soft-capping, attention sinks) or ignores the keyword 
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -40,68 +43,139 @@ PACK = "lorakit_pack"  # the forward keyword that carries a step's `Pack`
 TOLERANCE = 1e-3  # the probe's largest logit difference, relative to the logits' scale
 
 
-class Kv:
-    """One request's keys and values in every layer: `[kv_heads, capacity, head_dim]` each, made
-    at the layer's first write."""
+class KvSlots:
+    """Every request's keys and values: one slot per request, per layer `[slots, kv_heads,
+    capacity, head_dim]` (made at the layer's first write). The capacity grows (doubling, the
+    layers copied) as the longest request needs, and everything is freed when the last slot is;
+    a new request takes the lowest free slot, so the busy ones stay packed at the front."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, slots: int) -> None:
+        self.slots, self.capacity = slots, 0
+        self.free = list(range(slots))
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def take(self) -> int:
+        return self.free.pop(0)
+
+    def give(self, slot: int) -> None:
+        bisect.insort(self.free, slot)
+        if len(self.free) == self.slots:
+            self.layers.clear()
+            self.capacity = 0
+
+    def reserve(self, length: int) -> None:
+        """Room for `length` tokens in every slot."""
+        if length <= self.capacity:
+            return
+        capacity = max(length, 2 * self.capacity, 64)
+        for layer, kv in self.layers.items():
+            self.layers[layer] = tuple(_grown(t, capacity) for t in kv)
+        self.capacity = capacity
 
     def buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv = self.layers.get(layer)
         if kv is None:  # like: the new keys [1, kv_heads, tokens, head_dim]
-            shape = (like.shape[1], self.capacity, like.shape[3])
-            kv = self.layers[layer] = (like.new_empty(shape), like.new_empty(shape))
+            shape = (self.slots, like.shape[1], self.capacity, like.shape[3])
+            kv = self.layers[layer] = (like.new_zeros(shape), like.new_zeros(shape))
         return kv
+
+
+def _grown(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    out = t.new_zeros(t.shape[0], t.shape[1], capacity, t.shape[3])
+    out[:, :, : t.shape[2]] = t
+    return out
 
 
 @dataclass(frozen=True)
 class Part:
-    """One request's tokens in a step: positions `start:start+length` of the packed sequence,
-    following the `past` tokens already in its `kv`."""
+    """One request's tokens in a step: positions `start:start+length` of the packed sequence, in
+    slot `slot`, following the `past` tokens already there."""
 
-    kv: Kv
+    slot: int
     start: int
     length: int
     past: int
 
 
-@dataclass(frozen=True)
 class Pack:
-    """The requests of one packed forward."""
+    """The requests of one packed forward, and what every layer's attention shares: where each
+    new token's keys go, and the decode tokens (one per request) attended in one batched SDPA over
+    the busy slots."""
 
-    parts: tuple[Part, ...]
+    def __init__(self, kv: KvSlots, parts: list[Part]) -> None:
+        kv.reserve(max(p.past + p.length for p in parts))
+        self.kv, self.parts = kv, parts
+        self.slot = torch.tensor([p.slot for p in parts for _ in range(p.length)])
+        self.position = torch.tensor([i for p in parts for i in range(p.past, p.past + p.length)])
+        self.decode = [p for p in parts if p.length == 1]
+        self.prompts = [p for p in parts if p.length > 1]
+        self.masks: dict[tuple, torch.Tensor | None] = {}  # (part or "decode", window) -> mask
+        if self.decode:
+            self.decode_token = torch.tensor([p.start for p in self.decode])
+            self.decode_slot = torch.tensor([p.slot for p in self.decode])
+            self.busy = max(p.slot for p in self.decode) + 1  # slots 0..busy-1 take part
+            self.seen = max(p.past for p in self.decode) + 1  # keys to look at
 
     def attend(self, layer: int, query, key, value, scaling: float | None, window: int | None):
         """Attention output `[1, tokens, heads, head_dim]` (the layout transformers expects) for
         `query` `[1, heads, tokens, head_dim]` and the new `key`/`value` `[1, kv_heads, tokens,
-        head_dim]`, each part over its own keys."""
+        head_dim]`, each request's queries over its own keys."""
+        keys, values = self.kv.buffers(layer, key)
+        keys[self.slot, :, self.position] = key[0].transpose(0, 1)
+        values[self.slot, :, self.position] = value[0].transpose(0, 1)
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
         gqa = query.shape[1] != key.shape[1]
-        for p in self.parts:
+        if self.decode:
+            q = query.new_zeros(self.busy, query.shape[1], 1, query.shape[3])
+            q[self.decode_slot, :, 0] = query[0, :, self.decode_token].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q,
+                keys[: self.busy, :, : self.seen],
+                values[: self.busy, :, : self.seen],
+                attn_mask=self._decode_mask(window),
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            out[0, self.decode_token] = o[self.decode_slot, :, 0]
+        for p in self.prompts:
             new, end = slice(p.start, p.start + p.length), p.past + p.length
-            keys, values = p.kv.buffers(layer, key)
-            keys[:, p.past : end] = key[0, :, new]
-            values[:, p.past : end] = value[0, :, new]
-            mask = _mask(p.past, p.length, window)
+            mask = self._mask(p, window)
             o = F.scaled_dot_product_attention(
                 query[:, :, new],
-                keys[None, :, :end],
-                values[None, :, :end],
+                keys[p.slot : p.slot + 1, :, :end],
+                values[p.slot : p.slot + 1, :, :end],
                 attn_mask=mask,
-                is_causal=mask is None and p.length > 1,
+                is_causal=mask is None,
                 scale=scaling,
                 enable_gqa=gqa,
             )
             out[0, new] = o[0].transpose(0, 1)
         return out
 
+    def _decode_mask(self, window: int | None) -> torch.Tensor:
+        """[busy, 1, 1, seen]: each decoding slot's keys; the other busy slots see their first key
+        (their output is not used; a row with no key would be NaN)."""
+        mask = self.masks.get(("decode", window))
+        if mask is None:
+            mask = torch.zeros(self.busy, 1, 1, self.seen, dtype=torch.bool)
+            mask[..., 0] = True
+            for p in self.decode:
+                mask[p.slot, 0, 0] = False
+                mask[p.slot, 0, 0, : p.past + 1] = _mask(p.past, 1, window, always=True)[0]
+            self.masks["decode", window] = mask
+        return mask
 
-def _mask(past: int, length: int, window: int | None) -> torch.Tensor | None:
-    """Which keys each of `length` queries after `past` tokens sees (None: SDPA's own causal mask
-    from the start, or every key for one query)."""
-    if window is None and (past == 0 or length == 1):
+    def _mask(self, part: Part, window: int | None) -> torch.Tensor | None:
+        key = (part.start, window)
+        if key not in self.masks:
+            self.masks[key] = _mask(part.past, part.length, window)
+        return self.masks[key]
+
+
+def _mask(past: int, length: int, window: int | None, always: bool = False) -> torch.Tensor | None:
+    """Which keys each of `length` queries after `past` tokens sees, `[length, past + length]`
+    (None, unless `always`: SDPA's own causal mask from the start does it)."""
+    if window is None and past == 0 and not always:
         return None
     query = torch.arange(past, past + length)[:, None]
     key = torch.arange(past + length)[None, :]
@@ -187,10 +261,10 @@ def _probe(model: nn.Module) -> None:
     def alone(ids):
         return model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1].float()
 
-    kv_a, kv_b = Kv(len(a) + 1), Kv(len(b) + 1)
+    kv = KvSlots(2)
     steps = [
-        (a + b, [*range(len(a)), *range(len(b))], (Part(kv_a, 0, len(a), 0), Part(kv_b, len(a), len(b), 0))),
-        ([a[0], b[0]], [len(a), len(b)], (Part(kv_a, 0, 1, len(a)), Part(kv_b, 1, 1, len(b)))),
+        (a + b, [*range(len(a)), *range(len(b))], [Part(0, 0, len(a), 0), Part(1, len(a), len(b), 0)]),
+        ([a[0], b[0]], [len(a), len(b)], [Part(0, 0, 1, len(a)), Part(1, 1, 1, len(b))]),
     ]
     wants = [(alone(a), alone(b)), (alone(a + a[:1]), alone(b + b[:1]))]
     worst = 0.0
@@ -202,7 +276,7 @@ def _probe(model: nn.Module) -> None:
                 position_ids=torch.tensor([positions], device=device),
                 use_cache=False,
                 logits_to_keep=keep,
-                **{PACK: Pack(parts)},
+                **{PACK: Pack(kv, parts)},
             )
             .logits[0]
             .float()

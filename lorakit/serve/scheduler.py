@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class _Seq:
     """A request in flight: its output, its adapter's model key once loaded, its sampler, its keys
-    and values and how many of its tokens they hold (`done`: its prompt's prefilled part, then
+    and values' slot and how many of its tokens it holds (`done`: its prompt's prefilled part, then
     every token fed back). It decodes once it has a first token (`history`)."""
 
     request: Request
@@ -57,7 +57,7 @@ class _Seq:
     history: list[int] = field(default_factory=list)
     generator: torch.Generator = field(default_factory=torch.Generator)
     json: JsonRow | None = None  # JSON mode: what keeps the reply a JSON object
-    kv: packed.Kv | None = None
+    slot: int | None = None  # its keys and values in the scheduler's `KvSlots`
     done: int = 0
 
     @property
@@ -87,6 +87,7 @@ class Continuous:
         self.guard = threading.Lock()  # `seqs`, for `rows` and `pinned` from other threads
         self.texts: dict[int, str] = {}  # token -> its text alone (JSON mode)
         self.mixable = True  # whether the model's adapters can be routed per token
+        self.kv = packed.KvSlots(engine.max_batch)  # every admitted request's keys and values
         packed.use_packed(engine.model)
 
     def rows(self) -> int:
@@ -124,6 +125,7 @@ class Continuous:
             seqs, self.seqs = self.seqs, []
         for s in seqs:
             s.out.fail(event)
+        self.kv = packed.KvSlots(self.e.max_batch)
 
     def admit(self) -> None:
         tokens = sum(s.budget for s in self.seqs)
@@ -255,9 +257,9 @@ class Continuous:
         keys: list[str | None] = []
         parts, sampled, last = [], [], []
         for s, tokens in work:
-            if s.kv is None:
-                s.kv = packed.Kv(len(s.prompt) + s.request.row.sampling.max_tokens)
-            parts.append(packed.Part(s.kv, len(ids), len(tokens), s.done))
+            if s.slot is None:
+                s.slot = self.kv.take()
+            parts.append(packed.Part(s.slot, len(ids), len(tokens), s.done))
             ids += tokens
             positions += range(s.done, s.done + len(tokens))
             keys += [s.key] * len(tokens)
@@ -273,7 +275,7 @@ class Continuous:
                 position_ids=torch.tensor([positions], device=self.device),
                 use_cache=False,
                 logits_to_keep=torch.tensor(last, dtype=torch.long, device=self.device),
-                **{packed.PACK: packed.Pack(tuple(parts))},
+                **{packed.PACK: packed.Pack(self.kv, parts)},
             )
         except Exception as e:  # noqa: BLE001 - only the requests at fault may fail
             self.step_failed(work, e)
@@ -368,7 +370,9 @@ class Continuous:
         else:
             self.e.cancelled += seq.out.finish(reason) == "cancelled"
         self.left = True
-        seq.kv = None
         with self.guard:
             if seq in self.seqs:
                 self.seqs.remove(seq)
+        if seq.slot is not None:
+            self.kv.give(seq.slot)
+            seq.slot = None
