@@ -10,7 +10,9 @@ configuration) and time (`--budget-s` per configuration: requests not finished b
 cancelled and counted as unfinished). `--backends llama.cpp` adds llama.cpp on the same stream
 (`bench_serve_llama.py`); `--routing-rounds` times a decode step right after the rows' adapter
 routing changed against a plain one (`routing_steps`); `--spread-rounds` times a decode step of
-1-8 rows on the base model, all on one adapter, and each on its own (`spread_steps`).
+1-8 rows on the base model, all on one adapter, and each on its own (`spread_steps`);
+`--packed-rounds` times continuous batching's step with a new prompt's chunk riding along against
+the decode step and the chunk apart (`packed_steps`).
 
     PYTHONPATH=. python benchmarks/bench_serve.py [--rates 0.3 1.0] [--requests 6] [--budget-s 240]
         [--max-tokens 8 16] [--backends continuous static llama.cpp] [--routing-rounds 5]
@@ -274,6 +276,59 @@ def spread_steps(model, keys: list[str], rounds: int, prompt_len: int = 48) -> d
     return out
 
 
+def packed_steps(model, keys: list[str], rounds: int, chunks=(16, 64, 256), past: int = 48) -> dict:
+    """Median seconds of continuous batching's step (`lorakit.serve.packed`) with 8 decoding rows,
+    one per adapter, and a new prompt's chunk of `c` tokens: in one packed forward (what the
+    scheduler runs) against the decode step and the chunk as two forwards (what it ran before
+    prompts rode along); `rounds` rounds, the kinds interleaved."""
+    from lorakit.serve import packed
+
+    model.eval()
+    packed.use_packed(model)
+    rows = len(keys)
+    kv = packed.KvSlots(rows + 1)
+    g = torch.Generator().manual_seed(2)
+    vocab = min(1000, model.config.vocab_size)
+
+    def forward(parts: list, ids: list[int], names: list) -> float:
+        positions = [i for p in parts for i in range(p.past, p.past + p.length)]
+        keep = torch.tensor([p.start + p.length - 1 for p in parts])
+        with torch.no_grad(), adapters_for_rows(model, names, tokens=True):
+            t = time.perf_counter()
+            model(
+                input_ids=torch.tensor([ids]),
+                position_ids=torch.tensor([positions]),
+                use_cache=False,
+                logits_to_keep=keep,
+                **{packed.PACK: packed.Pack(kv, parts)},
+            )
+            return time.perf_counter() - t
+
+    for i, key in enumerate(keys):  # each row's past
+        forward(
+            [packed.Part(i, 0, past, 0)], torch.randint(0, vocab, (past,), generator=g).tolist(), [key] * past
+        )
+    decode = [packed.Part(i, i, 1, past) for i in range(rows)]
+    out: dict = {}
+    for c in chunks:
+        prompt = torch.randint(0, vocab, (c,), generator=g).tolist()
+        # the prompt on the first row's adapter, right after it (the scheduler orders tokens by adapter)
+        parts = [decode[0], packed.Part(rows, 1, c, 0)] + [
+            packed.Part(i, i + c, 1, past) for i in range(1, rows)
+        ]
+        ids = [5] + prompt + [5] * (rows - 1)
+        names = [keys[0]] * (1 + c) + list(keys[1:])
+        seconds: dict[str, list[float]] = {"one forward": [], "decode step": [], "prompt forward": []}
+        for _ in range(rounds):
+            seconds["one forward"].append(forward(parts, ids, names))
+            seconds["decode step"].append(forward(decode, [5] * rows, list(keys)))
+            seconds["prompt forward"].append(forward([packed.Part(rows, 0, c, 0)], prompt, [keys[0]] * c))
+        med = {k: statistics.median(v) for k, v in seconds.items()}
+        med["one / two"] = med["one forward"] / (med["decode step"] + med["prompt forward"])
+        out[str(c)] = med
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 1.0], help="requests per second")
@@ -299,7 +354,10 @@ def main() -> None:
     parser.add_argument(
         "--gguf-dir", help="where the GGUF files are written once and reused (default: a temp dir)"
     )
-    parser.add_argument("--routing-only", action="store_true", help="only the decode-step timing")
+    parser.add_argument("--routing-only", action="store_true", help="only the step timings")
+    parser.add_argument(
+        "--packed-rounds", type=int, default=0, help="a prompt chunk in the decode step vs apart (0: skip)"
+    )
     parser.add_argument(
         "--spread-rounds", type=int, default=0, help="decode steps of 1-8 rows on 1 vs own adapters (0: skip)"
     )
@@ -319,6 +377,9 @@ def main() -> None:
     if args.spread_rounds:
         out["spread_steps"] = spread_steps(model, [cache.key(n) for n in names], args.spread_rounds)
         print(json.dumps(out["spread_steps"]), flush=True)
+    if args.packed_rounds:
+        out["packed_steps"] = packed_steps(model, [cache.key(n) for n in names], args.packed_rounds)
+        print(json.dumps(out["packed_steps"]), flush=True)
     rows = out["rows"] = []
     backends = list(args.backends)
     llama = None

@@ -62,3 +62,16 @@ def test_spread_steps_times_each_kind_for_each_row_count():
     for kinds in out.values():
         assert all(kinds[k] > 0 for k in ("base", "one adapter", "own adapter"))
         assert kinds["own / one"] == kinds["own adapter"] / kinds["one adapter"]
+
+
+def test_packed_steps_times_the_chunk_with_and_apart_from_the_decode_step():
+    model = tiny_llama()
+    for name in ("a", "b"):
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), name
+        )
+    out = bench_serve.packed_steps(model, ["a", "b"], rounds=1, chunks=(3,), past=4)
+    assert list(out) == ["3"]
+    kinds = out["3"]
+    assert all(kinds[k] > 0 for k in ("one forward", "decode step", "prompt forward"))
+    assert kinds["one / two"] == kinds["one forward"] / (kinds["decode step"] + kinds["prompt forward"])

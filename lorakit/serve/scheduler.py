@@ -300,16 +300,11 @@ class Continuous:
             self.finish(s, fail=failure(error))
 
     def route(self, keys: list[str | None]) -> None:
-        """Route the packed sequence's tokens to adapter `keys` (kept while they stay the same):
-        one adapter for all of them routes the sequence as one row."""
-        names = tuple(keys)
-        if names != self.routed:
+        """Route the packed sequence's tokens to adapter `keys` (kept while they stay the same)."""
+        if tuple(keys) != self.routed:
             self.unroute()
-            uniform = len(set(names)) == 1
-            self.route_stack.enter_context(
-                adapters_for_rows(self.e.model, names[:1] if uniform else list(names), tokens=not uniform)
-            )
-            self.routed = names
+            self.route_stack.enter_context(adapters_for_rows(self.e.model, keys, tokens=True))
+            self.routed = tuple(keys)
 
     def unroute(self) -> None:
         self.route_stack.close()
