@@ -12,7 +12,8 @@ cancelled and counted as unfinished). `--backends llama.cpp` adds llama.cpp on t
 routing changed against a plain one (`routing_steps`); `--spread-rounds` times a decode step of
 1-8 rows on the base model, all on one adapter, and each on its own (`spread_steps`);
 `--packed-rounds` times continuous batching's step with a new prompt's chunk riding along against
-the decode step and the chunk apart (`packed_steps`).
+the decode step and the chunk apart (`packed_steps`); `--saturated N ROUNDS` submits N requests
+of the workload at once straight to the engine and reports each batching's tokens/s (`saturated`).
 
     PYTHONPATH=. python benchmarks/bench_serve.py [--rates 0.3 1.0] [--requests 6] [--budget-s 240]
         [--max-tokens 8 16] [--backends continuous static llama.cpp] [--routing-rounds 5]
@@ -329,6 +330,44 @@ def packed_steps(model, keys: list[str], rounds: int, chunks=(16, 64, 256), past
     return out
 
 
+def saturated(model, tok, cache, reqs: list[dict], batchings: list[str], rounds: int, max_batch: int) -> dict:
+    """Tokens per second of each batching with every request of `reqs` submitted at once straight
+    to the engine (no HTTP, no arrival times: always more waiting than `max_batch`), `rounds`
+    interleaved rounds."""
+    from lorakit.generate import Row, Sampling, prompt_ids
+    from lorakit.serve.engine import Done, Request, Text
+
+    async def run(engine: Engine) -> float:
+        loop = asyncio.get_running_loop()
+        engine.start()
+        try:
+            jobs = [
+                Request(Row(prompt_ids(tok, r["prompt"]), r["model"], Sampling(r["max_tokens"])), loop)
+                for r in reqs
+            ]
+            start = time.perf_counter()
+            for job in jobs:
+                engine.submit(job)
+            tokens = 0
+            for job in jobs:
+                event = await job.events.get()
+                while isinstance(event, Text):
+                    event = await job.events.get()
+                if not isinstance(event, Done):
+                    raise RuntimeError(f"a request failed: {event}")
+                tokens += event.completion_tokens
+            return tokens / (time.perf_counter() - start)
+        finally:
+            engine.stop()
+
+    out: dict[str, list[float]] = {b: [] for b in batchings}
+    for _ in range(rounds):
+        for b in batchings:
+            engine = Engine(model, tok, cache, max_batch=max_batch, max_queue=len(reqs), batching=b)
+            out[b].append(asyncio.run(run(engine)))
+    return {b: {"tokens_per_s": v, "median": statistics.median(v)} for b, v in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 1.0], help="requests per second")
@@ -359,6 +398,14 @@ def main() -> None:
         "--packed-rounds", type=int, default=0, help="a prompt chunk in the decode step vs apart (0: skip)"
     )
     parser.add_argument(
+        "--saturated",
+        type=int,
+        nargs=2,
+        default=[0, 0],
+        metavar=("N", "ROUNDS"),
+        help="N requests at once straight to the engine, per spread, ROUNDS rounds (0: skip)",
+    )
+    parser.add_argument(
         "--spread-rounds", type=int, default=0, help="decode steps of 1-8 rows on 1 vs own adapters (0: skip)"
     )
     args = parser.parse_args()
@@ -380,6 +427,15 @@ def main() -> None:
     if args.packed_rounds:
         out["packed_steps"] = packed_steps(model, [cache.key(n) for n in names], args.packed_rounds)
         print(json.dumps(out["packed_steps"]), flush=True)
+    if args.saturated[0]:
+        n, rounds = args.saturated
+        lorakit_backends = [b for b in args.backends if b != "llama.cpp"]
+        out["saturated"] = {}
+        for spread in args.spreads:
+            reqs = workload(args.seed, 1.0, n, names[:spread], tuple(args.max_tokens))
+            got = saturated(model, tok, cache, reqs, lorakit_backends, rounds, args.max_batch)
+            out["saturated"][str(spread)] = got
+            print(json.dumps({"saturated": n, "adapters": spread, **got}), flush=True)
     rows = out["rows"] = []
     backends = list(args.backends)
     llama = None

@@ -6,9 +6,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_serve  # noqa: E402
-from fixtures import tiny_llama  # noqa: E402
+from fixtures import make_adapter, tiny_chat_model, tiny_llama  # noqa: E402
 
 import lorakit  # noqa: E402
+import lorakit.hf  # noqa: E402
+from lorakit.serve import AdapterCache  # noqa: E402
 
 
 def row(batching, rate, tokens_per_s, p99, adapters=8):
@@ -75,3 +77,13 @@ def test_packed_steps_times_the_chunk_with_and_apart_from_the_decode_step():
     kinds = out["3"]
     assert all(kinds[k] > 0 for k in ("one forward", "decode step", "prompt forward"))
     assert kinds["one / two"] == kinds["one forward"] / (kinds["decode step"] + kinds["prompt forward"])
+
+
+def test_saturated_serves_every_request_with_each_batching(tmp_path):
+    folder = tiny_chat_model(tmp_path / "model")
+    paths = {f"a{i}": make_adapter(folder, tmp_path / f"a{i}", i) for i in (1, 2)}
+    model, tok = lorakit.hf.load_model(folder)
+    reqs = bench_serve.workload(0, 1.0, 5, list(paths), (2, 4))
+    out = bench_serve.saturated(model, tok, AdapterCache(model, paths), reqs, ["continuous", "static"], 1, 2)
+    for b in ("continuous", "static"):
+        assert len(out[b]["tokens_per_s"]) == 1 and out[b]["median"] > 0

@@ -266,19 +266,20 @@ class LoraLinear(LoraLayer):
         return size * slots * (r * (self.in_features + self.out_features) + 1 + dora * self.out_features)
 
     def _slot_rows(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
-        """Each row's slot in the stack of `names` (0: no adapter); when a dense decode step is
-        worth it (at most twice as many slots as rows), each row's mask over the ranks of slots
-        1..k; and at inference the runs of consecutive rows on one slot, (first, end, slot), when
-        there are at most `max_runs` of them (None otherwise)."""
+        """Each row's slot in the stack of `names` (0: no adapter); at inference the runs of
+        consecutive rows on one slot, (first, end, slot), when there are at most `max_runs` of
+        them or they average 16 rows (a packed sequence's prompt chunks; None otherwise); without
+        runs, when a dense decode step is worth it (at most twice as many slots as rows), each
+        row's mask over the ranks of slots 1..k."""
         rows = self.row_adapters
         device = self.lora_A[names[0]].weight.device
         slot = {n: i + 1 for i, n in enumerate(names)}
         slots = [slot.get(n, 0) for n in rows]
         idx = torch.tensor(slots, device=device)
         runs = None if torch.is_grad_enabled() else _runs(slots)
-        if runs is not None and len(runs) > self.max_runs:
+        if runs is not None and len(runs) > max(self.max_runs, len(rows) // 16):
             runs = None
-        if len(names) + 1 > 2 * len(rows):
+        if runs is not None or len(names) + 1 > 2 * len(rows):
             return idx, None, runs
         r = max(self.r[n] for n in names)
         one_hot = F.one_hot(idx, len(names) + 1)[:, 1:]  # slot 0 is left out of the dense step

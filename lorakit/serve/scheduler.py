@@ -89,6 +89,7 @@ class Continuous:
         self.mixable = True  # whether the model's adapters can be routed per token
         self.kv = packed.KvSlots(engine.max_batch)  # every admitted request's keys and values
         packed.use_packed(engine.model)
+        self.adapters_changed()  # adapters the cache loaded before the engine
 
     def rows(self) -> int:
         """Requests admitted and not finished."""
