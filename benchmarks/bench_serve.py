@@ -427,16 +427,6 @@ def main() -> None:
     if args.packed_rounds:
         out["packed_steps"] = packed_steps(model, [cache.key(n) for n in names], args.packed_rounds)
         print(json.dumps(out["packed_steps"]), flush=True)
-    if args.saturated[0]:
-        n, rounds = args.saturated
-        lorakit_backends = [b for b in args.backends if b != "llama.cpp"]
-        out["saturated"] = {}
-        for spread in args.spreads:
-            reqs = workload(args.seed, 1.0, n, names[:spread], tuple(args.max_tokens))
-            got = saturated(model, tok, cache, reqs, lorakit_backends, rounds, args.max_batch)
-            out["saturated"][str(spread)] = got
-            print(json.dumps({"saturated": n, "adapters": spread, **got}), flush=True)
-    rows = out["rows"] = []
     backends = list(args.backends)
     llama = None
     if "llama.cpp" in backends:
@@ -451,6 +441,22 @@ def main() -> None:
             llama = bench_serve_llama.LlamaServer(
                 *bench_serve_llama.export(model, keys, folder, args.llama_type), args.threads
             )
+    if args.saturated[0]:
+        n, rounds = args.saturated
+        out["saturated"] = {}
+        for spread in args.spreads:
+            reqs = workload(args.seed, 1.0, n, names[:spread], tuple(args.max_tokens))
+            lorakit_backends = [b for b in backends if b != "llama.cpp"]
+            got = saturated(model, tok, cache, reqs, lorakit_backends, rounds, args.max_batch)
+            if llama is not None:  # the same requests, all arrived at once, one after another
+                at_once = [{**r, "at": 0.0} for r in reqs]
+                speeds = [
+                    summarize(*llama.run(at_once, 1e9)[:2], n, 1e18)["tokens_per_s"] for _ in range(rounds)
+                ]
+                got["llama.cpp"] = {"tokens_per_s": speeds, "median": statistics.median(speeds)}
+            out["saturated"][str(spread)] = got
+            print(json.dumps({"saturated": n, "adapters": spread, **got}), flush=True)
+    rows = out["rows"] = []
     for rate in [] if args.routing_only else args.rates:
         for spread in args.spreads:
             reqs = workload(args.seed, rate, args.requests, names[:spread], tuple(args.max_tokens))

@@ -156,12 +156,12 @@ class LoraLinear(LoraLayer):
         if self.training and bool((p > 0).any()):
             keep = (torch.rand_like(h) >= p[idx, None, None]).to(h.dtype)
             h = h * keep / (1 - p[idx, None, None])
-        if runs is not None:  # inference, few runs of rows: their own matmuls
-            r = a_stack.shape[1]
+        if runs is not None:  # inference, few runs of rows: their own matmuls (weights per run)
             out = result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype, copy=True)
-            for first, end, slot in runs:
-                part = F.linear(h[first:end].reshape(-1, self.in_features), a_stack[slot]).to(out.dtype)
-                out[first:end].view(-1, self.out_features).addmm_(part, b_cat[:, slot * r : (slot + 1) * r].T)
+            flat_h, flat_out, t = h.reshape(-1, self.in_features), out.view(-1, self.out_features), h.shape[1]
+            for first, end, a, b_t in runs:  # (F.linear is bf16 under autocast; addmm_ is not cast)
+                part = F.linear(flat_h[first * t : end * t], a).to(flat_out.dtype)
+                flat_out[first * t : end * t].addmm_(part, b_t)
         elif h.shape[1] == 1 and mask is not None:  # decode step: dense over the adapters' slots
             r = a_stack.shape[1]  # (not slot 0, the zeros of rows with no adapter), masked per row
             h = F.linear(h[:, 0], a_stack[1:].reshape(-1, self.in_features)) * mask
@@ -188,7 +188,11 @@ class LoraLinear(LoraLayer):
             return self._build_stacks(used), self._slot_rows(used)
         stacks = self.inference_stacks()
         if self._routing is None:
-            self._routing = self._slot_rows(list(self.r))
+            idx, mask, runs = self._slot_rows(list(self.r))
+            if runs is not None:  # each run's A and B.T, sliced once per routing
+                a_stack, b_cat, r = stacks[0], stacks[1], stacks[0].shape[1]
+                runs = [(f, e, a_stack[s], b_cat[:, s * r : (s + 1) * r].T) for f, e, s in runs]
+            self._routing = idx, mask, runs
         return stacks, self._routing
 
     @torch.no_grad()
