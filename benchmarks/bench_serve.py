@@ -333,11 +333,12 @@ def packed_steps(model, keys: list[str], rounds: int, chunks=(16, 64, 256), past
 def saturated(model, tok, cache, reqs: list[dict], batchings: list[str], rounds: int, max_batch: int) -> dict:
     """Tokens per second of each batching with every request of `reqs` submitted at once straight
     to the engine (no HTTP, no arrival times: always more waiting than `max_batch`), `rounds`
-    interleaved rounds."""
+    interleaved rounds: per second of wall time, and per second of the process's CPU time (with
+    one torch thread the engine thread does the work: steadier on a shared machine)."""
     from lorakit.generate import Row, Sampling, prompt_ids
     from lorakit.serve.engine import Done, Request, Text
 
-    async def run(engine: Engine) -> float:
+    async def run(engine: Engine) -> tuple[float, float]:
         loop = asyncio.get_running_loop()
         engine.start()
         try:
@@ -345,7 +346,7 @@ def saturated(model, tok, cache, reqs: list[dict], batchings: list[str], rounds:
                 Request(Row(prompt_ids(tok, r["prompt"]), r["model"], Sampling(r["max_tokens"])), loop)
                 for r in reqs
             ]
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for job in jobs:
                 engine.submit(job)
             tokens = 0
@@ -356,16 +357,25 @@ def saturated(model, tok, cache, reqs: list[dict], batchings: list[str], rounds:
                 if not isinstance(event, Done):
                     raise RuntimeError(f"a request failed: {event}")
                 tokens += event.completion_tokens
-            return tokens / (time.perf_counter() - start)
+            return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu)
         finally:
             engine.stop()
 
-    out: dict[str, list[float]] = {b: [] for b in batchings}
+    out: dict[str, dict[str, list[float]]] = {
+        b: {"tokens_per_s": [], "tokens_per_cpu_s": []} for b in batchings
+    }
     for _ in range(rounds):
         for b in batchings:
             engine = Engine(model, tok, cache, max_batch=max_batch, max_queue=len(reqs), batching=b)
-            out[b].append(asyncio.run(run(engine)))
-    return {b: {"tokens_per_s": v, "median": statistics.median(v)} for b, v in out.items()}
+            wall, cpu = asyncio.run(run(engine))
+            out[b]["tokens_per_s"].append(wall)
+            out[b]["tokens_per_cpu_s"].append(cpu)
+    for v in out.values():
+        v["median"], v["median_cpu"] = (
+            statistics.median(v["tokens_per_s"]),
+            statistics.median(v["tokens_per_cpu_s"]),
+        )
+    return out
 
 
 def main() -> None:

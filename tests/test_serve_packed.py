@@ -91,17 +91,19 @@ def test_mask_is_causal_after_the_past_and_inside_the_window():
 
 
 @torch.no_grad()
-def test_unpacked_forwards_unchanged_padding_included():
-    model = tiny_llama()
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_unpacked_forwards_unchanged_padding_included(implementation):
+    model = tiny_llama(attn_implementation=implementation)
+    assert model.config._attn_implementation == implementation
     ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     before = model(input_ids=ids, attention_mask=mask).logits
-    packed.use_packed(model)
-    assert model.config._attn_implementation == "lorakit_packed_sdpa"
+    packed.use_packed(model)  # (its check: packed steps equal this implementation's forwards)
+    assert model.config._attn_implementation == f"lorakit_packed_{implementation}"
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, atol=0, rtol=0)
     packed.use_packed(model)  # a second engine on the same model: still the one wrapper
-    assert model.config._attn_implementation == "lorakit_packed_sdpa"
+    assert model.config._attn_implementation == f"lorakit_packed_{implementation}"
 
 
 def test_attention_it_cannot_pack_is_refused():

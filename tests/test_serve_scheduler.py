@@ -241,3 +241,11 @@ def test_adapter_on_the_output_head_served_one_adapter_per_step(setup, tmp_path,
     assert engine.max_rows_seen == 1
     for row, ev in zip(rows, events):
         assert "".join(e.piece for e in ev[:-1]) == alone_text(setup, row)
+
+
+def test_an_empty_prompt_fails_alone(setup):
+    engine = engine_for(setup, max_batch=2)
+    ok = Row(prompt_ids(setup["tok"], "Fine", chat=False), "a1", Sampling(3))
+    empty, good = serve(engine, [Row([], None, Sampling(3)), ok], gap_s=0)
+    assert isinstance(empty[-1], Failed) and empty[-1].status == 400 and "empty" in empty[-1].message
+    assert "".join(e.piece for e in good[:-1]) == alone_text(setup, ok)

@@ -3,8 +3,9 @@
 Requests wait in a bounded queue (`lorakit.serve.waiting`: `submit` raises `Overloaded` rather
 than letting it grow). Two ways to batch them:
 
-- continuous (the default, `lorakit.serve.scheduler`): at every decoding step finished rows leave
-  and waiting requests join, round-robin by adapter;
+- continuous (the default, `lorakit.serve.scheduler`): at every step finished rows leave and
+  waiting requests join, round-robin by adapter, each step one packed forward over the running
+  rows' next tokens and new prompts' chunks (`lorakit.serve.packed`);
 - static (`batching="static"`): the worker takes the first waiting request, waits up to `wait_ms`
   for more (at most `max_batch`, and no more distinct adapters than the cache holds), loads their
   adapters, and runs them as one mixed-adapter batch to the end through

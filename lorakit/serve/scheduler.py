@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import AdapterStateError, LorakitError
+from ..errors import AdapterStateError, ConfigError, LorakitError
 from ..generate import _seed, adapters_for_rows, choose_tokens
 from ..layers import LoraLayer, ModulesToSave
 from ..mixed import per_token_blocker
@@ -141,6 +141,9 @@ class Continuous:
                 return
             if request.cancelled.is_set():
                 self.e.cancelled += 1
+                continue
+            if not request.row.prompt_ids:  # (the app refuses it first)
+                request.send(failure(ConfigError("a prompt is empty; give at least one token")))
                 continue
             seq = _Seq(request, _Output(request, self.e.tokenizer, self.e.metrics))
             seq.generator.manual_seed(_seed(request.row.sampling.seed))
