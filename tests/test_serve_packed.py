@@ -5,7 +5,7 @@ refused by name."""
 
 import pytest
 import torch
-from fixtures import tiny_family, tiny_llama
+from fixtures import TINY_FAMILY_SHAPE, tiny_family, tiny_llama
 
 import lorakit
 from lorakit.errors import ConfigError
@@ -109,16 +109,7 @@ def test_unpacked_forwards_unchanged_padding_included(implementation):
 def test_attention_it_cannot_pack_is_refused():
     import transformers
 
-    config = transformers.Gemma2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        attn_implementation="eager",
-    )
+    config = transformers.Gemma2Config(**TINY_FAMILY_SHAPE, attn_implementation="eager")
     model = transformers.Gemma2ForCausalLM(config).eval()  # attention logit soft-capping
     with pytest.raises(ConfigError, match="--batching static"):
         packed.use_packed(model)
