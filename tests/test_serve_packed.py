@@ -113,6 +113,14 @@ def test_attention_it_cannot_pack_is_refused():
     model = transformers.Gemma2ForCausalLM(config).eval()  # attention logit soft-capping
     with pytest.raises(ConfigError, match="--batching static"):
         packed.use_packed(model)
+    assert model.config._attn_implementation == "eager"  # refused: the model keeps its attention
+    falcon = transformers.FalconConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96
+    )
+    model = transformers.FalconForCausalLM(falcon).eval()  # attention outside the interface
+    with pytest.raises(ConfigError, match="differs from its plain one"):
+        packed.use_packed(model)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_slots_lowest_first_grow_keeping_keys_and_free_when_empty():
@@ -130,3 +138,37 @@ def test_slots_lowest_first_grow_keeping_keys_and_free_when_empty():
     kv.give(0)
     kv.give(1)
     assert kv.capacity == 0 and not kv.layers  # all free: the memory goes too
+
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
+
+
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "phi3", "gpt_neox", "opt", "gpt2"]
+)
+def test_families_run_packed(family):
+    """Every family whose attention goes through transformers' attention functions passes the
+    check `use_packed` makes (packed steps equal to the plain model, logits within 1e-3)."""
+    import transformers
+
+    if family in ("llama", "mistral", "qwen2", "qwen3", "gemma"):
+        model = tiny_family(family)
+    elif family == "gemma3":  # sliding-window and global layers
+        model = transformers.Gemma3ForCausalLM(
+            transformers.Gemma3TextConfig(**TINY_FAMILY_SHAPE, sliding_window=4)
+        )
+    elif family == "phi3":
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**TINY, pad_token_id=0))
+    elif family == "gpt_neox":
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**TINY))
+    elif family == "opt":
+        config = transformers.OPTConfig(
+            hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=96
+        )
+        model = transformers.OPTForCausalLM(config)
+    else:
+        model = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96)
+        )
+    packed.use_packed(model.eval())
+    assert model.config._attn_implementation.startswith("lorakit_packed_")

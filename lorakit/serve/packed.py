@@ -227,8 +227,9 @@ def _eager(module: nn.Module):
 
 def use_packed(model: nn.Module) -> None:
     """Switch `model`'s attention to the packed wrapper of its own (unchanged for unpacked
-    forwards) and check that packed forwards give what the plain model gives; raise `ConfigError`
-    (naming `--batching static`) otherwise."""
+    forwards) and check that packed forwards give what the plain model gives; otherwise switch
+    back and raise `ConfigError` (naming `--batching static`). A model whose attention code does
+    not go through transformers' attention functions (Falcon's, for one) is refused here."""
     config = getattr(model, "config", None)
     original = getattr(config, "_attn_implementation", None)
     if original is None or not hasattr(model, "set_attn_implementation"):
@@ -236,13 +237,16 @@ def use_packed(model: nn.Module) -> None:
             "continuous batching needs a transformers model with a selectable attention implementation; "
             "start the server with --batching static"
         )
-    if not original.startswith("lorakit_packed_"):
+    switched = not original.startswith("lorakit_packed_")
+    if switched:
         model.set_attn_implementation(_register(original))
     try:
         _probe(model)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure here means: not this model
+    except Exception as e:
+        if switched:  # refused: the model keeps the attention it had
+            model.set_attn_implementation(original)
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(
             f"continuous batching cannot run this model's attention packed ({type(e).__name__}: {e}); "
             "start the server with --batching static"
