@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_serve  # noqa: E402
+import bench_serve_steps  # noqa: E402
 from fixtures import make_adapter, tiny_chat_model, tiny_llama  # noqa: E402
 
 import lorakit  # noqa: E402
@@ -59,7 +60,7 @@ def test_spread_steps_times_each_kind_for_each_row_count():
         lorakit.inject(
             model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), name
         )
-    out = bench_serve.spread_steps(model, ["a", "b"], rounds=1, prompt_len=4)
+    out = bench_serve_steps.spread_steps(model, ["a", "b"], rounds=1, prompt_len=4)
     assert list(out) == ["1", "2"]
     for kinds in out.values():
         assert all(kinds[k] > 0 for k in ("base", "one adapter", "own adapter"))
@@ -72,7 +73,7 @@ def test_packed_steps_times_the_chunk_with_and_apart_from_the_decode_step():
         lorakit.inject(
             model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), name
         )
-    out = bench_serve.packed_steps(model, ["a", "b"], rounds=1, chunks=(3,), past=4)
+    out = bench_serve_steps.packed_steps(model, ["a", "b"], rounds=1, chunks=(3,), past=4)
     assert list(out) == ["3"]
     kinds = out["3"]
     assert all(kinds[k] > 0 for k in ("one forward", "decode step", "prompt forward"))
@@ -84,6 +85,8 @@ def test_saturated_serves_every_request_with_each_batching(tmp_path):
     paths = {f"a{i}": make_adapter(folder, tmp_path / f"a{i}", i) for i in (1, 2)}
     model, tok = lorakit.hf.load_model(folder)
     reqs = bench_serve.workload(0, 1.0, 5, list(paths), (2, 4))
-    out = bench_serve.saturated(model, tok, AdapterCache(model, paths), reqs, ["continuous", "static"], 1, 2)
+    out = bench_serve_steps.saturated(
+        model, tok, AdapterCache(model, paths), reqs, ["continuous", "static"], 1, 2
+    )
     for b in ("continuous", "static"):
         assert len(out[b]["tokens_per_s"]) == 1 and out[b]["median"] > 0
