@@ -193,8 +193,8 @@ class Engine:
         from .static import Static  # noqa: PLC0415
 
         self._loop = Continuous(self) if batching == "continuous" else Static(self)
-        self.batches = 0  # statistics, for /health, /metrics and tests
-        self.max_rows_seen = 0
+        self.batches = 0  # statistics for tests: static batches run, or continuous steps
+        self.max_rows_seen = 0  # the most requests in one batch or step
         self.cancelled = 0
 
     @staticmethod
