@@ -130,16 +130,16 @@ def packed_steps(model, keys: list[str], rounds: int, chunks=(16, 64, 256), past
     vocab = min(1000, model.config.vocab_size)
 
     def forward(parts: list, ids: list[int], names: list) -> float:
-        positions = [i for p in parts for i in range(p.past, p.past + p.length)]
         keep = torch.tensor([p.start + p.length - 1 for p in parts])
         with torch.no_grad(), adapters_for_rows(model, names, tokens=True):
             t = time.perf_counter()
+            pack = packed.Pack(kv, parts)
             model(
                 input_ids=torch.tensor([ids]),
-                position_ids=torch.tensor([positions]),
+                position_ids=pack.position[None],
                 use_cache=False,
                 logits_to_keep=keep,
-                **{packed.PACK: packed.Pack(kv, parts)},
+                **{packed.PACK: pack},
             )
             return time.perf_counter() - t
 

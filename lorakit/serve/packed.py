@@ -28,6 +28,7 @@ SDPA over its keys (logit soft-capping, attention sinks) or ignores the keyword 
 from __future__ import annotations
 
 import bisect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -99,20 +100,23 @@ class Part:
 
 class Pack:
     """The requests of one packed forward, and what every layer's attention shares: where each
-    new token's keys go, and the decode tokens (one per request) attended in one batched SDPA over
-    the busy slots."""
+    new token's keys go (its slot and `position`, also the forward's position ids), and the decode
+    tokens (one per request) attended in one batched SDPA over the busy slots. Its tensors are on
+    `device`, the model's."""
 
-    def __init__(self, kv: KvSlots, parts: list[Part]) -> None:
+    def __init__(self, kv: KvSlots, parts: list[Part], device: torch.device | str = "cpu") -> None:
         kv.reserve(max(p.past + p.length for p in parts))
-        self.kv, self.parts = kv, parts
-        self.slot = torch.tensor([p.slot for p in parts for _ in range(p.length)])
-        self.position = torch.tensor([i for p in parts for i in range(p.past, p.past + p.length)])
+        self.kv, self.parts, self.device = kv, parts, device
+        self.slot = torch.tensor([p.slot for p in parts for _ in range(p.length)], device=device)
+        self.position = torch.tensor(
+            [i for p in parts for i in range(p.past, p.past + p.length)], device=device
+        )
         self.decode = [p for p in parts if p.length == 1]
         self.prompts = [p for p in parts if p.length > 1]
         self.masks: dict[tuple, torch.Tensor | None] = {}  # (part or "decode", window) -> mask
         if self.decode:
-            self.decode_token = torch.tensor([p.start for p in self.decode])
-            self.decode_slot = torch.tensor([p.slot for p in self.decode])
+            self.decode_token = torch.tensor([p.start for p in self.decode], device=device)
+            self.decode_slot = torch.tensor([p.slot for p in self.decode], device=device)
             self.busy = max(p.slot for p in self.decode) + 1  # slots 0..busy-1 take part
             self.seen = max(p.past for p in self.decode) + 1  # keys to look at
 
@@ -157,28 +161,30 @@ class Pack:
         (their output is not used; a row with no key would be NaN)."""
         mask = self.masks.get(("decode", window))
         if mask is None:
-            mask = torch.zeros(self.busy, 1, 1, self.seen, dtype=torch.bool)
+            mask = torch.zeros(self.busy, 1, 1, self.seen, dtype=torch.bool, device=self.device)
             mask[..., 0] = True
             for p in self.decode:
                 mask[p.slot, 0, 0] = False
-                mask[p.slot, 0, 0, : p.past + 1] = _mask(p.past, 1, window, always=True)[0]
+                mask[p.slot, 0, 0, : p.past + 1] = _mask(p.past, 1, window, self.device, always=True)[0]
             self.masks["decode", window] = mask
         return mask
 
     def _mask(self, part: Part, window: int | None) -> torch.Tensor | None:
         key = (part.start, window)
         if key not in self.masks:
-            self.masks[key] = _mask(part.past, part.length, window)
+            self.masks[key] = _mask(part.past, part.length, window, self.device)
         return self.masks[key]
 
 
-def _mask(past: int, length: int, window: int | None, always: bool = False) -> torch.Tensor | None:
+def _mask(
+    past: int, length: int, window: int | None, device: torch.device | str = "cpu", always: bool = False
+) -> torch.Tensor | None:
     """Which keys each of `length` queries after `past` tokens sees, `[length, past + length]`
     (None, unless `always`: SDPA's own causal mask from the start does it)."""
     if window is None and past == 0 and not always:
         return None
-    query = torch.arange(past, past + length)[:, None]
-    key = torch.arange(past + length)[None, :]
+    query = torch.arange(past, past + length, device=device)[:, None]
+    key = torch.arange(past + length, device=device)[None, :]
     mask = key <= query
     if window is not None:  # transformers' sliding window: the last `window` positions
         mask &= key > query - window
@@ -220,8 +226,6 @@ def _register(original: str) -> str:
 
 
 def _eager(module: nn.Module):
-    import sys
-
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
@@ -267,25 +271,21 @@ def _probe(model: nn.Module) -> None:
 
     kv = KvSlots(2)
     steps = [
-        (a + b, [*range(len(a)), *range(len(b))], [Part(0, 0, len(a), 0), Part(1, len(a), len(b), 0)]),
-        ([a[0], b[0]], [len(a), len(b)], [Part(0, 0, 1, len(a)), Part(1, 1, 1, len(b))]),
+        (a + b, [Part(0, 0, len(a), 0), Part(1, len(a), len(b), 0)]),
+        ([a[0], b[0]], [Part(0, 0, 1, len(a)), Part(1, 1, 1, len(b))]),
     ]
     wants = [(alone(a), alone(b)), (alone(a + a[:1]), alone(b + b[:1]))]
     worst = 0.0
-    for (ids, positions, parts), want in zip(steps, wants, strict=True):
-        keep = torch.tensor([p.start + p.length - 1 for p in parts], device=device)
-        out = (
-            model(
-                input_ids=torch.tensor([ids], device=device),
-                position_ids=torch.tensor([positions], device=device),
-                use_cache=False,
-                logits_to_keep=keep,
-                **{PACK: Pack(kv, parts)},
-            )
-            .logits[0]
-            .float()
-        )
-        for got, expect in zip(out, want, strict=True):
+    for (ids, parts), want in zip(steps, wants, strict=True):
+        pack = Pack(kv, parts, device)
+        out = model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=pack.position[None],
+            use_cache=False,
+            logits_to_keep=torch.tensor([p.start + p.length - 1 for p in parts], device=device),
+            **{PACK: pack},
+        ).logits[0]
+        for got, expect in zip(out.float(), want, strict=True):
             scale = float(expect.abs().max()) or 1.0
             worst = max(worst, float((got - expect).abs().max()) / scale)
     if not worst <= TOLERANCE:

@@ -257,7 +257,6 @@ class Continuous:
         """One packed forward over `work` (see `lorakit.serve.packed`); the rows whose last token
         it computed (decoding rows, and prompts it completed) each get their next token."""
         ids: list[int] = []
-        positions: list[int] = []
         keys: list[str | None] = []
         parts, sampled, last = [], [], []
         for s, tokens in work:
@@ -265,7 +264,6 @@ class Continuous:
                 s.slot = self.kv.take()
             parts.append(packed.Part(s.slot, len(ids), len(tokens), s.done))
             ids += tokens
-            positions += range(s.done, s.done + len(tokens))
             keys += [s.key] * len(tokens)
             if s.history or s.done + len(tokens) == len(s.prompt):
                 sampled.append(s)
@@ -274,12 +272,13 @@ class Continuous:
         self.e.max_rows_seen = max(self.e.max_rows_seen, len(work))
         try:
             self.route(keys)
+            pack = packed.Pack(self.kv, parts, self.device)
             out = self.e.model(
                 input_ids=torch.tensor([ids], device=self.device),
-                position_ids=torch.tensor([positions], device=self.device),
+                position_ids=pack.position[None],
                 use_cache=False,
                 logits_to_keep=torch.tensor(last, dtype=torch.long, device=self.device),
-                **{packed.PACK: packed.Pack(self.kv, parts)},
+                **{packed.PACK: pack},
             )
         except Exception as e:  # noqa: BLE001 - only the requests at fault may fail
             self.step_failed(work, e)
