@@ -15,8 +15,9 @@ reach only adapter `name_i` (make the adapters trainable first with `set_adapter
 With `tokens=True` the names are per token of one packed sequence (`input_ids` of shape
 `[1, N]`, N names): several requests' tokens side by side in one forward, as the server's
 continuous batching runs them (`lorakit.serve.packed`). Every layer family whose adapter acts on
-each token alone takes it; convolutions and `modules_to_save` copies serve only a sequence whose
-tokens all use one adapter.
+each token alone takes it (linear, embedding, `modules_to_save` copies of linear layers,
+embeddings and norms); convolutions and MoE expert parameters serve only a sequence whose tokens
+all use one adapter (`per_token_blocker` names them).
 """
 
 from __future__ import annotations

@@ -227,9 +227,7 @@ class LoraLayer(DoraParts, nn.Module):
                     f"{type(self).__name__} mixes tokens, so its adapters cannot be chosen per token; "
                     "give each adapter its own batch"
                 )
-            n = len(self._rows)
-            rows_in, rows_out = x.reshape(n, 1, *x.shape[2:]), result.reshape(n, 1, *result.shape[2:])
-            return self._mixed_forward(rows_in, rows_out).reshape(result.shape)
+            return self._mixed_forward(token_rows(x), token_rows(result)).reshape(result.shape)
         if names is None:
             return self._mixed_forward(x, result)
         for name in names:
@@ -416,6 +414,11 @@ def check_rows(rows: list[str | None], x: torch.Tensor, tokens: bool = False) ->
             f"adapter_rows names {len(rows)} rows but a layer got a batch of {x.shape[0]}; "
             "give one adapter name (or None) per batch row"
         )
+
+
+def token_rows(t: torch.Tensor) -> torch.Tensor:
+    """One packed sequence `[1, N, ...]` viewed as N rows of one token `[N, 1, ...]`."""
+    return t.reshape(t.shape[1], 1, *t.shape[2:])
 
 
 def _params_of(obj: nn.Module | nn.Parameter) -> list[nn.Parameter]:

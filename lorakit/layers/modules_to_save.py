@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import check_rows
+from .base import check_rows, token_rows
 
 
 class ModulesToSave(nn.Module):
@@ -57,7 +57,7 @@ class ModulesToSave(nn.Module):
         `None` goes back to the active adapter; with `tokens`, token `i` of a batch of one
         sequence (only for modules that act on each token alone, `per_token`)."""
         self._rows = None if rows is None else [n if n in self.modules_to_save else None for n in rows]
-        self._tokens = tokens
+        self._tokens = tokens and rows is not None
 
     def current(self) -> nn.Module:
         """The module the forward runs now (for a routed batch, that of its first row)."""
@@ -93,8 +93,8 @@ class ModulesToSave(nn.Module):
                 f"modules_to_save copies of a {type(self.original_module).__name__} cannot be chosen per "
                 "token (it may mix tokens); give each adapter its own batch"
             )
-        out = self._rows_forward(x.reshape(len(rows), 1, *x.shape[2:]), rest, kwargs)
-        return out.reshape(1, len(rows), *out.shape[2:])
+        out = self._rows_forward(token_rows(x), rest, kwargs)
+        return out.reshape(1, *out.shape[:1], *out.shape[2:])
 
     def _rows_forward(self, x: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
         """Each copy in use on its own rows of `x`."""
