@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from lorakit.generate import adapters_for_rows
+from lorakit.generate import Row, Sampling, adapters_for_rows, prompt_ids
 from lorakit.layers import LoraLinear
 from lorakit.mixed import adapter_rows
-from lorakit.serve import Engine
+from lorakit.serve import Engine, packed
+from lorakit.serve.engine import Done, Request, Text
 
 
 @torch.no_grad()
@@ -120,8 +121,6 @@ def packed_steps(model, keys: list[str], rounds: int, chunks=(16, 64, 256), past
     one per adapter, and a new prompt's chunk of `c` tokens: in one packed forward (what the
     scheduler runs) against the decode step and the chunk as two forwards (what it ran before
     prompts rode along); `rounds` rounds, the kinds interleaved."""
-    from lorakit.serve import packed
-
     model.eval()
     packed.use_packed(model)
     rows = len(keys)
@@ -172,9 +171,8 @@ def saturated(model, tok, cache, reqs: list[dict], batchings: list[str], rounds:
     """Tokens per second of each batching with every request of `reqs` submitted at once straight
     to the engine (no HTTP, no arrival times: always more waiting than `max_batch`), `rounds`
     interleaved rounds: per second of wall time, and per second of the process's CPU time (with
-    one torch thread the engine thread does the work: steadier on a shared machine)."""
-    from lorakit.generate import Row, Sampling, prompt_ids
-    from lorakit.serve.engine import Done, Request, Text
+    one torch thread the engine thread does the work; the two differ when something else takes
+    the cores)."""
 
     async def run(engine: Engine) -> tuple[float, float]:
         loop = asyncio.get_running_loop()
