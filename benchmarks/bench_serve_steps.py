@@ -120,7 +120,9 @@ def packed_steps(model, keys: list[str], rounds: int, chunks=(16, 64, 256), past
     """Median seconds of continuous batching's step (`lorakit.serve.packed`) with 8 decoding rows,
     one per adapter, and a new prompt's chunk of `c` tokens: in one packed forward (what the
     scheduler runs) against the decode step and the chunk as two forwards (what it ran before
-    prompts rode along); `rounds` rounds, the kinds interleaved."""
+    prompts rode along), and against the same packed forward with every token on one adapter;
+    `rounds` rounds, the kinds interleaved. Each time includes routing the tokens to their
+    adapters, as the scheduler does whenever its rows change."""
     model.eval()
     packed.use_packed(model)
     rows = len(keys)
@@ -130,8 +132,8 @@ def packed_steps(model, keys: list[str], rounds: int, chunks=(16, 64, 256), past
 
     def forward(parts: list, ids: list[int], names: list) -> float:
         keep = torch.tensor([p.start + p.length - 1 for p in parts])
+        t = time.perf_counter()
         with torch.no_grad(), adapters_for_rows(model, names, tokens=True):
-            t = time.perf_counter()
             pack = packed.Pack(kv, parts)
             model(
                 input_ids=torch.tensor([ids]),
@@ -156,13 +158,24 @@ def packed_steps(model, keys: list[str], rounds: int, chunks=(16, 64, 256), past
         ]
         ids = [5] + prompt + [5] * (rows - 1)
         names = [keys[0]] * (1 + c) + list(keys[1:])
-        seconds: dict[str, list[float]] = {"one forward": [], "decode step": [], "prompt forward": []}
+        kinds = (
+            "one forward",
+            "decode step",
+            "prompt forward",
+            "one forward, one adapter",
+            "decode step, one adapter",
+        )
+        seconds: dict[str, list[float]] = {k: [] for k in kinds}
         for _ in range(rounds):
             seconds["one forward"].append(forward(parts, ids, names))
             seconds["decode step"].append(forward(decode, [5] * rows, list(keys)))
             seconds["prompt forward"].append(forward([packed.Part(rows, 0, c, 0)], prompt, [keys[0]] * c))
+            seconds["one forward, one adapter"].append(forward(parts, ids, [keys[0]] * len(ids)))
+            seconds["decode step, one adapter"].append(forward(decode, [5] * rows, [keys[0]] * rows))
         med = {k: statistics.median(v) for k, v in seconds.items()}
         med["one / two"] = med["one forward"] / (med["decode step"] + med["prompt forward"])
+        med["8 adapters / 1"] = med["one forward"] / med["one forward, one adapter"]
+        med["decode step, 8 adapters / 1"] = med["decode step"] / med["decode step, one adapter"]
         out[str(c)] = med
     return out
 

@@ -3,7 +3,7 @@
     with adapter_rows(model, ["math", "code", None, "math"]):
         logits = model(input_ids).logits          # row 2 is the plain base model
 
-This module only routes: it tells every wrapper which adapter each row uses (`route_rows`). Each
+This module only routes: it hands every wrapper one `Routing` of the rows (`route_rows`). Each
 layer family serves the batch its own way (`lorakit.layers`): linear layers gather each row's A
 and B from a stack of the adapters in use and apply them with two batched matmuls (BGMV-style),
 embeddings, convolutions and `modules_to_save` copies run each adapter in use on its rows; a batch whose rows all use one
@@ -29,7 +29,7 @@ from torch import nn
 
 from . import _state
 from .errors import AdapterStateError
-from .layers import LoraLayer
+from .layers import LoraLayer, Routing
 
 
 @contextmanager
@@ -43,7 +43,8 @@ def adapter_rows(
     adapter is in every row's weights). A forward whose batch size (with `tokens`: sequence
     length) differs from `len(names_per_row)` raises `ShapeMismatchError`.
     """
-    rows = list(names_per_row)
+    route = Routing(names_per_row, tokens)
+    rows = route.rows
     known = _state.names(model)
     unknown = sorted({n for n in rows if n is not None and n not in known})
     if unknown:
@@ -56,7 +57,7 @@ def adapter_rows(
                 "call lorakit.unmerge(model) before running mixed-adapter batches"
             )
     for _, module in wrappers:
-        module.route_rows(rows, tokens)
+        module.route_rows(route)
     try:
         yield model
     finally:

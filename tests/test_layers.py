@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear, conv_delta, embedding_delta, linear_delta
+from lorakit.layers import (
+    LoraConv,
+    LoraEmbedding,
+    LoraLinear,
+    Routing,
+    conv_delta,
+    embedding_delta,
+    linear_delta,
+)
 
 
 def _randomise(layer):
@@ -100,14 +108,14 @@ def test_each_family_mixed_forward_equals_each_row_alone(family, grad):
     x = inputs()
     rows = ["a", None, "b", "a"]
     with torch.set_grad_enabled(grad):
-        layer.route_rows(rows)
+        layer.route_rows(Routing(rows))
         mixed = layer(x)
         layer.route_rows(None)
         for i, name in enumerate(rows):
             layer.set_active([] if name is None else [name])
             torch.testing.assert_close(mixed[i : i + 1], layer(x[i : i + 1]), atol=1e-5, rtol=1e-5)
     if family == "linear":  # a batch of one token per row: the decode-step form
-        layer.route_rows(rows)
+        layer.route_rows(Routing(rows))
         step = layer(x[:, :1])
         layer.route_rows(None)
         layer.set_active(["b"])
@@ -120,9 +128,9 @@ def test_each_family_uniform_rows_take_the_plain_path(family):
     layer = _two_adapter_layer(make())
     layer._mixed_forward = None  # a uniform batch must never reach the mixed forward
     x = inputs()
-    layer.route_rows(["b"] * len(x))
+    layer.route_rows(Routing(["b"] * len(x)))
     uniform = layer(x)
-    layer.route_rows([None] * len(x))
+    layer.route_rows(Routing([None] * len(x)))
     base = layer(x)
     layer.route_rows(None)
     layer.set_active(["b"])
@@ -136,7 +144,7 @@ def test_each_family_mixed_gradients_reach_only_each_rows_adapter(family):
     layer = _two_adapter_layer(make())
     layer.set_active(["a", "b"])  # both trainable
     x = inputs()
-    layer.route_rows(["a", "a", None, None])
+    layer.route_rows(Routing(["a", "a", None, None]))
     layer(x).sum().backward()
     layer.route_rows(None)
     grads = {n: p.grad for n, p in layer.named_parameters() if "lora_" in n}  # lora_A.<adapter>...

@@ -11,6 +11,7 @@ from fixtures import tiny_gpt2, tiny_llama
 import lorakit
 from lorakit.errors import AdapterStateError, ConfigError, ShapeMismatchError
 from lorakit.generate import Row, Sampling, generate_tokens
+from lorakit.layers import Routing
 from lorakit.mixed import adapter_rows
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,7 +52,7 @@ def test_each_row_equals_running_it_alone(seq, rows):
     ids = torch.randint(0, 128, (len(rows), seq), generator=torch.Generator().manual_seed(0))
     with adapter_rows(model, rows):
         mixed = model(ids).logits
-        assert (layer._routing[2] is None) == (rows is not ROWS)
+        assert (layer._routed[1][2] is None) == (rows is not ROWS)
     for i, name in enumerate(rows):
         torch.testing.assert_close(mixed[i], alone(model, name, ids[i : i + 1])[0], atol=1e-5, rtol=1e-5)
     # adapters differ, so rows really used different weights
@@ -152,7 +153,7 @@ def test_uniform_batch_uses_plain_path_and_rows_reset():
         got = model(ids).logits
     torch.testing.assert_close(got, alone(model, "b", ids))
     layer = model.model.layers[0].self_attn.q_proj
-    assert layer.row_adapters is None and layer._routing is None
+    assert layer.row_adapters is None and layer._routed is None
 
 
 def _check_rows(model, rows, seq, seed):
@@ -392,9 +393,9 @@ def test_tokens_of_one_sequence_routed_like_rows_of_one_token():
             if "embed" in path
             else torch.randn(1, 8, dim, generator=g)
         )
-        layer.route_rows(names, tokens=True)
+        layer.route_rows(Routing(names, tokens=True))
         packed = layer(x)
-        layer.route_rows(names)
+        layer.route_rows(Routing(names))
         rows = layer(x.reshape(8, 1, *x.shape[2:]))
         layer.route_rows(None)
         torch.testing.assert_close(packed, rows.reshape(packed.shape), atol=1e-6, rtol=1e-6)

@@ -1,6 +1,6 @@
 """LoRA wrappers, one file per base-layer family, and the dispatch table that picks one."""
 
-from .base import LoraLayer
+from .base import LoraLayer, Routing
 from .conv import LoraConv, conv_delta
 from .dispatch import register, wrapper_for
 from .embedding import LoraEmbedding, embedding_delta
@@ -11,6 +11,7 @@ from .trainable_tokens import TrainableTokens
 
 __all__ = [
     "LoraLayer",
+    "Routing",
     "LoraLinear",
     "LoraEmbedding",
     "LoraConv",

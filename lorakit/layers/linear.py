@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import init as inits
 from ..modeling import is_conv1d
-from .base import LoraLayer
+from .base import LoraLayer, Routing
 
 
 def linear_delta(
@@ -50,7 +50,7 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self._stacks: tuple | None = None  # mixed batches at inference: every adapter, stacked
-        self._routing: tuple | None = None  # ... and each routed row's slot in that stack
+        self._routed: tuple | None = None  # ... and the routed rows' slots in those stacks
 
     def _create_adapter(self, adapter: str, r: int) -> None:
         dtype = self._adapter_dtype()
@@ -116,13 +116,13 @@ class LoraLinear(LoraLayer):
         out = add(base, h.reshape(-1, h.shape[-1]), b.T, alpha=self.scaling[name])
         return out.view(result.shape).to(result.dtype)
 
-    def route_rows(self, rows: list[str | None] | None, tokens: bool = False) -> None:
-        super().route_rows(rows, tokens)
-        self._routing = None  # each row's slot follows the rows; the stacks do not
+    def route_rows(self, route: Routing | None) -> None:
+        super().route_rows(route)
+        self._routed = None  # each row's slot follows the rows; the stacks do not
 
     def delete_adapter(self, adapter: str) -> None:
         super().delete_adapter(adapter)
-        self._stacks = None  # free the stacked copy of its weights now
+        self._stacks = self._routed = None  # free the stacked copy of its weights now
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Mixed batch: row i gets adapter `row_adapters[i]` (nothing if None or not on this layer).
@@ -142,8 +142,8 @@ class LoraLinear(LoraLayer):
         step with all rows on one adapter for 2 / 4 / 8 rows, against 1.63 / 1.72 / 1.40x through
         the stacked paths (benchmarks/README.md, serving).
         """
-        rows = self.row_adapters
-        used = [n for n in dict.fromkeys(rows) if n in self.r]
+        rows = self._route
+        used = [n for n in rows.in_use if n in self.r]
         # this runs at every forward of every wrapped layer: plain dict lookups, not nn.Module's
         # attribute access (about 1 us each)
         dropout, dora = self.lora_dropout._modules, self.lora_magnitude_vector
@@ -187,13 +187,13 @@ class LoraLinear(LoraLayer):
         if torch.is_grad_enabled():
             return self._build_stacks(used), self._slot_rows(used)
         stacks = self.inference_stacks()
-        if self._routing is None:
+        if self._routed is None or self._routed[0] is not stacks:
             idx, mask, runs = self._slot_rows(list(self.r))
-            if runs is not None:  # each run's A and B.T, sliced once per routing
-                a_stack, b_cat, r = stacks[0], stacks[1], stacks[0].shape[1]
-                runs = [(f, e, a_stack[s], b_cat[:, s * r : (s + 1) * r].T) for f, e, s in runs]
-            self._routing = idx, mask, runs
-        return stacks, self._routing
+            if runs is not None:  # each run's A and B.T (sliced when the stacks were built)
+                per_slot = self._stacks[4]
+                runs = [(f, e, *per_slot[s]) for f, e, s in runs]
+            self._routed = stacks, (idx, mask, runs)
+        return self._routed
 
     @torch.no_grad()
     def inference_stacks(self) -> tuple | None:
@@ -214,8 +214,11 @@ class LoraLinear(LoraLayer):
             and hit[2] == versions
             and all(a is b for a, b in zip(hit[1], tensors, strict=True))
         ):  # the entry holds its tensors, so a freed one's id or memory cannot come back as a match
-            self._stacks = hit = (meta, tensors, versions, self._build_stacks(names))
-            self._routing = None
+            stacks = self._build_stacks(names)
+            a_stack, b_cat, r = stacks[0], stacks[1], stacks[0].shape[1]
+            per_slot = [(a_stack[s], b_cat[:, s * r : (s + 1) * r].T) for s in range(len(a_stack))]
+            self._stacks = hit = (meta, tensors, versions, stacks, per_slot)  # per slot: A and B.T
+            self._routed = None
         return hit[3]
 
     def _stack_key(self, names: list[str]) -> tuple[tuple, list[torch.Tensor]]:
@@ -275,13 +278,9 @@ class LoraLinear(LoraLayer):
         them or they average 16 rows (a packed sequence's prompt chunks; None otherwise); without
         runs, when a dense decode step is worth it (at most twice as many slots as rows), each
         row's mask over the ranks of slots 1..k."""
-        rows = self.row_adapters
-        device = self.lora_A[names[0]].weight.device
-        slot = {n: i + 1 for i, n in enumerate(names)}
-        slots = [slot.get(n, 0) for n in rows]
-        idx = torch.tensor(slots, device=device)
-        runs = None if torch.is_grad_enabled() else _runs(slots)
-        if runs is not None and len(runs) > max(self.max_runs, len(rows) // 16):
+        rows = self._route
+        idx, runs = rows.slots(tuple(names), self.lora_A[names[0]].weight.device)
+        if torch.is_grad_enabled() or len(runs) > max(self.max_runs, len(rows) // 16):
             runs = None
         if runs is not None or len(names) + 1 > 2 * len(rows):
             return idx, None, runs
@@ -289,14 +288,3 @@ class LoraLinear(LoraLayer):
         one_hot = F.one_hot(idx, len(names) + 1)[:, 1:]  # slot 0 is left out of the dense step
         mask = one_hot.to(self.lora_A[names[0]].weight.dtype).repeat_interleave(r, 1)
         return idx, mask, runs
-
-
-def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
-    """(first row, end row, slot) of each run of consecutive rows on one nonzero slot."""
-    runs: list[tuple[int, int, int]] = []
-    for i, s in enumerate(slots):
-        if runs and runs[-1][2] == s and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1, s)
-        elif s:
-            runs.append((i, i + 1, s))
-    return runs

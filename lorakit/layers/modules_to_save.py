@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import check_rows, token_rows
+from .base import Routing, check_rows, token_rows
 
 
 class ModulesToSave(nn.Module):
@@ -26,8 +26,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
-        self._rows: list[str | None] | None = None  # per row: the copy to use (None: the original)
-        self._tokens = False  # `_rows` names tokens (see `route_rows`)
+        self._route: Routing | None = None  # mixed-adapter batches: each row's adapter
 
     @property
     def adapter_names(self) -> list[str]:
@@ -52,17 +51,22 @@ class ModulesToSave(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(name == self.active_adapter)
 
-    def route_rows(self, rows: list[str | None] | None, tokens: bool = False) -> None:
-        """Serve batch row `i` with adapter `rows[i]`'s copy (the original if it has none);
-        `None` goes back to the active adapter; with `tokens`, token `i` of a batch of one
-        sequence (only for modules that act on each token alone, `per_token`)."""
-        self._rows = None if rows is None else [n if n in self.modules_to_save else None for n in rows]
-        self._tokens = tokens and rows is not None
+    def route_rows(self, route: Routing | None) -> None:
+        """Serve each batch row (or token, only for modules that act on each token alone,
+        `per_token`) with its adapter's copy as `route` says (the original where the adapter has
+        none); `None` goes back to the active adapter."""
+        self._route = route
+
+    def _copies_in_use(self) -> set[str | None]:
+        """The copies the routed rows use (None: the original)."""
+        return {n if n in self.modules_to_save else None for n in self._route.in_use}
 
     def current(self) -> nn.Module:
         """The module the forward runs now (for a routed batch, that of its first row)."""
-        name = self.active_adapter if self._rows is None else next(iter(self._rows), None)
-        if self.disabled or name is None:
+        name = self.active_adapter
+        if self._route is not None:
+            name = next(iter(self._route.rows), None)
+        if self.disabled or name not in self.modules_to_save:
             return self.original_module
         return self.modules_to_save[name]
 
@@ -81,12 +85,12 @@ class ModulesToSave(nn.Module):
         ).__name__.endswith(("RMSNorm", "LayerNorm"))
 
     def forward(self, *args, **kwargs):
-        rows = self._rows
-        if rows is None or self.disabled or len(set(rows)) <= 1:
+        route = self._route
+        if route is None or self.disabled or len(self._copies_in_use()) <= 1:
             return self.current()(*args, **kwargs)
         x, rest = args[0], args[1:]
-        check_rows(rows, x, self._tokens)
-        if not self._tokens:
+        check_rows(route, x)
+        if not route.tokens:
             return self._rows_forward(x, rest, kwargs)
         if not self.per_token:
             raise ConfigError(
@@ -98,10 +102,13 @@ class ModulesToSave(nn.Module):
 
     def _rows_forward(self, x: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
         """Each copy in use on its own rows of `x`."""
-        rows = self._rows
+        names = tuple(self.modules_to_save)
+        slots, in_use = self._route.slots(names, x.device)[0], self._copies_in_use()
         out = None
-        for name in dict.fromkeys(rows):
-            idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+        for s, name in enumerate((None, *names)):
+            if name not in in_use:
+                continue
+            idx = (slots == s).nonzero().squeeze(1)
             module = self.original_module if name is None else self.modules_to_save[name]
             y = module(x[idx], *rest, **kwargs)
             if not isinstance(y, torch.Tensor):
@@ -109,6 +116,6 @@ class ModulesToSave(nn.Module):
                     f"modules_to_save: a {type(module).__name__} returns {type(y).__name__}, so its copies "
                     "cannot serve a mixed-adapter batch; give each adapter its own batch"
                 )
-            out = y.new_zeros((len(rows), *y.shape[1:])) if out is None else out
+            out = y.new_zeros((len(slots), *y.shape[1:])) if out is None else out
             out = out.index_copy(0, idx, y)
         return out

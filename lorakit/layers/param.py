@@ -104,7 +104,7 @@ class LoraParam(LoraLayer):
 
     def forward(self, *args, **kwargs):
         # routed rows are not checked against the input: experts see the tokens flattened
-        mine = None if self._rows is None else {n if n in self.r else None for n in self._rows}
+        mine = None if self._route is None else {n if n in self.r else None for n in self._route.in_use}
         names = self._lora_active() if mine is None else [n for n in mine if n is not None]
         if mine is not None and len(mine) > 1:
             raise AdapterStateError(
