@@ -16,7 +16,8 @@ from torch import nn
 
 from .. import init as inits
 from ..modeling import is_conv1d
-from .base import LoraLayer, Routing
+from .base import LoraLayer
+from .routing import Routing
 
 
 def linear_delta(
@@ -142,8 +143,8 @@ class LoraLinear(LoraLayer):
         step with all rows on one adapter for 2 / 4 / 8 rows, against 1.63 / 1.72 / 1.40x through
         the stacked paths (benchmarks/README.md, serving).
         """
-        rows = self._route
-        used = [n for n in rows.in_use if n in self.r]
+        route = self._route
+        used = [n for n in route.in_use if n in self.r]
         # this runs at every forward of every wrapped layer: plain dict lookups, not nn.Module's
         # attribute access (about 1 us each)
         dropout, dora = self.lora_dropout._modules, self.lora_magnitude_vector
@@ -152,12 +153,12 @@ class LoraLinear(LoraLayer):
         if biased or dropped_dora:  # DoRA's base part then needs each row's dropout
             return super()._mixed_forward(x, result)  # (lora_bias: the per-adapter path adds each bias)
         (a_stack, b_cat, p, factor), (idx, mask, runs) = self._stacked(used)
-        h = x.reshape(len(rows), -1, self.in_features).to(a_stack.dtype)
+        h = x.reshape(len(route), -1, self.in_features).to(a_stack.dtype)
         if self.training and bool((p > 0).any()):
             keep = (torch.rand_like(h) >= p[idx, None, None]).to(h.dtype)
             h = h * keep / (1 - p[idx, None, None])
         if runs is not None:  # inference, few runs of rows: their own matmuls (weights per run)
-            out = result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype, copy=True)
+            out = result.reshape(len(route), -1, self.out_features).to(a_stack.dtype, copy=True)
             flat_h, flat_out, t = h.reshape(-1, self.in_features), out.view(-1, self.out_features), h.shape[1]
             for first, end, a, b_t in runs:  # (F.linear is bf16 under autocast; addmm_ is not cast)
                 part = F.linear(flat_h[first * t : end * t], a).to(flat_out.dtype)
@@ -166,16 +167,16 @@ class LoraLinear(LoraLayer):
             r = a_stack.shape[1]  # (not slot 0, the zeros of rows with no adapter), masked per row
             h = F.linear(h[:, 0], a_stack[1:].reshape(-1, self.in_features)) * mask
             out = torch.addmm(
-                result.reshape(len(rows), self.out_features).to(a_stack.dtype), h, b_cat[:, r:].T
+                result.reshape(len(route), self.out_features).to(a_stack.dtype), h, b_cat[:, r:].T
             )
         else:
             b_stack = b_cat.view(self.out_features, len(a_stack), -1).permute(1, 2, 0)  # [k+1, r, out]
             h = torch.bmm(h, a_stack[idx].transpose(1, 2))
             out = torch.baddbmm(
-                result.reshape(len(rows), -1, self.out_features).to(a_stack.dtype), h, b_stack[idx]
+                result.reshape(len(route), -1, self.out_features).to(a_stack.dtype), h, b_stack[idx]
             )
         if factor is not None:  # DoRA rows: f * (result - bias + lora) + bias (f = 1 for the others)
-            f = factor[idx].view(len(rows), *[1] * (out.dim() - 2), -1)
+            f = factor[idx].view(len(route), *[1] * (out.dim() - 2), -1)
             bias = None if self.bias is None else self.bias.to(out.dtype)
             out = out * f if bias is None else (out - bias) * f + bias
         return out.view(result.shape).to(result.dtype)
@@ -187,7 +188,7 @@ class LoraLinear(LoraLayer):
         if torch.is_grad_enabled():
             return self._build_stacks(used), self._slot_rows(used)
         stacks = self.inference_stacks()
-        if self._routed is None or self._routed[0] is not stacks:
+        if self._routed is None:  # cleared by route_rows and by a rebuild of the stacks
             idx, mask, runs = self._slot_rows(list(self.r))
             if runs is not None:  # each run's A and B.T (sliced when the stacks were built)
                 per_slot = self._stacks[4]
@@ -278,11 +279,11 @@ class LoraLinear(LoraLayer):
         them or they average 16 rows (a packed sequence's prompt chunks; None otherwise); without
         runs, when a dense decode step is worth it (at most twice as many slots as rows), each
         row's mask over the ranks of slots 1..k."""
-        rows = self._route
-        idx, runs = rows.slots(tuple(names), self.lora_A[names[0]].weight.device)
-        if torch.is_grad_enabled() or len(runs) > max(self.max_runs, len(rows) // 16):
+        route = self._route
+        idx, runs = route.slots(tuple(names), self.lora_A[names[0]].weight.device)
+        if torch.is_grad_enabled() or len(runs) > max(self.max_runs, len(route) // 16):
             runs = None
-        if runs is not None or len(names) + 1 > 2 * len(rows):
+        if runs is not None or len(names) + 1 > 2 * len(route):
             return idx, None, runs
         r = max(self.r[n] for n in names)
         one_hot = F.one_hot(idx, len(names) + 1)[:, 1:]  # slot 0 is left out of the dense step

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .base import Routing, check_rows, token_rows
+from .routing import Routing, check_rows, token_rows
 
 
 class ModulesToSave(nn.Module):
@@ -86,24 +86,27 @@ class ModulesToSave(nn.Module):
 
     def forward(self, *args, **kwargs):
         route = self._route
-        if route is None or self.disabled or len(self._copies_in_use()) <= 1:
+        in_use = None if route is None else self._copies_in_use()
+        if in_use is None or self.disabled or len(in_use) <= 1:
             return self.current()(*args, **kwargs)
         x, rest = args[0], args[1:]
         check_rows(route, x)
         if not route.tokens:
-            return self._rows_forward(x, rest, kwargs)
+            return self._rows_forward(x, in_use, rest, kwargs)
         if not self.per_token:
             raise ConfigError(
                 f"modules_to_save copies of a {type(self.original_module).__name__} cannot be chosen per "
                 "token (it may mix tokens); give each adapter its own batch"
             )
-        out = self._rows_forward(token_rows(x), rest, kwargs)
+        out = self._rows_forward(token_rows(x), in_use, rest, kwargs)
         return out.reshape(1, *out.shape[:1], *out.shape[2:])
 
-    def _rows_forward(self, x: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
-        """Each copy in use on its own rows of `x`."""
+    def _rows_forward(
+        self, x: torch.Tensor, in_use: set[str | None], rest: tuple, kwargs: dict
+    ) -> torch.Tensor:
+        """Each copy in use (`in_use`, None: the original) on its own rows of `x`."""
         names = tuple(self.modules_to_save)
-        slots, in_use = self._route.slots(names, x.device)[0], self._copies_in_use()
+        slots = self._route.slots(names, x.device)[0]
         out = None
         for s, name in enumerate((None, *names)):
             if name not in in_use:
